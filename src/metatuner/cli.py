@@ -1,0 +1,123 @@
+"""The `metatuner` command line.
+
+    metatuner eval [--config FILE.yaml] [key=value ...]
+
+Each subcommand takes an optional YAML config followed by dotted `key=value` overrides; every
+config key can be overridden. `metatuner --help` lists all keys with their help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from metatuner.config import Config, help_text, load_config, save_config
+from metatuner.errors import MetatunerError
+
+SUBCOMMANDS = {
+    "eval": "Evaluate a model (default: the embedded model on the default task) and write predictions.jsonl + metrics.json.",
+}
+
+
+def set_seed(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A markdown table; floats in [0, 1] print as percentages."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{100 * v:.1f}" if 0 <= v <= 1 else f"{v:.1f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def run_eval(cfg: Config) -> dict:
+    """Zero-shot evaluation of cfg.model with the task's prompt (or task.prompt)."""
+    from metatuner.evaluate import evaluate
+    from metatuner.models import load_from_config
+    from metatuner.tasks import load_task
+
+    set_seed(cfg.seed)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+    task = load_task(cfg.task, cfg.seed)
+    examples = task.split(cfg.eval.split)
+    if cfg.eval.limit:
+        examples = examples[: cfg.eval.limit]
+    if not examples:
+        raise MetatunerError(f"task {cfg.task.name!r}: the {cfg.eval.split} split is empty")
+    model, tok = load_from_config(cfg.model)
+    _, metrics = evaluate(model, tok, task, examples, task.prompt, batch_size=cfg.eval.batch_size,
+                          strategy=cfg.inference.strategy, n=cfg.inference.n, temperature=cfg.inference.temperature,
+                          top_p=cfg.inference.top_p, output_dir=cfg.output_dir,
+                          extra_metrics={"model": cfg.model.name, "method": "zero_shot", "split": cfg.eval.split,
+                                         "seed": cfg.seed})
+    return metrics
+
+
+def _quiet() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    epilog = "config keys (set in --config YAML or as key=value):" + help_text()
+    parser = argparse.ArgumentParser(
+        prog="metatuner",
+        description="Prompt and parameter co-optimization for LLMs (MetaTuner) with fair baselines.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
+    for name, desc in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=desc, description=desc, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--config", help="YAML config file; its keys are overridden by key=value arguments.")
+        p.add_argument("overrides", nargs="*", help="dotted key=value settings, e.g. task.name=gsm8k eval.limit=20")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    _quiet()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "eval":
+            metrics = run_eval(cfg)
+            cols = ["task", "model", "n", "accuracy"] + [k for k in ("em", "f1", "score") if k in metrics] + ["wall_seconds"]
+            print(format_table([metrics], cols))
+            print(f"wrote {cfg.output_dir}/predictions.jsonl and metrics.json")
+    except MetatunerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

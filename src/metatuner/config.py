@@ -1,0 +1,277 @@
+"""Typed run configuration: one YAML per run plus dotted `key=value` overrides.
+
+Every setting is a dataclass field with help text; the dataclasses are the single source for
+`--help`, for validation and for the resolved `config.yaml` written next to a run's outputs.
+
+    cfg = load_config("configs/chain_sum/metatuner_j.yaml", ["train.max_steps=20", "seed=1"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from metatuner.errors import MetatunerError
+
+
+def _f(default, help: str):
+    """A dataclass field with help text (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("smollm2-135m-instruct", "Model: 'smollm2-135m-instruct' (embedded GGUF), a Hugging Face id, or a local directory.")
+    dtype: str = _f("auto", "Weights dtype: auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16.")
+    device: str = _f("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
+    trust_remote_code: bool = _f(False, "Allow model repositories to run their own code (off by default).")
+
+
+@dataclass
+class GeneratorConfig:
+    name: str = _f("", "Generator model (prompt rewriter). Empty: the same checkpoint as model.name.")
+    dtype: str = _f("auto", "Generator dtype: auto, float32, bfloat16, float16.")
+    trust_remote_code: bool = _f(False, "Allow the generator repository to run its own code.")
+    share_ratio: float = _f(0.25, "Split depth k = round(share_ratio * K): layers [0,k) form the shared meta encoder, [k,K) the prompt decoder. Paper best: 0.25 (7B), 0.75 (3B).")
+    share_encoder: bool = _f(True, "Share the meta encoder between prompt and parameter decoders (false = ablation w/o S: F gets its own encoder copy).")
+    max_prompt_tokens: int = _f(96, "Maximum new tokens of a rewritten prompt.")
+
+
+@dataclass
+class TaskConfig:
+    name: str = _f("chain_sum", "Task: gsm8k, math, hotpotqa, cosmosqa, jsonl (generic file), or any reasoning-gym dataset name.")
+    path: str = _f("", "Local file or folder in the task's original schema (instead of the default location).")
+    params: dict = _f({}, "Task parameters: reasoning-gym dataset kwargs (e.g. task.params.min_terms=2), or for the generic task query_column/answer_column/target_column.")
+    prompt: str = _f("", "Initial hand-written prompt p~. Empty: the task's default.")
+    train_size: int = _f(1000, "Training examples (at most; procedural tasks generate exactly this many).")
+    val_size: int = _f(100, "Validation examples.")
+    test_size: int = _f(200, "Test examples (at most).")
+    max_new_tokens: int = _f(0, "Generation budget for answers; 0 = the task's default.")
+
+
+@dataclass
+class EvalConfig:
+    limit: int = _f(0, "Evaluate only the first N test examples (0 = all).")
+    batch_size: int = _f(16, "Generation batch size.")
+    split: str = _f("test", "Split to evaluate: test, validation or train.")
+
+
+@dataclass
+class InferenceConfig:
+    strategy: str = _f("greedy", "greedy, best_of_n or majority.")
+    n: int = _f(1, "Samples per query for best_of_n / majority.")
+    temperature: float = _f(0.7, "Sampling temperature (best_of_n / majority).")
+    top_p: float = _f(1.0, "Nucleus sampling top-p (best_of_n / majority).")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = _f(8, "LoRA rank r (static LoRA of the baselines and generated LoRA of MetaTuner).")
+    alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = _f(0.0, "LoRA dropout (static PEFT LoRA only).")
+    target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Module names (last path component) that get LoRA.")
+    layers: str = _f("", "Layer range 'start:end' (python slice over decoder layers) that get LoRA; empty = all.")
+
+
+@dataclass
+class HypernetConfig:
+    hidden: int = _f(64, "Hidden width of the parameter decoder MLPs (MM(ReLU(MM(W_d, h)), W_u)).")
+    pooling: str = _f("mean", "How h_i pools the meta encoder's states over (p~, x): mean (masked) or last.")
+    heads: str = _f("shared", "shared: one trunk + learned (layer, module) embeddings; per_target: one MLP per target.")
+    embed_dim: int = _f(32, "Size of the layer and module embeddings (shared heads).")
+
+
+@dataclass
+class Config:
+    method: str = _f("zero_shot", "What to run: zero_shot, sft, dpo, opro, bpo, bettertogether, metatuner_j, metatuner_i, metatuner_gumbel.")
+    seed: int = _f(0, "Random seed (data splits, sampling, initialisation).")
+    output_dir: str = _f("runs/default", "Where outputs go (config.yaml, metrics.json, predictions.jsonl, checkpoints).")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The actor model M."})
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig, metadata={"help": "The generator G (meta encoder + prompt decoder)."})
+    task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "The task and its splits."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation harness."})
+    inference: InferenceConfig = field(default_factory=InferenceConfig, metadata={"help": "Inference strategy at evaluation."})
+    lora: LoRAConfig = field(default_factory=LoRAConfig, metadata={"help": "LoRA targets and sizes."})
+    hypernet: HypernetConfig = field(default_factory=HypernetConfig, metadata={"help": "Parameter decoder F."})
+
+
+# ----------------------------------------------------------------------------- key handling
+
+
+def _is_section(tp) -> bool:
+    return dataclasses.is_dataclass(tp)
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def all_keys(cls=Config, prefix: str = "") -> list[tuple[str, Any, Any, str]]:
+    """(dotted key, type, default, help) for every leaf setting."""
+    out = []
+    inst = cls()
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = prefix + f.name
+        if _is_section(tp):
+            out.extend(all_keys(tp, key + "."))
+        else:
+            out.append((key, tp, getattr(inst, f.name), f.metadata.get("help", "")))
+    return out
+
+
+def _coerce(value: Any, tp, key: str, where: str) -> Any:
+    """Turn a YAML/CLI value into the field's type, or fail naming the key."""
+    origin = typing.get_origin(tp) or tp
+    try:
+        if origin is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if origin is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if origin is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if origin is str:
+            return "" if value is None else str(value)
+        if origin is list:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, (list, tuple)):
+                return list(value)
+            raise ValueError
+        if origin is dict:
+            if isinstance(value, dict):
+                return dict(value)
+            raise ValueError
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    name = getattr(origin, "__name__", str(origin))
+    raise MetatunerError(f"{where}: key '{key}' expects {name}, got {value!r}")
+
+
+def _unknown(key: str, where: str) -> MetatunerError:
+    keys = [k for k, *_ in all_keys()]
+    close = difflib.get_close_matches(key, keys, n=4, cutoff=0.5)
+    hint = f"; close valid keys: {', '.join(close)}" if close else "; see `metatuner --help` for all keys"
+    return MetatunerError(f"{where}: unknown config key '{key}'{hint}")
+
+
+def set_key(cfg: Config, key: str, value: Any, where: str = "override", raw: bool = False) -> None:
+    """Set a dotted key. `raw=True` means value is a command-line string to be parsed as YAML."""
+    parts = key.split(".")
+    obj = cfg
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            raise _unknown(key, where)
+        tp = _hints(type(obj))[part]
+        if _is_section(tp):
+            if i == len(parts) - 1:
+                if not isinstance(value, dict):
+                    raise MetatunerError(f"{where}: key '{key}' is a section; set its keys ({key}.<name>=...)")
+                for k, v in value.items():
+                    set_key(cfg, f"{key}.{k}", v, where)
+                return
+            obj = getattr(obj, part)
+            continue
+        origin = typing.get_origin(tp) or tp
+        if raw:
+            value = value if origin is str else _parse_scalar(value)
+        if origin is dict and i < len(parts) - 1:
+            sub = getattr(obj, part)
+            if raw and isinstance(value, str):
+                value = _parse_scalar(value)
+            sub[".".join(parts[i + 1:])] = value
+            return
+        if i != len(parts) - 1:
+            raise _unknown(key, where)
+        setattr(obj, part, _coerce(value, tp, key, where))
+        return
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key.split(".")[-1] != "params" and not key.endswith(".params"):
+            out.extend(_flatten(v, key + "."))
+        else:
+            out.append((key, v))
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, base: Config | None = None) -> Config:
+    """Defaults <- YAML file <- `key=value` overrides, validated against the dataclasses."""
+    cfg = base if base is not None else Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise MetatunerError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise MetatunerError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise MetatunerError(f"{p}: expected a mapping of config keys at the top level")
+        for key, value in _flatten(data):
+            set_key(cfg, key, value, where=str(p))
+    for item in overrides or []:
+        if "=" not in item:
+            raise MetatunerError(f"override '{item}': expected key=value")
+        key, value = item.split("=", 1)
+        set_key(cfg, key.strip(), value, where="override", raw=True)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    from metatuner.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def help_text() -> str:
+    lines = []
+    section = None
+    for key, tp, default, help in all_keys():
+        sec = key.split(".")[0] if "." in key else ""
+        if sec != section:
+            section = sec
+            lines.append(f"\n  [{sec or 'run'}]")
+        tname = getattr(typing.get_origin(tp) or tp, "__name__", str(tp))
+        lines.append(f"  {key} ({tname}, default {default!r})\n      {help}")
+    return "\n".join(lines)
