@@ -19,18 +19,53 @@ from metatuner.errors import MetatunerError
 
 SUBCOMMANDS = {
     "eval": "Evaluate a model (default: the embedded model on the default task) and write predictions.jsonl + metrics.json.",
+    "train": "Train with `method=...` (metatuner_j, metatuner_i, metatuner_gumbel, sft, ...), then evaluate on the test split.",
+    "infer": "Answer new queries with a trained MetaTuner run: run_dir=DIR query='...' (or query_file=FILE).",
 }
 
 
-def set_seed(seed: int) -> None:
-    import random
+def run_train(cfg: Config) -> dict:
+    """Dispatch on cfg.method to the method's own module."""
+    from metatuner.methods import metatuner, sft
 
-    import numpy as np
-    import torch
+    if cfg.method in metatuner.METHODS:
+        return metatuner.run(cfg)
+    if cfg.method == "sft":
+        return sft.run(cfg)
+    if cfg.method == "zero_shot":
+        return run_eval(cfg)
+    raise MetatunerError(f"method: unknown method {cfg.method!r}; expected one of zero_shot, sft, "
+                         + ", ".join(metatuner.METHODS))
 
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+
+def read_queries(cfg: Config) -> list[str]:
+    if cfg.query:
+        return [cfg.query]
+    if not cfg.query_file:
+        raise MetatunerError("infer needs query='...' or query_file=FILE")
+    from pathlib import Path
+
+    p = Path(cfg.query_file)
+    if not p.is_file():
+        raise MetatunerError(f"query_file: {p} not found")
+    if p.suffix == ".jsonl":
+        from metatuner.io import read_jsonl
+
+        rows = read_jsonl(p)
+        for i, r in enumerate(rows):
+            if "query" not in r:
+                raise MetatunerError(f"{p} line {i + 1}: no 'query' field (fields: {sorted(r)})")
+        return [str(r["query"]) for r in rows]
+    return [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+
+
+def run_infer(cfg: Config) -> list[dict]:
+    from metatuner.methods.metatuner import answer, load_system
+
+    if not cfg.run_dir:
+        raise MetatunerError("infer needs run_dir=DIR (the output_dir of a MetaTuner training run)")
+    queries = read_queries(cfg)
+    return answer(load_system(cfg.run_dir), queries)
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
@@ -49,6 +84,7 @@ def run_eval(cfg: Config) -> dict:
     """Zero-shot evaluation of cfg.model with the task's prompt (or task.prompt)."""
     from metatuner.evaluate import evaluate
     from metatuner.models import load_from_config
+    from metatuner.run import set_seed
     from metatuner.tasks import load_task
 
     set_seed(cfg.seed)
@@ -113,6 +149,15 @@ def main(argv: list[str] | None = None) -> int:
             cols = ["task", "model", "n", "accuracy"] + [k for k in ("em", "f1", "score") if k in metrics] + ["wall_seconds"]
             print(format_table([metrics], cols))
             print(f"wrote {cfg.output_dir}/predictions.jsonl and metrics.json")
+        elif args.command == "train":
+            metrics = run_train(cfg)
+            if int(os.environ.get("RANK", "0")) == 0:
+                cols = ["method", "task", "n", "accuracy"] + [k for k in ("em", "f1") if k in metrics] + ["wall_seconds"]
+                print(format_table([metrics], cols))
+                print(f"wrote {cfg.output_dir}/")
+        elif args.command == "infer":
+            for r in run_infer(cfg):
+                print(f"query:  {r['query']}\nprompt: {r['prompt']}\nanswer: {r['answer']}\n  (generation: {r['generation']!r})")
     except MetatunerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -91,6 +91,49 @@ class HypernetConfig:
 
 
 @dataclass
+class WarmupConfig:
+    max_steps: int = _f(30, "Actor warm-up: LoRA SFT steps on the training split with p~ (0 = skip). The adapter is merged into the actor.")
+    lr: float = _f(1e-3, "Learning rate of the actor warm-up LoRA.")
+    generator_steps: int = _f(10, "Generator warm-up: SFT steps on the initial D2, so rewrites are well-formed prompts (0 = skip).")
+    generator_lr: float = _f(5e-5, "Learning rate of the generator warm-up.")
+    queries: int = _f(32, "Training queries whose rollouts build the initial D2 for the generator warm-up.")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(30, "Optimizer steps of the main phase (MetaTuner: the joint phase; SFT/DPO: all of training).")
+    batch_size: int = _f(8, "Training examples per optimizer step (per process).")
+    grad_accum: int = _f(1, "Gradient accumulation micro-steps per optimizer step (batch_size is split across them).")
+    lr: float = _f(1e-3, "Learning rate of what the method trains: the parameter decoder phi_q (MetaTuner) or the LoRA (SFT/DPO).")
+    generator_lr: float = _f(2e-5, "Learning rate of the generator's meta encoder phi_s and prompt decoder phi_p.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    scheduler: str = _f("constant", "Learning-rate schedule: constant, linear or cosine (after lr_warmup_ratio).")
+    lr_warmup_ratio: float = _f(0.0, "Fraction of max_steps with a linear learning-rate ramp.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+    alpha: float = _f(1.0, "Weight of the supervised regularization (generator NLL of the D2 best prompt).")
+    sync_steps: int = _f(10, "Every T steps phi_p' <- phi_p and D2 is refreshed for the next T steps' queries.")
+    alternate_steps: int = _f(1, "MetaTuner-I: steps per term before switching between task loss and regularization.")
+    param_decoder: bool = _f(True, "Use the parameter decoder F (false = ablation w/o F: prompt branch only).")
+    prompt_rewrite: bool = _f(True, "Feed rewritten prompts to the actor (false = ablation w/o P: the actor sees p~).")
+    gumbel_tau: float = _f(1.0, "Gumbel-softmax temperature (method=metatuner_gumbel).")
+    max_length: int = _f(512, "Maximum tokens of a training sequence (longer ones are truncated from the left of the prompt).")
+    bf16: bool = _f(True, "Train under bf16 autocast (CPU and GPU).")
+    save_steps: int = _f(0, "Write a resumable checkpoint step_N/ every N steps (0 = only final/).")
+    save_total_limit: int = _f(2, "Keep at most this many step_N/ checkpoints.")
+    log_steps: int = _f(1, "Log every N steps to train_log.jsonl.")
+    report_to: str = _f("jsonl", "Logging: jsonl (always written) or tensorboard (also).")
+
+
+@dataclass
+class RolloutConfig:
+    n: int = _f(4, "Candidate prompts sampled per query when building D2 (p~ is always a candidate too).")
+    temperature: float = _f(1.0, "Sampling temperature of candidate prompts.")
+    top_p: float = _f(0.95, "Top-p of candidate prompts.")
+    criterion: str = _f("answer", "How candidates are ranked: answer (correct first, then lower NLL of the reference) or nll (NLL only, no generation).")
+    batch_size: int = _f(16, "Batch size of rollout generation and scoring.")
+
+
+@dataclass
 class Config:
     method: str = _f("zero_shot", "What to run: zero_shot, sft, dpo, opro, bpo, bettertogether, metatuner_j, metatuner_i, metatuner_gumbel.")
     seed: int = _f(0, "Random seed (data splits, sampling, initialisation).")
@@ -102,6 +145,13 @@ class Config:
     inference: InferenceConfig = field(default_factory=InferenceConfig, metadata={"help": "Inference strategy at evaluation."})
     lora: LoRAConfig = field(default_factory=LoRAConfig, metadata={"help": "LoRA targets and sizes."})
     hypernet: HypernetConfig = field(default_factory=HypernetConfig, metadata={"help": "Parameter decoder F."})
+    warmup: WarmupConfig = field(default_factory=WarmupConfig, metadata={"help": "Warm-up stage."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Main training stage."})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "Rollouts that build D2."})
+    resume_from_checkpoint: bool = _f(False, "Continue from the newest complete step_N/ checkpoint in output_dir.")
+    run_dir: str = _f("", "infer: the trained run's output_dir.")
+    query: str = _f("", "infer: a query to answer (or use query_file).")
+    query_file: str = _f("", "infer: a text file with one query per line (or JSONL with a 'query' field).")
 
 
 # ----------------------------------------------------------------------------- key handling

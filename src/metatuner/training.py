@@ -1,0 +1,203 @@
+"""Pieces every training recipe uses: batches, sequence NLL, optimizer/schedule, checkpoints, logs.
+
+Checkpoints are written to a hidden temporary folder and renamed to `step_N/` only when complete,
+so a run killed at any moment (kill -9) never leaves a half-written checkpoint that resume picks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from metatuner.errors import MetatunerError
+from metatuner.evaluate import chat_text
+from metatuner.tasks import Example, Task
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def completion_text(tokenizer, messages: list[dict], completion: str) -> tuple[str, str]:
+    """(prefix, completion) strings such that prefix + completion is the full chat with the answer
+    and the completion ends with the template's end-of-turn (so the model learns to stop)."""
+    prefix = chat_text(tokenizer, messages, add_generation_prompt=True)
+    if tokenizer.chat_template:
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": completion}], tokenize=False)
+        if full.startswith(prefix):
+            return prefix, full[len(prefix):]
+    return prefix, " " + completion + (tokenizer.eos_token or "")
+
+
+def lm_batch(tokenizer, prefixes: list[str], completions: list[str], max_length: int = 512, device=None) -> dict:
+    """Right-padded input_ids/attention_mask/labels (labels -100 on the prefix and padding) and
+    prefix_mask (1 on prefix tokens). Over-long rows lose prefix tokens from the left."""
+    rows = []
+    for p, c in zip(prefixes, completions):
+        pi = tokenizer(p, add_special_tokens=False)["input_ids"]
+        ci = tokenizer(c, add_special_tokens=False)["input_ids"]
+        ci = ci[: max_length - 1]
+        pi = pi[max(0, len(pi) + len(ci) - max_length):]
+        rows.append((pi, ci))
+    T = max(len(p) + len(c) for p, c in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    pmask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, (p, c) in enumerate(rows):
+        n = len(p) + len(c)
+        ids[i, :n] = torch.tensor(p + c)
+        mask[i, :n] = 1
+        labels[i, len(p):n] = torch.tensor(c)
+        pmask[i, : len(p)] = 1
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "prefix_mask": pmask}
+    if device is not None:
+        out = {k: v.to(device) for k, v in out.items()}
+    return out
+
+
+def actor_batch(tokenizer, task: Task, prompts: list[str], examples: list[Example], max_length: int = 512, device=None) -> dict:
+    """The actor's SFT batch: chat(prompt, query) -> reference target."""
+    pairs = [completion_text(tokenizer, task.render(p, ex.query), ex.target) for p, ex in zip(prompts, examples)]
+    return lm_batch(tokenizer, [a for a, _ in pairs], [b for _, b in pairs], max_length, device)
+
+
+def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token NLL per row [B] of labels (-100 ignored) under next-token logits [B, T, V]."""
+    lg = logits[:, :-1].float()
+    lb = labels[:, 1:]
+    tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100, reduction="none")
+    tok = tok.view(lb.shape)
+    n = (lb != -100).sum(1).clamp(min=1)
+    return tok.sum(1) / n
+
+
+def forward_nll(model, batch: dict) -> torch.Tensor:
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return sequence_nll(out.logits, batch["labels"])
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def make_scheduler(optimizer, kind: str, max_steps: int, warmup_ratio: float):
+    warm = int(round(warmup_ratio * max_steps))
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if kind == "constant":
+            return 1.0
+        frac = (step - warm) / max(1, max_steps - warm)
+        if kind == "linear":
+            return max(0.0, 1.0 - frac)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        raise MetatunerError(f"train.scheduler: expected constant, linear or cosine, got {kind!r}")
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast(enabled: bool, device: torch.device):
+    dtype = torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+
+
+def check_finite(loss: torch.Tensor, step: int, last_ckpt: str | None) -> None:
+    if not torch.isfinite(loss).all():
+        where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else "; no checkpoint was written yet"
+        raise MetatunerError(f"loss became {loss.item()} at step {step}: stopping{where} (try a lower train.lr or train.generator_lr)")
+
+
+# ----------------------------------------------------------------------------- RNG and checkpoints
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def write_checkpoint(output_dir: str | Path, step: int, write_fn, keep: int = 2) -> Path:
+    """Call write_fn(tmp_dir) then rename tmp_dir -> output_dir/step_{step}; prune old ones."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / f"step_{step}"
+    tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=f".step_{step}."))
+    try:
+        write_fn(tmp)
+        (tmp / "COMPLETE").write_text(str(step))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep > 0:
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete step_N/ checkpoints, oldest first (temporary folders are never listed)."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    cks = [p for p in d.glob("step_*") if p.is_dir() and (p / "COMPLETE").is_file() and p.name[5:].isdigit()]
+    return sorted(cks, key=lambda p: int(p.name[5:]))
+
+
+def newest_checkpoint(output_dir: str | Path) -> Path | None:
+    cks = list_checkpoints(output_dir)
+    return cks[-1] if cks else None
+
+
+class TrainLog:
+    """train_log.jsonl (always) plus TensorBoard when asked; only the main process writes."""
+
+    def __init__(self, output_dir: str | Path, report_to: str = "jsonl", enabled: bool = True, append: bool = False):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "train_log.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        if not append and self.path.exists():
+            self.path.unlink()
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+        elif report_to not in ("jsonl", "none"):
+            raise MetatunerError(f"train.report_to: expected jsonl or tensorboard, got {report_to!r}")
+
+    def log(self, step: int, **values) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
