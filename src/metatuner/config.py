@@ -43,7 +43,8 @@ class GeneratorConfig:
     trust_remote_code: bool = _f(False, "Allow the generator repository to run its own code.")
     share_ratio: float = _f(0.25, "Split depth k = round(share_ratio * K): layers [0,k) form the shared meta encoder, [k,K) the prompt decoder. Paper best: 0.25 (7B), 0.75 (3B).")
     share_encoder: bool = _f(True, "Share the meta encoder between prompt and parameter decoders (false = ablation w/o S: F gets its own encoder copy).")
-    max_prompt_tokens: int = _f(96, "Maximum new tokens of a rewritten prompt.")
+    max_prompt_tokens: int = _f(48, "Maximum new tokens of a rewritten prompt.")
+    lora_rank: int = _f(16, "Train phi_s and phi_p as LoRA of this rank on every linear of G (0 = full fine-tuning). LoRA keeps a 7B generator and its frozen copy phi_p' in memory and makes a step cheaper.")
 
 
 @dataclass

@@ -81,9 +81,22 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return tok.sum(1) / n
 
 
-def forward_nll(model, batch: dict) -> torch.Tensor:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return sequence_nll(out.logits, batch["labels"])
+def logits_to_keep(labels: torch.Tensor) -> int:
+    """How many trailing positions need logits: from the token before the first label to the end.
+    Skipping the LM head on prompt tokens saves a V x d matmul per token (large for small models)."""
+    has = (labels != -100).any(0).nonzero()
+    if has.numel() == 0:
+        return 1
+    return labels.shape[1] - int(has[0]) + 1
+
+
+def forward_nll(model, batch: dict, **kwargs):
+    """Per-row mean NLL of the labels [B]; logits only where labels need them. Extra kwargs go to
+    the model (e.g. output_hidden_states); returns (nll, model output)."""
+    keep = logits_to_keep(batch["labels"])
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep,
+                use_cache=False, **kwargs)
+    return sequence_nll(out.logits, batch["labels"][:, -keep:]), out
 
 
 # ----------------------------------------------------------------------------- optimisation

@@ -47,20 +47,19 @@ from metatuner.io import read_jsonl, write_json, write_jsonl
 from metatuner.lora import attach_per_query_lora, find_targets
 from metatuner.tasks import Example, Task
 from metatuner.training import (TrainLog, actor_batch, autocast, check_finite, completion_text, lm_batch,
-                                make_scheduler, newest_checkpoint, rng_state, sequence_nll, set_rng_state,
+                                forward_nll, make_scheduler, newest_checkpoint, rng_state, sequence_nll, set_rng_state,
                                 write_checkpoint)
 
 METHODS = ("metatuner_j", "metatuner_i", "metatuner_gumbel")
 
-REWRITE_TEMPLATE = (
-    "Rewrite the instruction below so that it best helps a model answer the question. "
-    "Reply with the rewritten instruction only.\n\nInstruction: {prompt}\n\nQuestion: {query}"
-)
+REWRITE_SYSTEM = "Rewrite the instruction so that it best helps answer the question. Reply with the new instruction only."
 
 
 def rewrite_messages(prompt: str, query: str) -> list[dict]:
-    """The generator's input (p~, x) as chat messages."""
-    return [{"role": "user", "content": REWRITE_TEMPLATE.format(prompt=prompt.strip(), query=query)}]
+    """The generator's input (p~, x) as chat messages (a system turn keeps templates from adding
+    their own default system prompt, so the prefix stays short)."""
+    return [{"role": "system", "content": REWRITE_SYSTEM},
+            {"role": "user", "content": f"Instruction: {prompt.strip()}\nQuestion: {query}"}]
 
 
 def clean_prompt(text: str, fallback: str) -> str:
@@ -77,6 +76,8 @@ class MetaTunerSystem:
         self.actor, self.tok = actor, actor_tok
         self.gen_tok = gen_tok
         self.p_tilde = task.prompt
+        if cfg.generator.lora_rank > 0:
+            add_generator_lora(gen_model, cfg.generator.lora_rank)
         self.gen = SplitGenerator(gen_model, cfg.generator.share_ratio, cfg.generator.share_encoder)
         self.targets = find_targets(actor, list(cfg.lora.target_modules), cfg.lora.layers)
         self.lora = attach_per_query_lora(actor, self.targets, cfg.lora.rank, cfg.lora.alpha)
@@ -159,8 +160,7 @@ class MetaTunerSystem:
             with self.lora.use_factors(f) if f is not None else _null():
                 with autocast(self.cfg.train.bf16, self.actor.device):
                     batch = actor_batch(self.tok, self.task, ps, exs, self.cfg.train.max_length, self.actor.device)
-                    out = self.actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                    nll += sequence_nll(out.logits, batch["labels"]).tolist()
+                    nll += forward_nll(self.actor, batch)[0].float().tolist()
                 if self.cfg.rollout.criterion == "answer":
                     texts = [chat_text(self.tok, self.task.render(p, ex.query)) for p, ex in zip(ps, exs)]
                     gens, _, _ = generate_texts(self.actor, self.tok, texts, self.task.max_new_tokens)
@@ -205,16 +205,17 @@ class MetaTunerSystem:
             run_gen = need_reg or (need_task and self.use_f)
             reg, hidden_k = zero, None
             if run_gen:
-                _, logits, hidden_k = self.gen(gb["input_ids"], gb["attention_mask"])
+                # one pass of G over (p~, x, p*): layer-k states of the prefix feed F, logits of p* give reg
+                rows, out = forward_nll(self.gen.model, gb, output_hidden_states=True)
+                hidden_k = out.hidden_states[self.gen.k]
                 if need_reg:
-                    reg = sequence_nll(logits, gb["labels"]).mean()
+                    reg = rows.mean()
             task = zero
             if need_task:
                 f = self.factors(examples, hidden_k, gb["prefix_mask"]) if self.use_f else None
                 ab = actor_batch(self.tok, self.task, task_prompts, examples, cfg.train.max_length, self.actor.device)
                 with self.lora.use_factors(f) if f is not None else _null():
-                    out = self.actor(input_ids=ab["input_ids"], attention_mask=ab["attention_mask"])
-                task = sequence_nll(out.logits, ab["labels"]).mean()
+                    task = forward_nll(self.actor, ab)[0].mean()
         return task, reg
 
     def gumbel_task_loss(self, examples: list[Example]) -> torch.Tensor:
@@ -268,11 +269,16 @@ class MetaTunerSystem:
 
     # -- parameters, saving
 
+    def generator_parameters(self) -> list:
+        """Trainable phi_s + phi_p (LoRA factors when generator.lora_rank > 0)."""
+        return [p for p in self.gen.encoder_parameters() + self.gen.decoder_parameters() if p.requires_grad]
+
     def trainable_groups(self, method: str) -> list[dict]:
         cfg = self.cfg
-        groups = [{"params": self.gen.encoder_parameters() + self.gen.decoder_parameters(), "lr": cfg.train.generator_lr}]
+        groups = [{"params": self.generator_parameters(), "lr": cfg.train.generator_lr}]
         if self.use_f:
-            groups.append({"params": list(self.decoder.parameters()) + self.gen.param_encoder_parameters(), "lr": cfg.train.lr})
+            enc_copy = [p for p in self.gen.param_encoder_parameters() if p.requires_grad]
+            groups.append({"params": list(self.decoder.parameters()) + enc_copy, "lr": cfg.train.lr})
         return groups
 
     def save(self, out_dir: Path) -> None:
@@ -309,6 +315,17 @@ def _device(cfg: Config) -> str:
     if cfg.model.device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         return f"cuda:{os.environ['LOCAL_RANK']}"
     return cfg.model.device
+
+
+def add_generator_lora(gen_model, rank: int) -> None:
+    """LoRA (PEFT layers injected in place, model class unchanged) on every linear of G but the
+    LM head; the base weights are frozen, so phi_s / phi_p train as LoRA factors."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = sorted({n.split(".")[-1] for n, m in gen_model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and ".layers." in n})
+    gen_model.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=names, lora_dropout=0.0), gen_model)
 
 
 def merge_actor_adapter(actor, adapter_dir: Path):
@@ -378,7 +395,7 @@ def warmup(cfg: Config, system: MetaTunerSystem, actor_adapter_dir: Path | None,
         t0 = time.time()
         best, _, st = system.d2_rollout(mine, live=True)
         stats.update({"warmup_rollout_seconds": round(time.time() - t0, 1), **{f"warmup_{k}": v for k, v in st.items()}})
-        params = system.gen.encoder_parameters() + system.gen.decoder_parameters()
+        params = system.generator_parameters()
         opt = torch.optim.AdamW(params, lr=cfg.warmup.generator_lr, weight_decay=0.0)
         bs = cfg.train.batch_size
         system.gen.model.train()
