@@ -26,16 +26,16 @@ SUBCOMMANDS = {
 
 def run_train(cfg: Config) -> dict:
     """Dispatch on cfg.method to the method's own module."""
-    from metatuner.methods import metatuner, sft
+    from metatuner.methods import bettertogether, bpo, dpo, metatuner, opro, sft
 
     if cfg.method in metatuner.METHODS:
         return metatuner.run(cfg)
-    if cfg.method == "sft":
-        return sft.run(cfg)
-    if cfg.method == "zero_shot":
-        return run_eval(cfg)
-    raise MetatunerError(f"method: unknown method {cfg.method!r}; expected one of zero_shot, sft, "
-                         + ", ".join(metatuner.METHODS))
+    runners = {"zero_shot": run_eval, "sft": sft.run, "dpo": dpo.run, "opro": opro.run, "bpo": bpo.run,
+               "bettertogether": bettertogether.run}
+    if cfg.method not in runners:
+        raise MetatunerError(f"method: unknown method {cfg.method!r}; expected one of "
+                             + ", ".join(list(runners) + list(metatuner.METHODS)))
+    return runners[cfg.method](cfg)
 
 
 def read_queries(cfg: Config) -> list[str]:

@@ -135,6 +135,47 @@ class RolloutConfig:
 
 
 @dataclass
+class OproConfig:
+    steps: int = _f(3, "Optimization steps (the paper's OPRO runs 200).")
+    candidates: int = _f(4, "New instructions sampled from the optimizer LLM (the generator) per step.")
+    subset: int = _f(32, "Training examples each instruction is scored on (accuracy of the actor).")
+    top_k: int = _f(20, "Best previous instructions shown in the meta-prompt (ascending score).")
+    exemplars: int = _f(3, "Training problems shown in the meta-prompt, redrawn each step.")
+    temperature: float = _f(1.0, "Sampling temperature of the optimizer LLM.")
+    max_new_tokens: int = _f(64, "Maximum tokens of a proposed instruction.")
+    max_chars: int = _f(500, "Proposed instructions longer than this are dropped.")
+
+
+@dataclass
+class BpoConfig:
+    queries: int = _f(64, "Training queries whose rollouts build (prompt, better prompt) pairs.")
+    max_steps: int = _f(30, "SFT steps of the rewriter on the pairs.")
+    lr: float = _f(2e-4, "Learning rate of the rewriter's LoRA SFT.")
+
+
+@dataclass
+class DpoConfig:
+    sft_steps: int = _f(-1, "SFT steps before DPO (-1 = train.max_steps); the SFT adapter is DPO's start and reference.")
+    queries: int = _f(64, "Training queries sampled for preference pairs.")
+    k: int = _f(4, "Samples per query from the SFT policy.")
+    temperature: float = _f(1.0, "Sampling temperature for the pairs.")
+    pairs_per_query: int = _f(2, "At most this many (correct, incorrect) pairs per query.")
+    max_steps: int = _f(20, "DPO optimizer steps.")
+    lr: float = _f(5e-5, "DPO learning rate (LoRA).")
+    beta: float = _f(0.1, "DPO beta.")
+
+
+@dataclass
+class BetterTogetherConfig:
+    strategy: str = _f("p -> w -> p", "Sequence of steps: p = prompt optimization (instruction + bootstrapped demos, picked on validation), w = LoRA SFT on the actor's own correct traces.")
+    instructions: int = _f(3, "New instructions proposed per p step (besides the current one).")
+    demo_sets: int = _f(3, "Random sets of bootstrapped demonstrations tried per p step (besides none).")
+    max_demos: int = _f(3, "At most this many demonstrations in a prompt.")
+    queries: int = _f(64, "Training queries run to bootstrap traces (demos and w-step data).")
+    val_examples: int = _f(32, "Validation examples each candidate program is scored on.")
+
+
+@dataclass
 class Config:
     method: str = _f("zero_shot", "What to run: zero_shot, sft, dpo, opro, bpo, bettertogether, metatuner_j, metatuner_i, metatuner_gumbel.")
     seed: int = _f(0, "Random seed (data splits, sampling, initialisation).")
@@ -149,6 +190,10 @@ class Config:
     warmup: WarmupConfig = field(default_factory=WarmupConfig, metadata={"help": "Warm-up stage."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Main training stage."})
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "Rollouts that build D2."})
+    opro: OproConfig = field(default_factory=OproConfig, metadata={"help": "OPRO baseline."})
+    bpo: BpoConfig = field(default_factory=BpoConfig, metadata={"help": "BPO baseline."})
+    dpo: DpoConfig = field(default_factory=DpoConfig, metadata={"help": "DPO baseline."})
+    bettertogether: BetterTogetherConfig = field(default_factory=BetterTogetherConfig, metadata={"help": "BetterTogether baseline."})
     resume_from_checkpoint: bool = _f(False, "Continue from the newest complete step_N/ checkpoint in output_dir.")
     run_dir: str = _f("", "infer: the trained run's output_dir.")
     query: str = _f("", "infer: a query to answer (or use query_file).")

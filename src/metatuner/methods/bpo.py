@@ -1,0 +1,78 @@
+"""BPO baseline (Cheng et al., 2023): a prompt rewriter trained by SFT on (prompt, better prompt) pairs.
+
+"Better" comes from rollouts scored by the actor, as MetaTuner's D2: for each training query the
+rewriter (the generator) samples rollout.n rewrites of (p~, x); the actor ranks them with p~
+(correct first, then lower NLL of the reference); the best is the target. The rewriter is then
+LoRA-SFT'd (TRL) on the pairs. At test time it rewrites each query's prompt (greedy) and the
+actor, unchanged, answers.
+
+    metatuner train method=bpo bpo.queries=64 bpo.max_steps=30 rollout.n=4
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from metatuner.config import Config
+from metatuner.io import write_jsonl
+from metatuner.methods.metatuner import clean_prompt, rewrite_messages
+from metatuner.prompts import rank_prompts, sample_texts
+
+
+def rewrite(gen, gtok, p_tilde: str, examples, cfg: Config, n: int = 1, greedy: bool = True) -> list[list[str]]:
+    msgs = [rewrite_messages(p_tilde, ex.query) for ex in examples]
+    outs = sample_texts(gen, gtok, msgs, n, cfg.generator.max_prompt_tokens, cfg.rollout.temperature,
+                        cfg.rollout.top_p, cfg.rollout.batch_size, greedy=greedy)
+    return [[clean_prompt(t, p_tilde) for t in o] for o in outs]
+
+
+def run(cfg: Config) -> dict:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from metatuner.lora import peft_lora_config
+    from metatuner.methods.sft import trl_common_args
+    from metatuner.models import load_from_config, load_model
+    from metatuner.run import final_eval, is_main_process, start_run
+
+    t0 = time.time()
+    task = start_run(cfg)
+    actor, tok = load_from_config(cfg.model)
+    gen, gtok = load_model(cfg.generator.name or cfg.model.name, cfg.generator.dtype, cfg.model.device,
+                           cfg.generator.trust_remote_code)
+    queries = task.train[: cfg.bpo.queries]
+    with torch.no_grad():
+        cands = rewrite(gen, gtok, task.prompt, queries, cfg, n=cfg.rollout.n, greedy=False)
+        best = rank_prompts(actor, tok, task, queries, [[task.prompt] + c for c in cands], cfg.rollout.criterion,
+                            cfg.rollout.batch_size, cfg.train.max_length, cfg.train.bf16)
+    pairs = [{"prompt": rewrite_messages(task.prompt, ex.query), "completion": [{"role": "assistant", "content": b[0]}]}
+             for ex, b in zip(queries, best)]
+    if is_main_process():
+        write_jsonl(f"{cfg.output_dir}/bpo_pairs.jsonl", [{"query": ex.query, "better_prompt": b[0], "correct": b[1]}
+                                                          for ex, b in zip(queries, best)])
+    # the rewriter's LoRA SFT (TRL), LoRA over the generator's own linears
+    lcfg = copy.deepcopy(cfg.lora)
+    args = SFTConfig(**trl_common_args(cfg, f"{cfg.output_dir}/rewriter", cfg.bpo.max_steps, cfg.bpo.lr,
+                                       gen.device.type == "cpu"), max_length=cfg.train.max_length,
+                     completion_only_loss=True)
+    gen.train()
+    trainer = SFTTrainer(model=gen, args=args, train_dataset=Dataset.from_list(pairs), processing_class=gtok,
+                         peft_config=peft_lora_config(gen, lcfg, cfg.generator.name or cfg.model.name))
+    result = trainer.train()
+    rewriter = trainer.model
+    rewriter.eval()
+    if is_main_process():
+        rewriter.save_pretrained(f"{cfg.output_dir}/rewriter/adapter")
+    from metatuner.run import eval_examples
+
+    with torch.no_grad():
+        exs = eval_examples(cfg, task)
+        prompts = [c[0] for c in rewrite(rewriter, gtok, task.prompt, exs, cfg)]
+        return final_eval(cfg, actor, tok, task, prompts, extra={
+            "pairs": len(pairs), "pairs_rewritten": sum(b[0] != task.prompt for b in best) / max(1, len(best)),
+            "train_steps": int(result.global_step), "train_examples": int(result.global_step) * cfg.train.batch_size,
+            "generation_calls": len(queries) * (cfg.rollout.n + (cfg.rollout.n + 1) * (cfg.rollout.criterion == "answer")),
+            "train_seconds": round(time.time() - t0, 1)})

@@ -1,0 +1,90 @@
+"""DPO baseline: LoRA SFT of the actor, then DPO (TRL) on pairs from the actor's own samples.
+
+For each training query the SFT policy samples dpo.k answers; answers the task scores correct
+and incorrect form (chosen, rejected) pairs for that same query (at most dpo.pairs_per_query).
+DPO starts from the SFT adapter, and TRL keeps a frozen copy of it as the reference ("ref"
+adapter on the same base model, no second model in memory).
+
+    metatuner train method=dpo train.max_steps=30 dpo.max_steps=20 dpo.k=4
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+from metatuner.config import Config
+from metatuner.evaluate import chat_text, generate_texts
+from metatuner.io import write_jsonl
+
+
+def build_pairs(task, examples, samples: list[list[str]], max_pairs: int, seed: int = 0) -> list[dict]:
+    """(correct, incorrect) pairs of the same query, deduplicated; queries with no such pair yield none."""
+    rng = random.Random(seed)
+    pairs = []
+    for ex, gens in zip(examples, samples):
+        gens = list(dict.fromkeys(gens))
+        good = [g for g in gens if task.score(task.extract(g), ex)["correct"]]
+        bad = [g for g in gens if not task.score(task.extract(g), ex)["correct"]]
+        combos = [(g, b) for g in good for b in bad]
+        rng.shuffle(combos)
+        for g, b in combos[:max_pairs]:
+            pairs.append({"query": ex.query, "chosen": g, "rejected": b})
+    return pairs
+
+
+@torch.no_grad()
+def sample_answers(model, tok, task, examples, prompt: str, k: int, temperature: float, batch_size: int) -> list[list[str]]:
+    out = []
+    for s in range(0, len(examples), batch_size):
+        texts = [chat_text(tok, task.render(prompt, ex.query)) for ex in examples[s : s + batch_size]]
+        gens, _, _ = generate_texts(model, tok, texts, task.max_new_tokens, do_sample=True, temperature=temperature,
+                                    num_return_sequences=k)
+        out += gens
+    return out
+
+
+def run(cfg: Config) -> dict:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from metatuner.methods.sft import train_sft, trl_common_args
+    from metatuner.models import load_from_config
+    from metatuner.run import final_eval, is_main_process, start_run
+
+    t0 = time.time()
+    task = start_run(cfg)
+    model, tok = load_from_config(cfg.model)
+    sft_steps = cfg.train.max_steps if cfg.dpo.sft_steps < 0 else cfg.dpo.sft_steps
+    policy = train_sft(cfg, model, tok, task, task.train, task.prompt, f"{cfg.output_dir}/sft", sft_steps, cfg.train.lr)
+    queries = task.train[: cfg.dpo.queries]
+    samples = sample_answers(policy, tok, task, queries, task.prompt, cfg.dpo.k, cfg.dpo.temperature, cfg.eval.batch_size)
+    pairs = build_pairs(task, queries, samples, cfg.dpo.pairs_per_query, cfg.seed)
+    by_query = {ex.query: ex for ex in queries}
+    if is_main_process():
+        write_jsonl(f"{cfg.output_dir}/dpo_pairs.jsonl", pairs)
+    dpo_steps = 0
+    if pairs and cfg.dpo.max_steps > 0:
+        data = Dataset.from_list([{"prompt": task.render(task.prompt, p["query"]),
+                                   "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                                   "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
+        args = DPOConfig(**trl_common_args(cfg, f"{cfg.output_dir}/dpo", cfg.dpo.max_steps, cfg.dpo.lr,
+                                           model.device.type == "cpu"), beta=cfg.dpo.beta, max_length=cfg.train.max_length)
+        policy.train()
+        for n, p in policy.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(True)
+        trainer = DPOTrainer(model=policy, args=args, train_dataset=data, processing_class=tok)
+        dpo_steps = int(trainer.train().global_step)
+        policy = trainer.model
+        if is_main_process():
+            policy.save_pretrained(f"{cfg.output_dir}/adapter", selected_adapters=["default"])
+    policy.eval()
+    del by_query
+    with torch.no_grad():
+        return final_eval(cfg, policy, tok, task, task.prompt, extra={
+            "pairs": len(pairs), "sft_steps": sft_steps, "dpo_steps": dpo_steps, "train_steps": sft_steps + dpo_steps,
+            "train_examples": (sft_steps + dpo_steps) * cfg.train.batch_size,
+            "generation_calls": len(queries) * cfg.dpo.k, "train_seconds": round(time.time() - t0, 1)})

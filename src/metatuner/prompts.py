@@ -1,0 +1,96 @@
+"""Prompt-side building blocks shared by the prompt baselines (OPRO, BPO, BetterTogether, SAPO).
+
+- `accuracy_of(...)`: the actor's accuracy with one prompt on a set of examples (the OPRO scorer).
+- `sample_texts(...)`: sample n completions of chat inputs from a model (the optimizer / rewriter LLM).
+- `rank_prompts(...)`: per query, the best of several candidate prompts by the D2 criterion
+  (correct first, then lower NLL of the reference under the actor).
+- `bootstrap_traces(...)`: the actor's own generations that the task scores correct.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from metatuner.evaluate import chat_text, evaluate, generate_texts
+from metatuner.tasks import Example, Task
+from metatuner.training import actor_batch, autocast, forward_nll
+
+
+def accuracy_of(model, tok, task: Task, examples: list[Example], prompt: str, batch_size: int = 16) -> float:
+    """Greedy accuracy of the actor with `prompt` on `examples`."""
+    _, m = evaluate(model, tok, task, examples, prompt, batch_size=batch_size, progress=False)
+    return m["accuracy"]
+
+
+@torch.no_grad()
+def sample_texts(model, tok, messages: list[list[dict]], n: int, max_new_tokens: int, temperature: float = 1.0,
+                 top_p: float = 1.0, batch_size: int = 8, greedy: bool = False) -> list[list[str]]:
+    """n sampled completions per chat (greedy: one, deterministic)."""
+    out = []
+    for s in range(0, len(messages), batch_size):
+        texts = [chat_text(tok, m) for m in messages[s : s + batch_size]]
+        gens, _, _ = generate_texts(model, tok, texts, max_new_tokens, do_sample=not greedy, temperature=temperature,
+                                    top_p=top_p, num_return_sequences=1 if greedy else n)
+        out += gens
+    return out
+
+
+@torch.no_grad()
+def rank_prompts(model, tok, task: Task, examples: list[Example], candidates: list[list[str]], criterion: str = "answer",
+                 batch_size: int = 16, max_length: int = 512, bf16: bool = True,
+                 factors_ctx=None) -> list[tuple[str, bool, float]]:
+    """Best candidate per query: (prompt, correct, nll), ranked by (correct first, then lower NLL of the
+    reference). `factors_ctx(examples)` may return a context that changes the actor per row."""
+    flat_ex, flat_p, owner = [], [], []
+    for i, (ex, cands) in enumerate(zip(examples, candidates)):
+        uniq = list(dict.fromkeys(cands))
+        flat_ex += [ex] * len(uniq)
+        flat_p += uniq
+        owner += [i] * len(uniq)
+    correct, nll = [], []
+    for s in range(0, len(flat_ex), batch_size):
+        exs, ps = flat_ex[s : s + batch_size], flat_p[s : s + batch_size]
+        ctx = factors_ctx(exs) if factors_ctx else contextlib.nullcontext()
+        with ctx:
+            with autocast(bf16, model.device):
+                batch = actor_batch(tok, task, ps, exs, max_length, model.device)
+                nll += forward_nll(model, batch)[0].float().tolist()
+            if criterion == "answer":
+                texts = [chat_text(tok, task.render(p, ex.query)) for p, ex in zip(ps, exs)]
+                gens, _, _ = generate_texts(model, tok, texts, task.max_new_tokens)
+                correct += [bool(task.score(task.extract(g[0]), ex)["correct"]) for g, ex in zip(gens, exs)]
+            else:
+                correct += [False] * len(exs)
+    best: dict[int, tuple] = {}
+    for j, i in enumerate(owner):
+        key = (not correct[j], nll[j])
+        if i not in best or key < best[i][0]:
+            best[i] = (key, flat_p[j], correct[j], nll[j])
+    return [(best[i][1], best[i][2], best[i][3]) for i in range(len(examples))]
+
+
+@torch.no_grad()
+def bootstrap_traces(model, tok, task: Task, examples: list[Example], prompt: str, batch_size: int = 16) -> list[tuple[Example, str]]:
+    """(example, generation) pairs where the actor's own greedy answer with `prompt` is correct."""
+    records, _ = evaluate(model, tok, task, examples, prompt, batch_size=batch_size, progress=False)
+    return [(ex, r["generation"]) for ex, r in zip(examples, records) if r["correct"]]
+
+
+def with_demos(instruction: str, demos: list[tuple[str, str]]) -> str:
+    """An instruction followed by few-shot demonstrations (query, answer) in the prompt text."""
+    if not demos:
+        return instruction
+    shots = "\n\n".join(f"Example question: {q}\nExample answer: {a}" for q, a in demos)
+    return f"{instruction}\n\n{shots}"
+
+
+def optimizer_llm(cfg, actor, tok):
+    """The generator as a frozen prompt-writing LLM; the actor itself when they are the same checkpoint."""
+    name = cfg.generator.name or cfg.model.name
+    if name == cfg.model.name:
+        return actor, tok
+    from metatuner.models import load_model
+
+    return load_model(name, cfg.generator.dtype, cfg.model.device, cfg.generator.trust_remote_code)
