@@ -20,6 +20,7 @@ from metatuner.errors import MetatunerError
 SUBCOMMANDS = {
     "eval": "Evaluate a model (default: the embedded model on the default task) and write predictions.jsonl + metrics.json.",
     "train": "Train with `method=...` (metatuner_j, metatuner_i, metatuner_gumbel, sft, ...), then evaluate on the test split.",
+    "compare": "Run several methods on the same task, splits and seeds (--config configs/compare/NAME.yaml); write results.json/.md/.png.",
     "infer": "Answer new queries with a trained MetaTuner run: run_dir=DIR query='...' (or query_file=FILE).",
 }
 
@@ -143,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _quiet()
     try:
+        if args.command == "compare":
+            from metatuner.compare import run_compare
+
+            if not args.config:
+                raise MetatunerError("compare needs --config configs/compare/NAME.yaml")
+            run_compare(args.config, args.overrides)
+            return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "eval":
             metrics = run_eval(cfg)

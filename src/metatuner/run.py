@@ -52,7 +52,8 @@ def final_eval(cfg: Config, model, tokenizer, task: Task, prompts=None, batch_co
     examples = eval_examples(cfg, task)
     if callable(prompts):
         prompts = prompts(examples)
-    metrics_extra = {"model": cfg.model.name, "method": cfg.method, "split": cfg.eval.split, "seed": cfg.seed}
+    metrics_extra = {"model": cfg.model.name, "method": cfg.method, "split": cfg.eval.split, "seed": cfg.seed,
+                     "p_tilde": task.prompt}
     metrics_extra.update(extra or {})
     _, metrics = evaluate(model, tokenizer, task, examples, prompts, batch_size=cfg.eval.batch_size,
                           strategy=cfg.inference.strategy, n=cfg.inference.n, temperature=cfg.inference.temperature,

@@ -55,6 +55,7 @@ def trl_common_args(cfg: Config, output_dir: str | Path, max_steps: int, lr: flo
         data_seed=cfg.seed,
         disable_tqdm=int(os.environ.get("RANK", "0")) != 0,
         dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
     )
 
 
@@ -78,6 +79,7 @@ def train_sft(cfg: Config, model, tokenizer, task: Task, examples: list[Example]
     peft_model.eval()
     peft_model.train_metrics = {"train_loss": float(result.training_loss), "train_steps": int(result.global_step),
                                 "train_examples": int(result.global_step) * cfg.train.batch_size,
+                                "train_tokens": int(trainer.state.num_input_tokens_seen or 0),
                                 "train_seconds": float(result.metrics.get("train_runtime", 0.0))}
     return peft_model
 
