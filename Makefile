@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/metatuner eval
+	$(BIN)/metatuner compare --config configs/compare/quickstart.yaml
 
 # Unit tests (tiny random models) plus the few slow tests marked ci_slow (real embedded model).
 test: setup
