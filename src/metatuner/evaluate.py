@@ -48,8 +48,13 @@ def generate_texts(
     """Generate for one batch of already-rendered texts. Returns (generations[b][n], n_tokens[b][n], mean_logprob[b][n])."""
     tokenizer.padding_side = "left"
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    # stop at the tokenizer's end token and at every end token of the model's generation config (chat models
+    # often list several, e.g. <|im_end|> and <|endoftext|>); passing only one would override the others
+    gc_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stop = [tokenizer.eos_token_id] + (list(gc_eos) if isinstance(gc_eos, (list, tuple)) else [gc_eos])
+    stop = list(dict.fromkeys(t for t in stop if t is not None))
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_return_sequences,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p)
     else:
@@ -64,8 +69,8 @@ def generate_texts(
         ids = seqs[i].tolist()
         n = len(ids)
         for j, t in enumerate(ids):
-            if t in (tokenizer.eos_token_id, tokenizer.pad_token_id):
-                n = j + (1 if t == tokenizer.eos_token_id else 0)
+            if t in stop or t == tokenizer.pad_token_id:
+                n = j + (1 if t in stop else 0)  # the end token counts as generated (it is not decoded)
                 break
         gens.append(tokenizer.decode(ids[:n], skip_special_tokens=True))
         ntoks.append(n)

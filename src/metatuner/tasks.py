@@ -67,7 +67,8 @@ class Task:
 
 # ----------------------------------------------------------------------------- answer helpers
 
-_NUM = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+# a "-" right after a digit, letter or ")" is subtraction or a range ("2-3 hours"), not a minus sign
+_NUM = re.compile(r"(?:(?<![\w)])-)?\$?\d[\d,]*(?:\.\d+)?|(?:(?<![\w)])-)?\.\d+")
 
 
 def parse_number(text: str | None) -> float | None:
@@ -111,7 +112,8 @@ def last_boxed(text: str) -> str | None:
     idx = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if idx < 0:
         return None
-    i = text.find("{", idx)
+    m = re.match(r"\\(?:boxed|fbox)\s*\{", text[idx:])
+    i = idx + m.end() - 1 if m else -1
     if i < 0:
         # \boxed 5
         m = re.match(r"\\boxed\s+([^\s$]+)", text[idx:])
@@ -198,12 +200,11 @@ LETTERS = "ABCD"
 def extract_letter(text: str) -> str | None:
     """The chosen option letter A-D: 'Answer: B', '(B)', 'B.' or a lone letter; else None."""
     m = re.findall(r"answer\s*(?:is)?\s*:?\s*\(?([A-Za-z])\b\)?", text, flags=re.IGNORECASE)
-    cands = [c.upper() for c in m]
-    if not cands:
-        cands = re.findall(r"(?:^|[\s(])([A-D])(?:[).:\s]|$)", text.strip())
-    for c in cands:
+    if m:
+        c = m[-1].upper()
         return c if c in LETTERS else None
-    return None
+    cands = re.findall(r"(?:^|[\s(])([A-D])(?:[).:\s]|$)", text.strip())
+    return cands[0] if cands else None
 
 
 def score_letter(pred: str | None, ex: Example) -> dict:
@@ -335,7 +336,9 @@ def _cosmos_example(row: dict, path="cosmosqa", i: int = 0) -> Example:
 
 def _rows(path: Path | None, cols: list[str], hub: tuple | None, split: str) -> list[dict]:
     rows = _read_table(path) if path is not None else _from_hub(*hub, split=split)
-    for i, r in enumerate(rows[:1]):
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise MetatunerError(f"{path or hub[0]} record {i + 1}: expected an object with columns {cols}")
         _need(r, cols, path or hub[0], i)
     return rows
 
@@ -382,10 +385,10 @@ def _load_benchmark(tc, seed: int) -> tuple[list[Example], list[Example], list[E
                                       ["dev_distractor.json", "dev.json", "validation.jsonl", "dev.jsonl"])
         cols = ["question", "answer", "context"]
         test_rows = _rows(ev_f, cols, None if ev_f else ("hotpotqa/hotpot_qa", "distractor"), "validation")
-        if not ev_f and test_rows and isinstance(test_rows[0]["context"], dict):  # hub schema: columns of lists
-            for r in test_rows:
-                r["context"] = list(zip(r["context"]["title"], r["context"]["sentences"]))
         train_rows = _rows(tr_f, cols, None, "train") if tr_f else []
+        for r in test_rows + train_rows:
+            if isinstance(r["context"], dict):  # hub schema (also in local parquet copies): columns of lists
+                r["context"] = list(zip(r["context"]["title"], r["context"]["sentences"]))
         conv = [_hotpot_example]
         prompt = "Answer the question using the context. Reply with a short answer only, as 'Answer: <answer>'."
         spec = (32, extract_short, score_qa)
@@ -394,15 +397,21 @@ def _load_benchmark(tc, seed: int) -> tuple[list[Example], list[Example], list[E
         cols = ["context", "question", "answer0", "answer1", "answer2", "answer3", "label"]
         test_rows = _rows(ev_f, cols, None if ev_f else ("allenai/cosmos_qa",), "validation")
         train_rows = _rows(tr_f, cols, None, "train") if tr_f else []
-        conv = [lambda r, i=0: _cosmos_example(r, ev_f or "cosmosqa", i)]
+        conv = [_cosmos_example]
         prompt = "Read the context and choose the best option. Reply with the letter only, as 'Answer: <letter>'."
         spec = (16, extract_letter, score_letter)
     else:
         raise AssertionError(name)
-    to_ex = conv[0]
-    test_all = [to_ex(r) for r in test_rows]
+    conv_fn = conv[0]
+
+    def convert(rows, path):
+        if conv_fn is _cosmos_example:
+            return [_cosmos_example(r, path or "cosmosqa", i) for i, r in enumerate(rows)]
+        return [conv_fn(r) for r in rows]
+
+    test_all = convert(test_rows, ev_f)
     if train_rows:
-        train_all = [to_ex(r) for r in train_rows]
+        train_all = convert(train_rows, tr_f)
         train, val = _split_train_val(train_all, seed, tc.val_size, tc.train_size)
         test = test_all[: tc.test_size]
     else:

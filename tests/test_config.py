@@ -1,0 +1,255 @@
+"""Typed config: defaults, YAML + overrides, coercion, errors, save/reload, --help."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from metatuner.cli import main
+from metatuner.config import Config, all_keys, load_config, save_config, to_dict
+from metatuner.errors import MetatunerError
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_defaults():
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.method == "zero_shot"
+    assert cfg.seed == 0
+    assert cfg.model.name == "smollm2-135m-instruct"
+    assert cfg.task.name == "chain_sum"
+    assert cfg.task.params == {}
+    assert cfg.eval.batch_size == 16 and cfg.eval.limit == 0 and cfg.eval.split == "test"
+    assert cfg.inference.strategy == "greedy"
+    assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert isinstance(cfg.lora.alpha, float)
+
+
+def test_mutable_defaults_are_not_shared():
+    a, b = Config(), Config()
+    a.task.params["x"] = 1
+    a.lora.target_modules.append("lm_head")
+    assert b.task.params == {}
+    assert "lm_head" not in b.lora.target_modules
+    assert Config().task.params == {}
+
+
+def test_every_key_has_help_and_a_default_of_its_type():
+    keys = all_keys()
+    assert len(keys) > 20
+    for key, tp, default, help in keys:
+        assert help.strip(), key
+        origin = getattr(tp, "__origin__", tp)
+        assert isinstance(default, origin), (key, tp, default)
+
+
+def test_yaml_then_overrides_precedence(tmp_path):
+    p = write(tmp_path / "run.yaml", "seed: 3\ntask:\n  name: gsm8k\n  test_size: 50\neval:\n  limit: 7\n")
+    cfg = load_config(p, ["seed=5", "eval.batch_size=4"])
+    assert cfg.seed == 5  # override beats YAML
+    assert cfg.task.name == "gsm8k" and cfg.task.test_size == 50 and cfg.eval.limit == 7  # YAML beats defaults
+    assert cfg.eval.batch_size == 4
+    assert cfg.task.val_size == Config().task.val_size  # untouched keys keep defaults
+    # later overrides win over earlier ones
+    assert load_config(p, ["seed=5", "seed=6"]).seed == 6
+
+
+def test_yaml_params_merge_with_dotted_overrides(tmp_path):
+    p = write(tmp_path / "run.yaml", "task:\n  params:\n    min_terms: 2\n    max_terms: 3\n")
+    cfg = load_config(p, ["task.params.max_terms=5", "task.params.min_digits=1"])
+    assert cfg.task.params == {"min_terms": 2, "max_terms": 5, "min_digits": 1}
+
+
+@pytest.mark.parametrize(
+    "override, key, expected",
+    [
+        ("seed=7", "seed", 7),
+        ("lora.alpha=32", "lora.alpha", 32.0),
+        ("inference.temperature=1e-3", "inference.temperature", 0.001),
+        ("inference.top_p=.5", "inference.top_p", 0.5),
+        ("model.trust_remote_code=true", "model.trust_remote_code", True),
+        ("model.trust_remote_code=yes", "model.trust_remote_code", True),
+        ("model.trust_remote_code=0", "model.trust_remote_code", False),
+        ("generator.share_encoder=false", "generator.share_encoder", False),
+        ("lora.target_modules=q_proj,v_proj", "lora.target_modules", ["q_proj", "v_proj"]),
+        ("lora.target_modules=[q_proj, k_proj]", "lora.target_modules", ["q_proj", "k_proj"]),
+        ("task.params.min_terms=2", "task.params", {"min_terms": 2}),
+        ("task.params.name=abc", "task.params", {"name": "abc"}),
+        ("task.params={a: 1, b: [1, 2]}", "task.params", {"a": 1, "b": [1, 2]}),
+        ("task.prompt=Solve: x = 1", "task.prompt", "Solve: x = 1"),
+        ("task.prompt=123", "task.prompt", "123"),
+        ("task.prompt=true", "task.prompt", "true"),
+        ("model.name=/tmp/some dir/model", "model.name", "/tmp/some dir/model"),
+    ],
+)
+def test_override_coercion(override, key, expected):
+    cfg = load_config(None, [override])
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    assert obj == expected
+    assert type(obj) is type(expected)
+
+
+def test_yaml_coercion(tmp_path):
+    p = write(tmp_path / "c.yaml", "seed: 2.0\nlora:\n  alpha: 8\n  target_modules: q_proj\nmodel:\n  trust_remote_code: 1\n"
+                                   "task:\n  prompt: 42\n")
+    cfg = load_config(p)
+    assert cfg.seed == 2 and type(cfg.seed) is int
+    assert cfg.lora.alpha == 8.0 and type(cfg.lora.alpha) is float
+    assert cfg.lora.target_modules == ["q_proj"]
+    assert cfg.model.trust_remote_code is True
+    assert cfg.task.prompt == "42"
+
+
+def test_params_values_keep_yaml_types():
+    cfg = load_config(None, ["task.params.min_terms=2", "task.params.ratio=0.5", "task.params.flag=true"])
+    assert cfg.task.params == {"min_terms": 2, "ratio": 0.5, "flag": True}
+    assert type(cfg.task.params["min_terms"]) is int
+
+
+@pytest.mark.parametrize(
+    "override, close",
+    [("task.nmae=x", "task.name"), ("evl.limit=3", "eval.limit"), ("sed=1", "seed"), ("lora.rnak=4", "lora.rank")],
+)
+def test_unknown_override_key_names_key_and_close_keys(override, close):
+    with pytest.raises(MetatunerError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert f"'{override.split('=')[0]}'" in msg
+    assert "unknown" in msg
+    assert close in msg
+
+
+def test_unknown_key_without_close_match_points_to_help():
+    with pytest.raises(MetatunerError, match="metatuner --help"):
+        load_config(None, ["zzzzzzzz=1"])
+
+
+def test_unknown_nested_key_under_leaf():
+    with pytest.raises(MetatunerError, match="unknown config key 'model.name.x'"):
+        load_config(None, ["model.name.x=1"])
+
+
+def test_unknown_yaml_key_names_file_and_key(tmp_path):
+    p = write(tmp_path / "c.yaml", "seed: 1\ntask:\n  nmae: gsm8k\n")
+    with pytest.raises(MetatunerError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and "'task.nmae'" in msg and "task.name" in msg
+
+
+@pytest.mark.parametrize(
+    "override, key, tname",
+    [
+        ("seed=abc", "seed", "int"),
+        ("eval.limit=1.5", "eval.limit", "int"),
+        ("lora.rank=true", "lora.rank", "int"),
+        ("lora.alpha=high", "lora.alpha", "float"),
+        ("model.trust_remote_code=2", "model.trust_remote_code", "bool"),
+        ("model.trust_remote_code=maybe", "model.trust_remote_code", "bool"),
+        ("lora.target_modules={a: 1}", "lora.target_modules", "list"),
+        ("task.params=3", "task.params", "dict"),
+        ("seed=", "seed", "int"),
+    ],
+)
+def test_bad_type_names_key(override, key, tname):
+    with pytest.raises(MetatunerError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert f"'{key}'" in msg and tname in msg
+
+
+def test_bad_type_in_yaml_names_file(tmp_path):
+    p = write(tmp_path / "c.yaml", "eval:\n  batch_size: many\n")
+    with pytest.raises(MetatunerError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and "'eval.batch_size'" in str(e.value)
+
+
+def test_override_without_equals():
+    with pytest.raises(MetatunerError, match="expected key=value"):
+        load_config(None, ["seed"])
+
+
+def test_section_cannot_be_set_to_scalar():
+    with pytest.raises(MetatunerError, match="section"):
+        load_config(None, ["task=gsm8k"])
+
+
+@pytest.mark.parametrize(
+    "text, line",
+    [
+        ("seed: 1\nmethod: zero_shot\noutput_dir: a: b\n", 3),
+        ("seed: 1\ntask:\n\tname: x\n", 3),
+        ("seed: 1\nmodel:\n  name: x\n  dtype: [a, b\nlora:\n  rank: 2\n", 5),  # where the parser gives up
+    ],
+)
+def test_malformed_yaml_names_file_and_line(tmp_path, text, line):
+    p = write(tmp_path / "bad.yaml", text)
+    with pytest.raises(MetatunerError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg
+    assert f"line {line}" in msg
+    assert "\n" not in msg
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(MetatunerError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_top_level_must_be_mapping(tmp_path):
+    p = write(tmp_path / "c.yaml", "- 1\n- 2\n")
+    with pytest.raises(MetatunerError, match="mapping"):
+        load_config(p)
+
+
+def test_empty_yaml_is_defaults(tmp_path):
+    assert load_config(write(tmp_path / "c.yaml", "")) == Config()
+
+
+def test_resolved_config_saves_and_reloads_equal(tmp_path):
+    cfg = load_config(None, ["seed=4", "task.name=gsm8k", "task.params.min_terms=2", "task.params.tag=x",
+                             "lora.target_modules=q_proj,v_proj", "lora.alpha=8", "model.trust_remote_code=true",
+                             "task.prompt=Say: yes", "inference.temperature=0.3", "output_dir=runs/x"])
+    p = tmp_path / "out" / "config.yaml"
+    save_config(cfg, p)
+    assert yaml.safe_load(p.read_text()) == to_dict(cfg)
+    again = load_config(p)
+    assert again == cfg
+    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+    # and once more through the file: a fixed point
+    save_config(again, tmp_path / "again.yaml")
+    assert (tmp_path / "again.yaml").read_text() == p.read_text()
+
+
+def _help_output(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["eval", "--help"]])
+def test_help_lists_every_key_with_help_text(argv, capsys):
+    out = _help_output(argv, capsys)
+    for key, _tp, default, help in all_keys():
+        assert f"  {key} (" in out, key
+        assert help in out, key
+    assert "task.params.min_terms=2" in out  # the example in the params help
+    if argv[0] == "eval":
+        assert "--config" in out
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "eval" in out and "seed" in out

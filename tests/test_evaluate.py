@@ -1,0 +1,304 @@
+"""Evaluation harness with a tiny random model and a character tokenizer (real generation on CPU)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+
+import pytest
+import torch
+
+import metatuner.evaluate as ev
+from metatuner.errors import MetatunerError
+from metatuner.evaluate import best_of_n, chat_text, evaluate, generate_texts, majority_vote
+
+# short queries of different lengths, so a batch really is left-padded
+QUERIES = ["1+2=", "What is 12 + 35?", "abc", "Hello there, how are you doing today?", "x", "9 - 4 - 3 =", "Q"]
+
+
+def test_chat_text_uses_template(tiny_model):
+    _, tok = tiny_model
+    text = chat_text(tok, [{"role": "user", "content": "hi"}])
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_evaluate_writes_predictions_and_metrics(tiny_model, make_task, tmp_path):
+    model, tok = tiny_model
+    task = make_task([(q, "?") for q in QUERIES[:5]], max_new_tokens=6)
+    first, _ = evaluate(model, tok, task, task.test, batch_size=1, progress=False)
+    # make the references right for examples 0, 2, 4 and wrong for 1, 3
+    for i, e in enumerate(task.test):
+        e.answer = first[i]["extracted"] if i % 2 == 0 else "\x00never"
+    assert all(first[i]["extracted"] is not None for i in (0, 2, 4))
+
+    out = tmp_path / "run"
+    records, metrics = evaluate(model, tok, task, task.test, batch_size=2, output_dir=out, progress=False)
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 5
+    preds = [json.loads(x) for x in lines]
+    assert preds == json.loads(json.dumps(records))
+    for p, e in zip(preds, task.test):
+        assert {"query", "prompt", "generation", "extracted", "reference", "correct"} <= set(p)
+        assert p["query"] == e.query and p["reference"] == e.answer and p["prompt"] == task.prompt
+        assert p["extracted"] == (p["generation"][:1] or None)
+    assert [p["correct"] for p in preds] == [True, False, True, False, True]
+
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == metrics
+    assert {"task", "n", "accuracy", "tokens_generated", "wall_seconds"} <= set(saved)
+    assert saved["task"] == "toy" and saved["n"] == 5
+    assert saved["accuracy"] == pytest.approx(sum(p["correct"] for p in preds) / len(preds)) == pytest.approx(0.6)
+    # the char tokenizer makes one token per character (+ the end token when the model stopped)
+    n_chars = sum(len(p["generation"]) for p in preds)
+    assert n_chars <= saved["tokens_generated"] <= 5 * task.max_new_tokens
+    assert saved["wall_seconds"] >= 0
+
+
+def test_extra_metrics_and_qa_means(tiny_model, make_task):
+    model, tok = tiny_model
+
+    def score(pred, e):
+        return {"correct": False, "em": 0.0, "f1": 0.5}
+
+    task = make_task([(q, "a") for q in QUERIES[:3]], score=score, max_new_tokens=2)
+    _, m = evaluate(model, tok, task, task.test, progress=False, extra_metrics={"model": "tiny", "seed": 3})
+    assert m["accuracy"] == 0.0 and m["em"] == 0.0 and m["f1"] == pytest.approx(0.5)
+    assert m["model"] == "tiny" and m["seed"] == 3 and m["strategy"] == "greedy" and m["samples_per_query"] == 1
+
+
+def test_batched_left_padding_matches_batch_size_one(tiny_model, make_task):
+    model, tok = tiny_model
+    texts = [chat_text(tok, [{"role": "user", "content": q}]) for q in QUERIES]
+    lengths = {len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts}
+    assert len(lengths) > 3  # the batch needs real padding
+    tok.padding_side = "right"  # generate_texts must switch to left padding itself
+    try:
+        batched, ntok_b, _ = generate_texts(model, tok, texts, 12)
+    finally:
+        tok.padding_side = "left"
+    single = [generate_texts(model, tok, [t], 12)[0][0] for t in texts]
+    assert batched == single
+    assert ntok_b == [generate_texts(model, tok, [t], 12)[1][0] for t in texts]
+    assert len({g[0] for g in batched}) > 2  # outputs depend on the input, so the comparison means something
+
+    # the check is sensitive: ignoring the padding (attention on pad tokens) changes some outputs
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert (enc["input_ids"][:, 0] == tok.pad_token_id).any()  # left padded
+    with torch.no_grad():
+        out = model.generate(input_ids=enc["input_ids"], attention_mask=torch.ones_like(enc["attention_mask"]),
+                             max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    unmasked = [tok.decode(o[enc["input_ids"].shape[1]:], skip_special_tokens=True) for o in out]
+    assert any(u != s[0] for u, s in zip(unmasked, single))
+
+    # and through evaluate(): same records for batch sizes 1, 3 and 16
+    task = make_task([(q, "x") for q in QUERIES], max_new_tokens=8)
+    gens = [[r["generation"] for r in evaluate(model, tok, task, task.test, batch_size=b, progress=False)[0]]
+            for b in (1, 3, 16)]
+    assert gens[0] == gens[1] == gens[2]
+
+
+def test_generate_texts_stops_at_eos_and_counts_it(tiny_model):
+    model, tok = tiny_model
+    texts = [chat_text(tok, [{"role": "user", "content": q}]) for q in QUERIES]
+    gens, ntoks, logps = generate_texts(model, tok, texts, 20, return_logprobs=True)
+    for g, n, lp in zip(gens, ntoks, logps):
+        assert len(g) == len(n) == len(lp) == 1
+        assert len(g[0]) <= n[0] <= 20
+        assert lp[0] <= 0.0 or lp[0] == -math.inf
+    # generations that stopped early ended with the end token, which is counted but not decoded
+    assert all("<|im_end|>" not in g[0] for g in gens)
+
+
+def test_majority_vote():
+    assert majority_vote(["3", "5", "3", "5"]) == "3"  # tie: first seen
+    assert majority_vote(["5", "3", "3", "5"]) == "5"
+    assert majority_vote(["7", None, "8", "8"]) == "8"
+    assert majority_vote([None, "", None, "4"]) == "4"  # empty answers do not vote
+    assert majority_vote([None, "", None]) is None
+    assert majority_vote([]) is None
+    assert majority_vote(["a"]) == "a"
+
+
+def test_best_of_n():
+    assert best_of_n(["a", "b", "c"], [0.1, 0.9, 0.9]) == 1  # tie: first
+    assert best_of_n(["a", "b"], [-math.inf, -1.0]) == 1
+    assert best_of_n(["a", "b", "c"], [0.0, 0.0, 0.0]) == 0
+    assert best_of_n(["a", "b", "c"], [-3.0, -1.0, -2.0]) == 1
+
+
+class FakeGen:
+    """Stands in for generate_texts: records calls, returns canned samples."""
+
+    def __init__(self, samples_for):
+        self.calls = []
+        self.samples_for = samples_for  # text -> list of generations
+        self.active = None
+
+    def __call__(self, model, tokenizer, texts, max_new_tokens, **kw):
+        self.calls.append({"texts": list(texts), "active": self.active, **kw})
+        gens = [self.samples_for(t)[: kw.get("num_return_sequences", 1)] for t in texts]
+        ntoks = [[len(s) for s in g] for g in gens]
+        logps = [[-float(len(s)) for s in g] for g in gens] if kw.get("return_logprobs") else None
+        return gens, ntoks, logps
+
+
+def test_majority_strategy_picks_most_frequent_answer(tiny_model, make_task, monkeypatch):
+    model, tok = tiny_model
+    samples = {"q0": ["7 a", "8 b", "8 c", "7 d"], "q1": ["1 a", "2 b", "3 c", "2 d"]}
+    fake = FakeGen(lambda t: samples["q0" if "q0" in t else "q1"])
+    monkeypatch.setattr(ev, "generate_texts", fake)
+    task = make_task([("q0", "7"), ("q1", "2")], extract=lambda t: t.split()[0])
+    recs, m = evaluate(model, tok, task, task.test, strategy="majority", n=4, temperature=0.5, top_p=0.9,
+                       progress=False)
+    assert [r["extracted"] for r in recs] == ["7", "2"]  # q0: 7/8 tie -> first seen
+    assert [r["generation"] for r in recs] == ["7 a", "2 b"]  # the first sample with the voted answer
+    assert [r["correct"] for r in recs] == [True, True]
+    assert recs[0]["samples"] == samples["q0"]
+    call = fake.calls[0]
+    assert call["do_sample"] is True and call["num_return_sequences"] == 4
+    assert call["temperature"] == 0.5 and call["top_p"] == 0.9
+    assert m["samples_per_query"] == 4 and m["tokens_generated"] == sum(len(s) for v in samples.values() for s in v)
+
+
+def test_best_of_n_strategy_uses_verifier_then_logprob(tiny_model, make_task, monkeypatch):
+    model, tok = tiny_model
+    fake = FakeGen(lambda t: ["long answer 1", "ok 2", "no 3", "longer answer 4"])
+    monkeypatch.setattr(ev, "generate_texts", fake)
+    task = make_task([("q", "2")], extract=lambda t: t.split()[-1])
+
+    def verifier(gen, e):
+        return -abs(len(gen) - 4)  # prefers 4-character samples: "ok 2" and "no 3" tie -> first
+
+    recs, _ = evaluate(model, tok, task, task.test, strategy="best_of_n", n=4, verifier=verifier, progress=False)
+    assert recs[0]["generation"] == "ok 2" and recs[0]["extracted"] == "2" and recs[0]["correct"]
+    assert fake.calls[-1]["return_logprobs"] is False
+    # without a verifier: the mean log-probability (here -len) picks the shortest, first on ties
+    recs, _ = evaluate(model, tok, task, task.test, strategy="best_of_n", n=4, progress=False)
+    assert fake.calls[-1]["return_logprobs"] is True
+    assert recs[0]["generation"] == "ok 2"
+
+
+def test_per_query_prompts_are_honoured(tiny_model, make_task, monkeypatch):
+    model, tok = tiny_model
+    fake = FakeGen(lambda t: ["Answer"])
+    monkeypatch.setattr(ev, "generate_texts", fake)
+    task = make_task([(f"query{i}", "A") for i in range(5)], prompt="TASK PROMPT")
+    prompts = [f"prompt number {i}" for i in range(5)]
+    recs, _ = evaluate(model, tok, task, task.test, prompts=prompts, batch_size=2, progress=False)
+    texts = [t for c in fake.calls for t in c["texts"]]
+    assert texts == [chat_text(tok, task.render(prompts[i], f"query{i}")) for i in range(5)]
+    assert [r["prompt"] for r in recs] == prompts
+    assert all("TASK PROMPT" not in t for t in texts)
+    # one string prompt for all; None means the task's prompt
+    fake.calls.clear()
+    recs, _ = evaluate(model, tok, task, task.test, prompts="shared", progress=False)
+    assert all(t.startswith("<|im_start|>user\nshared\n\nquery") for t in fake.calls[0]["texts"])
+    fake.calls.clear()
+    recs, _ = evaluate(model, tok, task, task.test, progress=False)
+    assert all("TASK PROMPT\n\nquery" in t for t in fake.calls[0]["texts"]) and recs[0]["prompt"] == "TASK PROMPT"
+
+
+def test_batch_context_entered_per_batch_with_indices(tiny_model, make_task, monkeypatch):
+    model, tok = tiny_model
+    fake = FakeGen(lambda t: ["x"])
+    monkeypatch.setattr(ev, "generate_texts", fake)
+    task = make_task([(f"q{i}", "x") for i in range(7)])
+    events = []
+
+    @contextlib.contextmanager
+    def ctx(indices):
+        events.append(("enter", list(indices)))
+        fake.active = list(indices)
+        try:
+            yield
+        finally:
+            fake.active = None
+            events.append(("exit", list(indices)))
+
+    evaluate(model, tok, task, task.test, batch_size=3, batch_context=ctx, progress=False)
+    batches = [[0, 1, 2], [3, 4, 5], [6]]
+    assert events == [e for b in batches for e in (("enter", b), ("exit", b))]
+    # generation ran inside the context of its own batch, on that batch's queries
+    assert [c["active"] for c in fake.calls] == batches
+    assert [c["texts"] for c in fake.calls] == [[chat_text(tok, task.render("", f"q{i}")) for i in b] for b in batches]
+
+
+def test_batch_context_with_real_generation(tiny_model, make_task):
+    """A context that changes the actor per batch changes the generations of that batch only."""
+    model, tok = tiny_model
+    task = make_task([(q, "x") for q in QUERIES[:4]], max_new_tokens=6)
+    base = [r["generation"] for r in evaluate(model, tok, task, task.test, batch_size=2, progress=False)[0]]
+
+    @contextlib.contextmanager
+    def perturb(indices):
+        if indices != [2, 3]:
+            yield
+            return
+        w = model.lm_head.weight
+        saved = w.detach().clone()
+        with torch.no_grad():
+            w.mul_(-1.0)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                w.copy_(saved)
+
+    got = [r["generation"] for r in evaluate(model, tok, task, task.test, batch_size=2, batch_context=perturb,
+                                             progress=False)[0]]
+    assert got[:2] == base[:2]
+    assert got[2:] != base[2:]
+    again = [r["generation"] for r in evaluate(model, tok, task, task.test, batch_size=2, progress=False)[0]]
+    assert again == base  # the context restored the weights
+
+
+def test_evaluate_restores_training_mode(tiny_model, make_task, monkeypatch):
+    model, tok = tiny_model
+    monkeypatch.setattr(ev, "generate_texts", FakeGen(lambda t: ["x"]))
+    task = make_task([("q", "x")])
+    model.train()
+    try:
+        evaluate(model, tok, task, task.test, progress=False)
+        assert model.training
+    finally:
+        model.eval()
+    evaluate(model, tok, task, task.test, progress=False)
+    assert not model.training
+
+
+def test_unknown_strategy(tiny_model, make_task):
+    model, tok = tiny_model
+    task = make_task([("q", "x")])
+    with pytest.raises(MetatunerError, match="inference.strategy"):
+        evaluate(model, tok, task, task.test, strategy="beam", progress=False)
+
+
+def test_real_sampling_majority_runs(tiny_model, make_task):
+    model, tok = tiny_model
+    task = make_task([(q, "x") for q in QUERIES[:3]], max_new_tokens=4)
+    torch.manual_seed(0)
+    recs, m = evaluate(model, tok, task, task.test, strategy="majority", n=3, batch_size=2, progress=False)
+    for r in recs:
+        assert len(r["samples"]) == 3
+        assert r["extracted"] == majority_vote([task.extract(s) for s in r["samples"]])
+        assert r["generation"] in r["samples"]
+    assert m["n"] == 3 and m["samples_per_query"] == 3
+    torch.manual_seed(0)
+    recs2, _ = evaluate(model, tok, task, task.test, strategy="best_of_n", n=3, batch_size=3, progress=False)
+    assert all(r["generation"] in r["samples"] for r in recs2)
+
+
+def test_generation_stops_at_every_end_token_of_the_generation_config(tiny_model_path):
+    from metatuner.models import load_model
+
+    model, tok = load_model(str(tiny_model_path), device="cpu")  # a private copy: its config is changed below
+    texts = [chat_text(tok, [{"role": "user", "content": q}]) for q in QUERIES[:3]]
+    free, free_n, _ = generate_texts(model, tok, texts, 10)
+    i = max(range(3), key=lambda k: free_n[k][0])
+    g = free[i][0]
+    k = next(k for k in range(1, len(g)) if g[k] not in g[:k])  # a character not generated before position k
+    # declare it an extra end token, as chat models list e.g. <|endoftext|> beside <|im_end|>
+    model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids(g[k])]
+    gens, ntoks, _ = generate_texts(model, tok, texts, 10)
+    assert gens[i][0] == g[: k + 1] and ntoks[i][0] == k + 1
