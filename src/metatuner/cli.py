@@ -27,12 +27,13 @@ SUBCOMMANDS = {
 
 def run_train(cfg: Config) -> dict:
     """Dispatch on cfg.method to the method's own module."""
-    from metatuner.methods import bettertogether, bpo, dpo, metatuner, opro, sft
+    from metatuner.methods import bettertogether, bpo, continual, dpo, inference_select, metatuner, opro, sft
 
     if cfg.method in metatuner.METHODS:
         return metatuner.run(cfg)
     runners = {"zero_shot": run_eval, "sft": sft.run, "dpo": dpo.run, "opro": opro.run, "bpo": bpo.run,
-               "bettertogether": bettertogether.run}
+               "bettertogether": bettertogether.run, "continual": continual.run,
+               "inference_select": inference_select.run}
     if cfg.method not in runners:
         raise MetatunerError(f"method: unknown method {cfg.method!r}; expected one of "
                              + ", ".join(list(runners) + list(metatuner.METHODS)))
@@ -97,10 +98,13 @@ def run_eval(cfg: Config) -> dict:
         examples = examples[: cfg.eval.limit]
     if not examples:
         raise MetatunerError(f"task {cfg.task.name!r}: the {cfg.eval.split} split is empty")
+    from metatuner.inference import resolve_verifier
+
     model, tok = load_from_config(cfg.model)
     _, metrics = evaluate(model, tok, task, examples, task.prompt, batch_size=cfg.eval.batch_size,
                           strategy=cfg.inference.strategy, n=cfg.inference.n, temperature=cfg.inference.temperature,
                           top_p=cfg.inference.top_p, output_dir=cfg.output_dir,
+                          verifier=resolve_verifier(cfg.inference.verifier, task),
                           extra_metrics={"model": cfg.model.name, "method": "zero_shot", "split": cfg.eval.split,
                                          "seed": cfg.seed})
     return metrics

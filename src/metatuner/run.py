@@ -55,9 +55,12 @@ def final_eval(cfg: Config, model, tokenizer, task: Task, prompts=None, batch_co
     metrics_extra = {"model": cfg.model.name, "method": cfg.method, "split": cfg.eval.split, "seed": cfg.seed,
                      "p_tilde": task.prompt}
     metrics_extra.update(extra or {})
+    from metatuner.inference import resolve_verifier
+
     _, metrics = evaluate(model, tokenizer, task, examples, prompts, batch_size=cfg.eval.batch_size,
                           strategy=cfg.inference.strategy, n=cfg.inference.n, temperature=cfg.inference.temperature,
                           top_p=cfg.inference.top_p, batch_context=batch_context,
+                          verifier=resolve_verifier(cfg.inference.verifier, task),
                           output_dir=(output_dir or cfg.output_dir) if is_main_process() else None,
                           extra_metrics=metrics_extra, progress=is_main_process())
     return metrics

@@ -1,0 +1,175 @@
+"""Prompt x inference strategy: accuracy of (prompt, N) from one set of samples, and adaptive budgets.
+
+- Sample N_max answers per (prompt, query) once; the accuracy of majority vote or best-of-N at any
+  N <= N_max is estimated by averaging over size-N subsets of those samples (all subsets when
+  there are at most `max_subsets`, else that many random ones).
+- `select_pair` picks the (prompt, N) maximizing accuracy - cost_weight * N.
+- Adaptive budget (after Damani et al., 2025): a logistic probe on the actor's hidden state
+  predicts each query's success probability p; the k-th sample of a query is worth p(1-p)^(k-1)
+  (the chance it is the first success), so samples go greedily to the largest marginal value
+  until the total budget is spent exactly.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from typing import Callable
+
+import torch
+
+from metatuner.evaluate import majority_vote
+
+
+def subset_outcome(answers: list, correct: list[bool], scores: list[float] | None, idx: tuple[int, ...], strategy: str) -> bool:
+    """Is the strategy's pick from the samples `idx` correct? majority: most frequent answer (ties to
+    the earliest sample); best_of_n: highest score (ties to the earliest)."""
+    if strategy == "majority":
+        sub = [answers[i] for i in idx]
+        pick = majority_vote(sub)
+        if pick is None:
+            return False
+        j = idx[sub.index(pick)]
+        return bool(correct[j])
+    if strategy == "best_of_n":
+        j = max(idx, key=lambda i: (scores[i], -i))
+        return bool(correct[j])
+    raise ValueError(strategy)
+
+
+def estimate_accuracy(samples: list[dict], n: int, strategy: str = "majority", max_subsets: int = 200,
+                      seed: int = 0) -> float:
+    """Mean over queries of the expected correctness at N=n. samples[q] = {"answers", "correct", "scores"}
+    with N_max entries each. Exact (all subsets) when C(N_max, n) <= max_subsets."""
+    rng = random.Random(seed)
+    total = 0.0
+    for s in samples:
+        nmax = len(s["answers"])
+        if n > nmax:
+            raise ValueError(f"N={n} exceeds the {nmax} samples drawn")
+        if math.comb(nmax, n) <= max_subsets:
+            subs = list(itertools.combinations(range(nmax), n))
+        else:
+            subs = [tuple(sorted(rng.sample(range(nmax), n))) for _ in range(max_subsets)]
+        total += sum(subset_outcome(s["answers"], s["correct"], s.get("scores"), idx, strategy) for idx in subs) / len(subs)
+    return total / max(1, len(samples))
+
+
+def select_pair(curves: dict[str, dict[int, float]], cost_weight: float) -> tuple[str, int, float]:
+    """argmax over (prompt, N) of accuracy - cost_weight * N; ties go to smaller N, then earlier prompt."""
+    best = None
+    for pi, (prompt, curve) in enumerate(curves.items()):
+        for n, acc in sorted(curve.items()):
+            obj = acc - cost_weight * n
+            key = (obj, -n, -pi)
+            if best is None or key > best[0]:
+                best = (key, prompt, n, obj)
+    return best[1], best[2], best[3]
+
+
+def allocate_budget(p: list[float], total: int, max_per_query: int, min_per_query: int = 1) -> list[int]:
+    """Samples per query summing to exactly `total` (when feasible): min_per_query each, then greedily the
+    largest marginal gain p(1-p)^(k-1) of a query's k-th sample (more samples to uncertain queries)."""
+    q = len(p)
+    if q == 0:
+        return []
+    total = max(min(total, q * max_per_query), q * min_per_query)
+    alloc = [min_per_query] * q
+    left = total - sum(alloc)
+
+    def gain(i: int) -> float:
+        pi = min(max(p[i], 1e-6), 1 - 1e-6)
+        return pi * (1 - pi) ** alloc[i]  # value of sample number alloc[i] + 1
+
+    heap = [(-gain(i), i) for i in range(q) if alloc[i] < max_per_query]
+    heapq.heapify(heap)
+    while left > 0 and heap:
+        _, i = heapq.heappop(heap)
+        alloc[i] += 1
+        left -= 1
+        if alloc[i] < max_per_query:
+            heapq.heappush(heap, (-gain(i), i))
+    return alloc
+
+
+def fit_probe(features: torch.Tensor, labels: torch.Tensor, steps: int = 300, lr: float = 0.05, l2: float = 1e-3):
+    """Logistic regression on standardized features (full-batch Adam). -> predict(features) -> p."""
+    x = features.float()
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    x = (x - mu) / sd
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.zeros((), requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=lr)
+    y = labels.float()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y) + l2 * (w * w).sum()
+        loss.backward()
+        opt.step()
+
+    def predict(f: torch.Tensor) -> list[float]:
+        with torch.no_grad():
+            return torch.sigmoid(((f.float() - mu) / sd) @ w + b).tolist()
+
+    return predict
+
+
+@torch.no_grad()
+def query_features(model, tok, texts: list[str], batch_size: int = 16) -> torch.Tensor:
+    """Mean-pooled last-layer hidden state of each rendered query: [Q, d] (the probe's input)."""
+    feats = []
+    for s in range(0, len(texts), batch_size):
+        enc = tok(texts[s : s + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        out = model(**enc, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        h = out.hidden_states[-1].float()
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        feats.append(((h * m).sum(1) / m.sum(1)).cpu())
+    return torch.cat(feats)
+
+
+def accuracy_with_allocation(samples: list[dict], alloc: list[int], strategy: str) -> float:
+    """Accuracy when query q uses its first alloc[q] samples."""
+    ok = [subset_outcome(s["answers"], s["correct"], s.get("scores"), tuple(range(k)), strategy)
+          for s, k in zip(samples, alloc)]
+    return sum(ok) / max(1, len(ok))
+
+
+def draw_samples(model, tok, task, examples, prompt: str, n: int, temperature: float, top_p: float,
+                 batch_size: int = 16, verifier: Callable | None = None) -> list[dict]:
+    """n samples per query with one prompt: answers, correctness, scores (verifier or mean log-prob)."""
+    from metatuner.evaluate import chat_text, generate_texts
+
+    out = []
+    for s in range(0, len(examples), batch_size):
+        exs = examples[s : s + batch_size]
+        texts = [chat_text(tok, task.render(prompt, ex.query)) for ex in exs]
+        gens, _, lps = generate_texts(model, tok, texts, task.max_new_tokens, do_sample=True, temperature=temperature,
+                                      top_p=top_p, num_return_sequences=n, return_logprobs=verifier is None)
+        for j, ex in enumerate(exs):
+            answers = [task.extract(g) for g in gens[j]]
+            correct = [bool(task.score(a, ex)["correct"]) for a in answers]
+            scores = [verifier(g, ex) for g in gens[j]] if verifier else lps[j]
+            out.append({"answers": answers, "correct": correct, "scores": scores})
+    return out
+
+
+def resolve_verifier(spec: str, task) -> Callable | None:
+    """inference.verifier: '' -> None (the actor's log-probability), 'oracle' -> the task's scorer,
+    'module:function' -> that function(generation, example) -> float."""
+    if not spec:
+        return None
+    if spec == "oracle":
+        return lambda g, ex: float(task.score(task.extract(g), ex)["correct"])
+    from metatuner.errors import MetatunerError
+
+    if ":" not in spec:
+        raise MetatunerError(f"inference.verifier: expected '', 'oracle' or 'module:function', got {spec!r}")
+    import importlib
+
+    mod, fn = spec.split(":", 1)
+    try:
+        return getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise MetatunerError(f"inference.verifier: cannot import {spec!r} ({e})") from None

@@ -1,0 +1,121 @@
+"""Tasks trained in sequence (LoRA SFT per stage), with SAPO prompt selection and a forgetting report.
+
+    metatuner train method=continual continual.tasks=[chain_sum,basic_arithmetic] prompt_selection=sapo
+
+Each stage: (SAPO: select the training prompt with the current model) -> LoRA SFT for
+train.max_steps on that task (TRL) -> merge the adapter -> evaluate on every task seen so far.
+With sapo.reselect_steps=N a stage is itself split into sub-stages of N steps with re-selection
+before each. Writes continual.json (accuracy matrix, forgetting, prompts chosen) and
+continual.md; metrics.json/predictions.jsonl hold the last task's evaluation.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from metatuner.config import Config
+from metatuner.io import atomic_write_text, write_json
+from metatuner.sapo import maybe_select
+from metatuner.tasks import Task, load_task
+
+
+def staged_sft(cfg: Config, model, tok, task: Task, steps: int, out_dir: Path, gen=None, gtok=None):
+    """SFT for `steps` steps in stages of sapo.reselect_steps (SAPO before each when enabled).
+    Returns (merged model, list of selection records)."""
+    from metatuner.methods.sft import train_sft
+
+    every = cfg.sapo.reselect_steps if (cfg.prompt_selection == "sapo" and cfg.sapo.reselect_steps > 0) else steps
+    done, selections, candidates = 0, [], None
+    while done < steps:
+        n = min(every, steps - done)
+        sel = maybe_select(cfg, model, tok, task, gen, gtok, candidates)
+        if sel is not None:
+            candidates = sel["candidates"]  # one candidate pool per task, re-scored by the model as it is now
+            selections.append({"at_step": done, **sel})
+        peft_model = train_sft(cfg, model, tok, task, task.train, task.prompt, out_dir / f"stage_step{done}", n, cfg.train.lr)
+        model = peft_model.merge_and_unload()
+        model.eval()
+        done += n
+    return model, selections
+
+
+def task_config(cfg: Config, name: str):
+    tc = copy.deepcopy(cfg.task)
+    tc.name = name
+    if name != cfg.task.name:
+        tc.params = {}
+        tc.prompt = ""
+        tc.path = ""
+    return tc
+
+
+def forgetting(acc: list[list[float]]) -> list[float]:
+    """Per task t (all but the last): accuracy right after its own stage minus after the last stage."""
+    last = acc[-1]
+    return [acc[t][t] - last[t] for t in range(len(acc) - 1)]
+
+
+def run(cfg: Config) -> dict:
+    from metatuner.models import load_from_config
+    from metatuner.prompts import optimizer_llm
+    from metatuner.run import final_eval, is_main_process, set_seed
+    from metatuner.config import save_config
+    from metatuner.evaluate import evaluate
+
+    t0 = time.time()
+    set_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    model, tok = load_from_config(cfg.model)
+    gen, gtok = (None, None)
+    if cfg.prompt_selection == "sapo":
+        gen, gtok = optimizer_llm(cfg, model, tok)
+        if gen is model:  # paraphrase with a frozen copy: the actor changes between stages
+            gen, gtok = load_from_config(cfg.model)
+    tasks: list[Task] = []
+    acc: list[list[float]] = []
+    stages = []
+    for i, name in enumerate(cfg.continual.tasks):
+        task = load_task(task_config(cfg, name), cfg.seed)
+        p_tilde = task.prompt
+        model, sels = staged_sft(cfg, model, tok, task, cfg.train.max_steps, out / f"stage{i}_{name}", gen, gtok)
+        tasks.append(task)
+        row = []
+        with torch.no_grad():
+            for t in tasks:
+                exs = t.test[: cfg.eval.limit or None]
+                _, m = evaluate(model, tok, t, exs, t.prompt, batch_size=cfg.eval.batch_size, progress=False)
+                row.append(m["accuracy"])
+        acc.append(row)
+        stages.append({"task": name, "p_tilde": p_tilde, "prompt": task.prompt,
+                       "selections": [{"at_step": s["at_step"], "prompt": s["prompt"],
+                                       "candidates": list(zip(s["candidates"], s["losses"]))} for s in sels],
+                       "accuracy_after": dict(zip([t.name for t in tasks], row))})
+        print(f"[continual] stage {i} ({name}): " + ", ".join(f"{t.name}={a:.3f}" for t, a in zip(tasks, row)), flush=True)
+    fg = forgetting(acc)
+    report = {"tasks": list(cfg.continual.tasks), "prompt_selection": cfg.prompt_selection, "accuracy": acc,
+              "forgetting": dict(zip(cfg.continual.tasks[:-1], fg)),
+              "mean_forgetting": sum(fg) / len(fg) if fg else 0.0, "stages": stages,
+              "wall_seconds": round(time.time() - t0, 1)}
+    if is_main_process():
+        write_json(out / "continual.json", report)
+        names = list(cfg.continual.tasks)
+        lines = ["| after stage | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for i, row in enumerate(acc):
+            cells = [f"{100 * a:.1f}" for a in row] + ["" for _ in names[len(row):]]
+            lines.append(f"| {i}: {names[i]} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append(f"forgetting (points): " + ", ".join(f"{n}={100 * f:.1f}" for n, f in zip(names, fg)))
+        atomic_write_text(out / "continual.md", "\n".join(lines) + "\n")
+    last = tasks[-1]
+    with torch.no_grad():
+        return final_eval(cfg, model, tok, last, last.prompt, extra={
+            "continual_tasks": names if is_main_process() else list(cfg.continual.tasks),
+            "accuracy_matrix": acc, "mean_forgetting": report["mean_forgetting"],
+            "train_steps": cfg.train.max_steps * len(tasks), "train_examples": cfg.train.max_steps * len(tasks) * cfg.train.batch_size,
+            "train_seconds": round(time.time() - t0, 1)})

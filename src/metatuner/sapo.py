@@ -1,0 +1,96 @@
+"""SAPO: state-adaptive training-prompt selection (pick the paraphrase with the lowest pre-update loss).
+
+Before a training stage, the generator writes `sapo.candidates` paraphrases of the training prompt
+(users may add their own in `sapo.prompts`); the current actor scores every candidate by its
+teacher-forced mean NLL of the reference on `sapo.subset` training examples, without gradients;
+the lowest-loss candidate is the prompt the stage trains (and is evaluated) with. In staged
+training (tasks in sequence, or `sapo.reselect_steps`), selection runs again before each stage
+with the model as it is then.
+
+    metatuner train method=sft prompt_selection=sapo sapo.candidates=4
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from metatuner.config import Config
+from metatuner.errors import MetatunerError
+from metatuner.tasks import Example, Task
+from metatuner.training import actor_batch, autocast, forward_nll
+
+PARAPHRASE = (
+    "Paraphrase the task instruction below in a different style, structure or tone. Keep its meaning and keep "
+    "any answer-format strings verbatim. Output only the new instruction between <START> and </START>.\n\n"
+    "Instruction: {prompt}"
+)
+
+
+def parse_paraphrase(text: str) -> str:
+    m = re.search(r"<START>(.*?)(?:</START>|$)", text, flags=re.DOTALL)
+    body = m.group(1) if m else text
+    return body.strip().strip('"').strip()
+
+
+def paraphrases(gen, gtok, prompt: str, m: int, temperature: float, max_new_tokens: int) -> list[str]:
+    """M paraphrases of `prompt` from the generator (empty or duplicate ones dropped)."""
+    from metatuner.prompts import sample_texts
+
+    if m <= 0:
+        return []
+    outs = sample_texts(gen, gtok, [[{"role": "user", "content": PARAPHRASE.format(prompt=prompt)}]], m,
+                        max_new_tokens, temperature=temperature)[0]
+    return [p for p in dict.fromkeys(parse_paraphrase(o) for o in outs) if len(p) >= 3 and p != prompt]
+
+
+@torch.no_grad()
+def prompt_losses(model, tok, task: Task, examples: list[Example], candidates: list[str], batch_size: int = 8,
+                  max_length: int = 512, bf16: bool = True) -> list[float]:
+    """Teacher-forced mean NLL of the references under each candidate prompt (pre-update, no grads)."""
+    was = model.training
+    model.eval()
+    losses = []
+    for cand in candidates:
+        tot, n = 0.0, 0
+        for s in range(0, len(examples), batch_size):
+            exs = examples[s : s + batch_size]
+            with autocast(bf16, model.device):
+                batch = actor_batch(tok, task, [cand] * len(exs), exs, max_length, model.device)
+                rows = forward_nll(model, batch)[0].float()
+            tot += rows.sum().item()
+            n += len(exs)
+        losses.append(tot / max(1, n))
+    model.train(was)
+    return losses
+
+
+def select_prompt(cfg: Config, model, tok, task: Task, candidates: list[str] | None = None, gen=None, gtok=None) -> dict:
+    """Run SAPO once: -> {"prompt", "candidates", "losses"}; candidates default to p~ + paraphrases + sapo.prompts."""
+    if candidates is None:
+        candidates = [task.prompt]
+        if gen is not None:
+            candidates += paraphrases(gen, gtok, task.prompt, cfg.sapo.candidates, cfg.sapo.temperature,
+                                      cfg.sapo.max_new_tokens)
+        candidates += list(cfg.sapo.prompts)
+        candidates = list(dict.fromkeys(candidates))
+    if not candidates:
+        raise MetatunerError("prompt_selection=sapo: no candidate prompts")
+    examples = task.train[: cfg.sapo.subset]
+    if not examples:
+        raise MetatunerError(f"prompt_selection=sapo: task {task.name!r} has no training examples to score on")
+    losses = prompt_losses(model, tok, task, examples, candidates, cfg.eval.batch_size, cfg.train.max_length, cfg.train.bf16)
+    best = min(range(len(candidates)), key=lambda i: (losses[i], i))
+    return {"prompt": candidates[best], "candidates": candidates, "losses": losses}
+
+
+def maybe_select(cfg: Config, model, tok, task: Task, gen=None, gtok=None, candidates=None) -> dict | None:
+    """SAPO when cfg.prompt_selection == 'sapo' (sets task.prompt), else None."""
+    if cfg.prompt_selection == "none":
+        return None
+    if cfg.prompt_selection != "sapo":
+        raise MetatunerError(f"prompt_selection: expected none or sapo, got {cfg.prompt_selection!r}")
+    res = select_prompt(cfg, model, tok, task, candidates, gen, gtok)
+    task.prompt = res["prompt"]
+    return res
