@@ -125,7 +125,7 @@ class WarmupConfig:
     max_steps: int = _f(30, "Actor warm-up: LoRA SFT steps on the training split with p~ (0 = skip). The adapter is merged into the actor.")
     lr: float = _f(1e-3, "Learning rate of the actor warm-up LoRA.")
     generator_steps: int = _f(10, "Generator warm-up: SFT steps on the initial D2, so rewrites are well-formed prompts (0 = skip).")
-    generator_lr: float = _f(5e-5, "Learning rate of the generator warm-up.")
+    generator_lr: float = _f(5e-4, "Learning rate of the generator warm-up (LoRA of G; use ~2e-5 with generator.lora_rank=0).")
     queries: int = _f(32, "Training queries whose rollouts build the initial D2 for the generator warm-up.")
 
 
@@ -135,7 +135,7 @@ class TrainConfig:
     batch_size: int = _f(8, "Training examples per optimizer step (per process).")
     grad_accum: int = _f(1, "Gradient accumulation micro-steps per optimizer step (batch_size is split across them).")
     lr: float = _f(1e-3, "Learning rate of what the method trains: the parameter decoder phi_q (MetaTuner) or the LoRA (SFT/DPO).")
-    generator_lr: float = _f(2e-5, "Learning rate of the generator's meta encoder phi_s and prompt decoder phi_p.")
+    generator_lr: float = _f(2e-4, "Learning rate of the generator's meta encoder phi_s and prompt decoder phi_p (LoRA of G; use ~1e-5 with generator.lora_rank=0).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     scheduler: str = _f("constant", "Learning-rate schedule: constant, linear or cosine (after lr_warmup_ratio).")
     lr_warmup_ratio: float = _f(0.0, "Fraction of max_steps with a linear learning-rate ramp.")
