@@ -18,7 +18,6 @@ base model.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -332,7 +331,6 @@ def export_peft_adapter(
     try:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (tmp / "metatuner_targets.json").write_text(json.dumps([t.key for t in targets]) + "\n")
         if out.exists():
             old = out.parent / f".{out.name}.old"
             shutil.rmtree(old, ignore_errors=True)

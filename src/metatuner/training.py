@@ -125,10 +125,15 @@ def autocast(enabled: bool, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
 
 
-def check_finite(loss: torch.Tensor, step: int, last_ckpt: str | None) -> None:
-    if not torch.isfinite(loss).all():
-        where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else "; no checkpoint was written yet"
-        raise MetatunerError(f"loss became {loss.item()} at step {step}: stopping{where} (try a lower train.lr or train.generator_lr)")
+def check_finite(value: torch.Tensor, step: int, last_ckpt: str | None, what: str = "loss") -> None:
+    """Stop with a MetatunerError naming the step and the last good checkpoint when `value` is NaN/inf.
+    `step` is the 1-based number of the step being computed (checkpoint step_N holds N finished steps)."""
+    if not torch.isfinite(value).all():
+        where = (f"; the last good checkpoint is {last_ckpt} (continue from it with resume_from_checkpoint=true "
+                 "after changing the settings)") if last_ckpt else "; no checkpoint was written yet"
+        v = value.item() if value.numel() == 1 else "non-finite"
+        raise MetatunerError(f"{what} became {v} at step {step}: stopping{where}; "
+                             "try a lower train.lr / train.generator_lr or train.bf16=false")
 
 
 # ----------------------------------------------------------------------------- RNG and checkpoints
@@ -210,6 +215,16 @@ class TrainLog:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
+
+    def keep(self, predicate) -> None:
+        """Keep only the logged rows for which predicate(row) is true (e.g. drop what a killed run
+        logged after the checkpoint it is resumed from)."""
+        if not self.enabled or not self.path.exists():
+            return
+        rows = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+        from metatuner.io import write_jsonl
+
+        write_jsonl(self.path, [r for r in rows if predicate(r)])
 
     def close(self) -> None:
         if self.tb is not None:

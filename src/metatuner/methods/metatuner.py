@@ -22,15 +22,26 @@ Stages (each one's budget is a setting):
 3. evaluation on the test split: each query gets its rewritten prompt (greedy, live G) and its
    generated LoRA; written like `metatuner eval` writes it.
 
+In code: `prepare()` (models, warm-ups, the system) -> `JointLoop` (`step()` is one optimizer step;
+tests drive it) -> `write_final()` (final/: generator.safetensors, hypernet.json, actor_adapter/,
+d2.jsonl). Checkpoints step_N/ (train.save_steps) hold the model parts, optimizer, scheduler and, per
+process, its RNG state and D2 window; resume_from_checkpoint=true continues from the newest complete
+one exactly as if never stopped; a fresh run removes step_N/ left by an earlier run in output_dir.
+
 Multi-process (accelerate launch / torchrun): each process takes its own slice of every global
-batch; gradients are averaged across processes before each optimizer step; only rank 0 writes.
+batch (and its own rollouts); gradients are averaged across processes before each optimizer step,
+so N processes at train.batch_size=b train like one at N*b; the actor warm-up (TRL) runs
+distributed too; only rank 0 writes.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import random
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,12 +54,12 @@ from metatuner.errors import MetatunerError
 from metatuner.evaluate import chat_text, generate_texts
 from metatuner.generator import SplitGenerator, load_metatuner, save_metatuner
 from metatuner.hypernet import ParameterDecoder, pool
-from metatuner.io import read_jsonl, write_json, write_jsonl
+from metatuner.io import write_jsonl
 from metatuner.lora import attach_per_query_lora, find_targets
 from metatuner.tasks import Example, Task
-from metatuner.training import (TrainLog, actor_batch, autocast, check_finite, completion_text, lm_batch,
-                                forward_nll, make_scheduler, newest_checkpoint, rng_state, sequence_nll, set_rng_state,
-                                write_checkpoint)
+from metatuner.training import (TrainLog, actor_batch, autocast, check_finite, completion_text, forward_nll,
+                                list_checkpoints, lm_batch, make_scheduler, newest_checkpoint, rng_state, sequence_nll,
+                                set_rng_state, write_checkpoint)
 
 METHODS = ("metatuner_j", "metatuner_i", "metatuner_gumbel")
 
@@ -86,6 +97,7 @@ class MetaTunerSystem:
         self.decoder.to(gen_model.device)
         self.use_f = cfg.train.param_decoder
         self.use_p = cfg.train.prompt_rewrite
+        self.actor_adapter: Path | None = None  # the warm-up adapter merged into the actor (copied to final/)
         actor.requires_grad_(False)
 
     @property
@@ -181,9 +193,10 @@ class MetaTunerSystem:
         n = self.cfg.rollout.n
         if n > 0 and self.use_p:
             cands = self.sample_prompts(examples, n, live=live)
-        else:
+            best = self.score_candidates(examples, cands)
+        else:  # nothing to choose from (w/o P: the actor never sees a rewrite): D2 holds p~
             cands = [[] for _ in examples]
-        best = self.score_candidates(examples, cands) if n > 0 else [(self.p_tilde, False, 0.0)] * len(examples)
+            best = [(self.p_tilde, False, 0.0)] * len(examples)
         task_prompts = [c[0] if (c and self.use_p) else self.p_tilde for c in cands]
         stats = {"d2_correct": sum(b[1] for b in best) / max(1, len(best)),
                  "d2_rewritten": sum(b[0] != self.p_tilde for b in best) / max(1, len(best))}
@@ -303,15 +316,20 @@ def load_models(cfg: Config):
     """(actor, actor_tok, generator model, generator tok); the generator is its own copy."""
     from metatuner.models import load_model
 
-    actor, tok = load_model(cfg.model.name, cfg.model.dtype, _device(cfg), cfg.model.trust_remote_code)
+    actor, tok = load_actor(cfg)
     gname = cfg.generator.name or cfg.model.name
     gen, gtok = load_model(gname, cfg.generator.dtype, _device(cfg), cfg.generator.trust_remote_code)
     return actor, tok, gen, gtok
 
 
-def _device(cfg: Config) -> str:
-    import os
+def load_actor(cfg: Config):
+    """(actor, tokenizer) as model.* says, freshly loaded."""
+    from metatuner.models import load_model
 
+    return load_model(cfg.model.name, cfg.model.dtype, _device(cfg), cfg.model.trust_remote_code)
+
+
+def _device(cfg: Config) -> str:
     if cfg.model.device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         return f"cuda:{os.environ['LOCAL_RANK']}"
     return cfg.model.device
@@ -347,11 +365,9 @@ def check_gumbel_vocab(actor_tok, gen_tok, actor, gen) -> None:
 
 
 class Dist:
-    """Process info and gradient averaging via accelerate (a no-op with one process)."""
+    """Process info, gradient averaging and object gathering via accelerate (no-ops with one process)."""
 
     def __init__(self):
-        import os
-
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.acc = None
@@ -366,15 +382,35 @@ class Dist:
         return self.rank == 0
 
     def average_grads(self, params) -> None:
+        """Average the existing gradients across processes with one coalesced all-reduce.
+
+        Parameters without a gradient keep none: which ones have none is fixed by the method and
+        the phase (the same on every process), and AdamW must skip them as it does with one process
+        (a zero gradient would still move them through Adam's momentum)."""
         if self.world == 1:
             return
         import torch.distributed as tdist
 
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            tdist.all_reduce(p.grad, op=tdist.ReduceOp.SUM)
-            p.grad /= self.world
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def gather_dict(self, d: dict) -> dict:
+        """The union of every process's dict (all processes get it)."""
+        if self.world == 1:
+            return dict(d)
+        import torch.distributed as tdist
+
+        parts = [None] * self.world
+        tdist.all_gather_object(parts, d)
+        return {k: v for part in parts for k, v in part.items()}
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -384,14 +420,18 @@ class Dist:
 # ----------------------------------------------------------------------------- warm-up
 
 
-def warmup(cfg: Config, system: MetaTunerSystem, actor_adapter_dir: Path | None, dist: Dist, log: TrainLog) -> dict:
-    """Generator warm-up on an initial D2 (the actor warm-up runs before the system is built)."""
+def warmup(cfg: Config, system: MetaTunerSystem, dist: Dist, log: TrainLog) -> dict:
+    """Generator warm-up: SFT of G on an initial D2 built by rollouts of the untrained generator
+    (the actor warm-up runs before the system is built); ends with phi_p' <- phi_p."""
     task = system.task
     stats = {}
     if cfg.warmup.generator_steps > 0 and system.use_p:
         rng = random.Random(cfg.seed + 1)
         pool_ = rng.sample(task.train, min(cfg.warmup.queries, len(task.train)))
         mine = pool_[dist.rank :: dist.world]
+        if not mine:
+            raise MetatunerError(f"warmup.queries={cfg.warmup.queries} gives process {dist.rank} of {dist.world} "
+                                 "no query; raise warmup.queries")
         t0 = time.time()
         best, _, st = system.d2_rollout(mine, live=True)
         stats.update({"warmup_rollout_seconds": round(time.time() - t0, 1), **{f"warmup_{k}": v for k, v in st.items()}})
@@ -404,7 +444,7 @@ def warmup(cfg: Config, system: MetaTunerSystem, actor_adapter_dir: Path | None,
             idx = [(step * bs + j) % len(mine) for j in range(bs)]
             _, reg = system.joint_losses([mine[i] for i in idx], [system.p_tilde] * bs, [best[i] for i in idx],
                                          need_task=False, need_reg=True)
-            check_finite(reg, step, None)
+            check_finite(reg, step + 1, None, what="generator warm-up loss")
             opt.zero_grad(set_to_none=True)
             reg.backward()
             dist.average_grads(params)
@@ -414,187 +454,314 @@ def warmup(cfg: Config, system: MetaTunerSystem, actor_adapter_dir: Path | None,
             bar.set_postfix(reg=f"{reg.item():.3f}")
             log.log(step, stage="warmup_generator", reg=reg.item())
         system.gen.model.eval()
-        system.gen.sync_frozen()
         del opt
+    system.gen.sync_frozen()
     return stats
 
 
 def warmup_actor(cfg: Config, actor, tok, task: Task, out: Path, dist: Dist):
-    """Actor warm-up: LoRA SFT with p~ through TRL; returns (merged actor, adapter dir or None)."""
+    """Actor warm-up: LoRA SFT with p~ through TRL (distributed like the rest under torchrun /
+    accelerate); returns (the actor with the adapter merged, adapter dir or None). A saved
+    warm-up adapter is reused only when resuming."""
     if cfg.warmup.max_steps <= 0:
         return actor, None
     from metatuner.methods.sft import train_sft
 
     adapter = out / "warmup" / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        sub = cfg_copy(cfg)
+    if not (cfg.resume_from_checkpoint and (adapter / "adapter_config.json").is_file()):
+        sub = copy.deepcopy(cfg)
         sub.train.save_steps = 0
-        train_sft(sub, actor, tok, task, task.train, task.prompt, out / "warmup", cfg.warmup.max_steps, cfg.warmup.lr)
-        dist.barrier()
-        actor = actor.unload() if hasattr(actor, "unload") else actor  # drop the trainer's adapter, reload merged
+        peft_model = train_sft(sub, actor, tok, task, task.train, task.prompt, out / "warmup", cfg.warmup.max_steps,
+                               cfg.warmup.lr)
+        dist.barrier()  # the main process has written the adapter
+        # The trainer left its marks on `actor` (PEFT layers injected in place, gradient checkpointing,
+        # input-grad hooks, config.use_cache=False): start again from a fresh copy, exactly as a resumed
+        # run does, and merge the saved adapter, so every process and every resume merges the same weights.
+        del peft_model, actor
+        actor, _ = load_actor(cfg)
     return merge_actor_adapter(actor, adapter), adapter
 
 
-def cfg_copy(cfg: Config) -> Config:
-    import copy
+# ----------------------------------------------------------------------------- the joint phase
 
-    return copy.deepcopy(cfg)
+
+class JointLoop:
+    """The joint phase, one optimizer step at a time: `train()` runs it to the end, tests step it.
+
+    `state` is this process's position (saved in every checkpoint, one file per process): the
+    step, the current D2 window (its queries and the task prompts sampled for them) and D2 itself
+    ({train index: best prompt}) for the queries this process has seen.
+    """
+
+    def __init__(self, cfg: Config, system: MetaTunerSystem, dist: Dist, log: TrainLog):
+        self.cfg, self.system, self.task, self.dist, self.log = cfg, system, system.task, dist, log
+        groups = system.trainable_groups(cfg.method)
+        self.params = [p for g in groups for p in g["params"]]
+        self.opt = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
+        self.sched = make_scheduler(self.opt, cfg.train.scheduler, cfg.train.max_steps, cfg.train.lr_warmup_ratio)
+        self.grad_accum = max(1, cfg.train.grad_accum)
+        if cfg.train.batch_size % self.grad_accum:
+            raise MetatunerError(f"train.grad_accum={cfg.train.grad_accum} must divide train.batch_size="
+                                 f"{cfg.train.batch_size} (the batch is split into that many micro-batches)")
+        self.state = {"step": 0, "window": None, "d2": {}}
+        self.last_ckpt: str | None = None
+        self.rollout_seconds = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.state["step"] >= self.cfg.train.max_steps
+
+    # -- data order: a seeded permutation per epoch over the global batch; process r takes slice r
+
+    def global_indices(self, step: int) -> list[int]:
+        n, gbs = len(self.task.train), self.cfg.train.batch_size * self.dist.world
+        out = []
+        for j in range(step * gbs, (step + 1) * gbs):
+            epoch, pos = divmod(j, n)
+            perm = list(range(n))
+            random.Random(self.cfg.seed * 1000 + epoch).shuffle(perm)
+            out.append(perm[pos])
+        return out
+
+    def my_indices(self, step: int) -> list[int]:
+        bs = self.cfg.train.batch_size
+        return self.global_indices(step)[self.dist.rank * bs : (self.dist.rank + 1) * bs]
+
+    # -- one step
+
+    def start_window(self) -> None:
+        """phi_p' <- phi_p; then, for the next train.sync_steps steps' queries (this process's
+        share), sample prompts from phi_p' and keep the best of them (or p~) in D2."""
+        cfg, system, step = self.cfg, self.system, self.state["step"]
+        system.gen.sync_frozen()
+        end = min(cfg.train.max_steps, step + max(1, cfg.train.sync_steps))
+        idx = [i for s in range(step, end) for i in self.my_indices(s)]
+        exs = [self.task.train[i] for i in idx]
+        t0 = time.time()
+        if cfg.method == "metatuner_gumbel":  # no D2: the prompt comes from the live G inside the loss
+            best, tprompts, st = [system.p_tilde] * len(exs), [system.p_tilde] * len(exs), {}
+        else:
+            system.gen.model.eval()
+            best, tprompts, st = system.d2_rollout(exs)
+            system.gen.model.train()
+        seconds = time.time() - t0
+        self.rollout_seconds += seconds
+        self.state["window"] = {"start": step, "end": end, "idx": idx, "task_prompts": tprompts}
+        for i, b in zip(idx, best):
+            self.state["d2"][str(i)] = b
+        self.log.log(step, stage="rollout", seconds=round(seconds, 2), **st)
+
+    def losses(self, step: int, part: int = 0, parts: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss to minimise, task loss, regularization) of micro-batch `part` of `parts` of this
+        process's batch at `step` (each a mean over its rows)."""
+        cfg, system, w = self.cfg, self.system, self.state["window"]
+        bs = cfg.train.batch_size
+        m = bs // parts
+        ids = self.my_indices(step)[part * m : (part + 1) * m]
+        exs = [self.task.train[i] for i in ids]
+        if cfg.method == "metatuner_gumbel":
+            task_loss = system.gumbel_task_loss(exs)
+            return task_loss, task_loss, torch.zeros((), device=task_loss.device)
+        off = (step - w["start"]) * bs + part * m
+        tprompts = w["task_prompts"][off : off + m]
+        best = [self.state["d2"][str(i)] for i in ids]
+        if cfg.method == "metatuner_i":
+            need_task = (step // max(1, cfg.train.alternate_steps)) % 2 == 0
+            need_reg = not need_task
+        else:
+            need_task, need_reg = True, True
+        if not system.use_f:
+            need_task = False  # w/o F: the task loss reaches no trainable parameter (sampled prompts carry no gradient)
+        task_loss, reg = system.joint_losses(exs, tprompts, best, need_task=need_task, need_reg=need_reg)
+        if cfg.method == "metatuner_j":
+            return task_loss + cfg.train.alpha * reg, task_loss, reg
+        return (task_loss if need_task else reg), task_loss, reg
+
+    def step(self) -> dict:
+        """One optimizer step (a new D2 window first when one is due) over train.grad_accum
+        micro-batches; returns the logged values."""
+        cfg, state = self.cfg, self.state
+        step = state["step"]
+        if state["window"] is None or step >= state["window"]["end"]:
+            self.start_window()
+        parts = self.grad_accum
+        self.opt.zero_grad(set_to_none=True)
+        totals = {"loss": 0.0, "task_loss": 0.0, "reg": 0.0}
+        for part in range(parts):
+            loss, task_loss, reg = self.losses(step, part, parts)
+            check_finite(loss, step + 1, self.last_ckpt)
+            if loss.requires_grad:
+                (loss / parts).backward()
+            for k, v in (("loss", loss), ("task_loss", task_loss), ("reg", reg)):
+                totals[k] += v.item() / parts
+        self.dist.average_grads(self.params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.train.max_grad_norm or float("inf"))
+        check_finite(grad_norm, step + 1, self.last_ckpt, what="gradient norm")
+        self.opt.step()
+        self.sched.step()
+        state["step"] = step + 1
+        values = {**totals, "grad_norm": float(grad_norm), "lr": self.sched.get_last_lr()[-1]}
+        if state["step"] % max(1, cfg.train.log_steps) == 0:
+            self.log.log(state["step"], stage="joint", **values)
+        if cfg.train.save_steps and state["step"] % cfg.train.save_steps == 0 and not self.done:
+            self.last_ckpt = str(self.save_checkpoint())
+        return values
+
+    def run(self) -> list[dict]:
+        """Step to train.max_steps; returns the logged values of every step."""
+        self.system.gen.model.train()
+        self.system.decoder.train()
+        history = []
+        bar = tqdm(total=self.cfg.train.max_steps, initial=self.state["step"], desc=self.cfg.method,
+                   disable=not self.dist.main)
+        while not self.done:
+            v = self.step()
+            history.append(v)
+            bar.update(1)
+            bar.set_postfix(loss=f"{v['loss']:.3f}", task=f"{v['task_loss']:.3f}", reg=f"{v['reg']:.3f}")
+        bar.close()
+        self.system.gen.model.eval()
+        self.system.decoder.eval()
+        return history
+
+    # -- checkpoints
+
+    def save_checkpoint(self) -> Path:
+        """step_N/: model parts, optimizer, scheduler, and per process its RNG state and `state`."""
+        out, dist, step = Path(self.cfg.output_dir), self.dist, self.state["step"]
+        # every process writes its own part next to the checkpoints first; the main one moves them in
+        mine = [out / f".rng_rank{dist.rank}.pt", out / f".state_rank{dist.rank}.json"]
+        _rng_to_file(mine[0])
+        mine[1].write_text(json.dumps(self.state))
+        dist.barrier()
+        path = out / f"step_{step}"
+        if dist.main:
+            def write(tmp: Path):
+                self.system.save(tmp)
+                torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+                torch.save(self.sched.state_dict(), tmp / "scheduler.pt")
+                (tmp / "trainer_state.json").write_text(json.dumps(
+                    {"step": step, "method": self.cfg.method, "world_size": dist.world}))
+                for r in range(dist.world):
+                    shutil.copy(out / f".rng_rank{r}.pt", tmp / f"rng_rank{r}.pt")
+                    shutil.copy(out / f".state_rank{r}.json", tmp / f"state_rank{r}.json")
+            path = write_checkpoint(out, step, write, keep=self.cfg.train.save_total_limit)
+        dist.barrier()
+        for p in mine:
+            p.unlink(missing_ok=True)
+        return path
+
+    def resume(self, ck: Path) -> None:
+        """Continue exactly where checkpoint `ck` stopped (same process count)."""
+        missing = [f for f in ("trainer_state.json", "generator.safetensors", "optimizer.pt", "scheduler.pt")
+                   if not (ck / f).is_file()]
+        if missing:
+            raise MetatunerError(f"resume_from_checkpoint: {ck} lacks {', '.join(missing)} (not written by a "
+                                 "MetaTuner run?); remove it to resume from an older one, or start afresh")
+        meta = json.loads((ck / "trainer_state.json").read_text())
+        if meta.get("method") != self.cfg.method or meta.get("world_size") != self.dist.world:
+            raise MetatunerError(f"resume_from_checkpoint: {ck} was written by method={meta.get('method')} with "
+                                 f"{meta.get('world_size')} process(es); this run is method={self.cfg.method} with "
+                                 f"{self.dist.world} (resume with the same settings, or start a new output_dir)")
+        self.system.load(ck)
+        self.opt.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=True))
+        self.sched.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=True))
+        self.state = json.loads((ck / f"state_rank{self.dist.rank}.json").read_text())
+        set_rng_state(_rng_from_file(ck / f"rng_rank{self.dist.rank}.pt"))
+        self.last_ckpt = str(ck)
+        if self.dist.main:
+            print(f"resuming from {ck} at step {self.state['step']}")
 
 
 # ----------------------------------------------------------------------------- the training run
 
 
-def train(cfg: Config, task: Task) -> tuple[MetaTunerSystem, dict]:
-    """Warm-up + joint training; returns the trained system and training stats."""
+def prepare(cfg: Config, task: Task) -> tuple[MetaTunerSystem, JointLoop, dict]:
+    """Everything before the joint phase: models, actor warm-up, the system, generator warm-up
+    (or the state of the newest checkpoint with resume_from_checkpoint=true)."""
     if cfg.method not in METHODS:
         raise MetatunerError(f"method: expected one of {METHODS}, got {cfg.method!r}")
     dist = Dist()
     out = Path(cfg.output_dir)
-    t_start = time.time()
     actor, tok, gen, gtok = load_models(cfg)
     if cfg.method == "metatuner_gumbel":
         check_gumbel_vocab(tok, gtok, actor, gen)
     resume_ck = newest_checkpoint(out) if cfg.resume_from_checkpoint else None
+    if not cfg.resume_from_checkpoint and dist.main:
+        # a fresh run: checkpoints of an earlier run here would be mixed with this run's (and a later
+        # resume_from_checkpoint=true could pick one of them), so they go
+        for old in list_checkpoints(out):
+            print(f"removing {old} of an earlier run (fresh start: resume_from_checkpoint=false)")
+            shutil.rmtree(old)
+    dist.barrier()
     actor, adapter = warmup_actor(cfg, actor, tok, task, out, dist)
     system = MetaTunerSystem(cfg, actor, tok, gen, gtok, task)
+    system.actor_adapter = adapter
     log = TrainLog(out, cfg.train.report_to, enabled=dist.main, append=resume_ck is not None)
     stats = {"warmup_actor_steps": cfg.warmup.max_steps}
 
     gen_warm = out / "warmup" / "generator"
-    if resume_ck is None and (gen_warm / "generator.safetensors").is_file() and cfg.resume_from_checkpoint:
-        system.load(gen_warm)
-    elif resume_ck is None:
-        stats.update(warmup(cfg, system, adapter, dist, log))
-        if dist.main:
-            system.save(gen_warm)
-    dist.barrier()
-
-    # optimizer over what this method trains
-    groups = system.trainable_groups(cfg.method)
-    params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
-    sched = make_scheduler(opt, cfg.train.scheduler, cfg.train.max_steps, cfg.train.lr_warmup_ratio)
-
-    # data order: a seeded permutation per epoch over the global batch
-    bs, world = cfg.train.batch_size, dist.world
-    gbs = bs * world
-    n_train = len(task.train)
-
-    def global_indices(step: int) -> list[int]:
-        out_idx = []
-        for j in range(step * gbs, (step + 1) * gbs):
-            epoch, pos = divmod(j, n_train)
-            perm = list(range(n_train))
-            random.Random(cfg.seed * 1000 + epoch).shuffle(perm)
-            out_idx.append(perm[pos])
-        return out_idx
-
-    def my_indices(step: int) -> list[int]:
-        g = global_indices(step)
-        return g[dist.rank * bs : (dist.rank + 1) * bs]
-
-    state = {"step": 0, "window": None, "d2": {}}
-    if resume_ck is not None:
-        system.load(resume_ck)
-        opt.load_state_dict(torch.load(resume_ck / "optimizer.pt", weights_only=True))
-        sched.load_state_dict(torch.load(resume_ck / "scheduler.pt", weights_only=True))
-        st = json.loads((resume_ck / "trainer_state.json").read_text())
-        state = st["state"]
-        rank_rng = resume_ck / f"rng_rank{dist.rank}.pt"
-        set_rng_state(_rng_from_file(rank_rng))
-        if dist.main:
-            print(f"resuming from {resume_ck} at step {state['step']}")
-
-    T = max(1, cfg.train.sync_steps)
-    last_ckpt = str(resume_ck) if resume_ck else None
-    system.gen.model.train()
-    system.decoder.train()
-    bar = tqdm(total=cfg.train.max_steps, initial=state["step"], desc=cfg.method, disable=not dist.main)
-    rollout_seconds = 0.0
-    while state["step"] < cfg.train.max_steps:
-        step = state["step"]
-        if state["window"] is None or step >= state["window"]["end"]:
-            # sync phi_p' <- phi_p, then roll out prompts for this window's queries
-            system.gen.sync_frozen()
-            end = min(cfg.train.max_steps, step + T)
-            idx = [i for s in range(step, end) for i in my_indices(s)]
-            exs = [task.train[i] for i in idx]
-            t0 = time.time()
-            if cfg.method == "metatuner_gumbel":
-                best, tprompts, st = [system.p_tilde] * len(exs), [system.p_tilde] * len(exs), {}
-            else:
-                system.gen.model.eval()
-                best, tprompts, st = system.d2_rollout(exs)
-                system.gen.model.train()
-            rollout_seconds += time.time() - t0
-            state["window"] = {"start": step, "end": end, "idx": idx, "task_prompts": tprompts}
-            for i, b in zip(idx, best):
-                state["d2"][str(i)] = b
-            log.log(step, stage="rollout", seconds=round(time.time() - t0, 2), **st)
-        w = state["window"]
-        off = (step - w["start"]) * bs
-        ids = my_indices(step)
-        exs = [task.train[i] for i in ids]
-        tprompts = w["task_prompts"][off : off + bs]
-        best = [state["d2"][str(i)] for i in ids]
-
-        if cfg.method == "metatuner_gumbel":
-            task_loss = system.gumbel_task_loss(exs)
-            reg = torch.zeros((), device=task_loss.device)
-            loss = task_loss
+    if resume_ck is None:
+        if cfg.resume_from_checkpoint and (gen_warm / "generator.safetensors").is_file():
+            system.load(gen_warm)
         else:
-            if cfg.method == "metatuner_i":
-                phase_task = (step // max(1, cfg.train.alternate_steps)) % 2 == 0
-                need_task, need_reg = (phase_task, not phase_task)
-            else:
-                need_task, need_reg = True, True
-            if need_task and not system.use_f:  # w/o F: the task loss trains nothing; skip its backward
-                need_task = cfg.method == "metatuner_i"
-            task_loss, reg = system.joint_losses(exs, tprompts, best, need_task=need_task, need_reg=need_reg)
-            loss = task_loss + cfg.train.alpha * reg if cfg.method == "metatuner_j" else (task_loss if need_task else reg)
-        check_finite(loss, step, last_ckpt)
-        opt.zero_grad(set_to_none=True)
-        if loss.requires_grad:
-            loss.backward()
-        dist.average_grads(params)
-        if cfg.train.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        opt.step()
-        sched.step()
-        state["step"] = step + 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", task=f"{task_loss.item():.3f}", reg=f"{reg.item():.3f}")
-        if state["step"] % max(1, cfg.train.log_steps) == 0:
-            log.log(state["step"], stage="joint", loss=loss.item(), task_loss=task_loss.item(), reg=reg.item(),
-                    lr=sched.get_last_lr()[-1])
-        if cfg.train.save_steps and state["step"] % cfg.train.save_steps == 0 and state["step"] < cfg.train.max_steps:
-            last_ckpt = str(save_checkpoint(cfg, system, opt, sched, state, dist))
-    bar.close()
-    log.close()
-    system.gen.model.eval()
-    system.decoder.eval()
-    stats.update({"train_steps": cfg.train.max_steps, "train_examples": cfg.train.max_steps * gbs,
-                  "rollout_seconds": round(rollout_seconds, 1), "train_seconds": round(time.time() - t_start, 1),
-                  "d2_rewritten": sum(v != system.p_tilde for v in state["d2"].values()) / max(1, len(state["d2"]))})
-    if dist.main:
-        final = out / "final"
-        tmp = out / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        system.save(tmp)
-        if adapter is not None:
-            shutil.copytree(adapter, tmp / "actor_adapter")
-        write_jsonl(tmp / "d2.jsonl", [{"index": int(k), "query": task.train[int(k)].query, "best_prompt": v}
-                                       for k, v in sorted(state["d2"].items(), key=lambda kv: int(kv[0]))])
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+            stats.update(warmup(cfg, system, dist, log))
+            if dist.main:
+                system.save(gen_warm)
     dist.barrier()
-    system.dist = dist
+    loop = JointLoop(cfg, system, dist, log)
+    if resume_ck is not None:
+        loop.resume(resume_ck)
+        step = loop.state["step"]
+        # drop what the interrupted run logged after its checkpoint; those steps run again
+        log.keep(lambda r: r.get("stage") not in ("joint", "rollout") or r["step"] < step
+                 or (r["step"] == step and r["stage"] == "joint"))
+    return system, loop, stats
+
+
+def write_final(cfg: Config, loop: JointLoop, d2: dict) -> Path:
+    """final/: generator.safetensors (G, phi_p', F), hypernet.json, actor_adapter/, d2.jsonl (D2 of all processes)."""
+    system, dist, task = loop.system, loop.dist, loop.task
+    out = Path(cfg.output_dir)
+    final = out / "final"
+    if dist.main:
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".final."))
+        try:
+            system.save(tmp)
+            if system.actor_adapter is not None:
+                shutil.copytree(system.actor_adapter, tmp / "actor_adapter")
+            write_jsonl(tmp / "d2.jsonl", [{"index": int(k), "query": task.train[int(k)].query, "best_prompt": v}
+                                           for k, v in sorted(d2.items(), key=lambda kv: int(kv[0]))])
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    dist.barrier()
+    return final
+
+
+def train(cfg: Config, task: Task) -> tuple[MetaTunerSystem, dict]:
+    """Warm-up + joint training + final/; returns the trained system and training stats."""
+    t_start = time.time()
+    system, loop, stats = prepare(cfg, task)
+    loop.run()
+    loop.log.close()
+    d2 = loop.dist.gather_dict(loop.state["d2"])  # every process's share
+    stats.update({"train_steps": cfg.train.max_steps,
+                  "train_examples": cfg.train.max_steps * cfg.train.batch_size * loop.dist.world,
+                  "rollout_seconds": round(loop.rollout_seconds, 1), "train_seconds": round(time.time() - t_start, 1),
+                  "d2_rewritten": sum(v != system.p_tilde for v in d2.values()) / max(1, len(d2))})
+    write_final(cfg, loop, d2)
     return system, stats
 
 
 def _rng_from_file(path: Path) -> dict:
     import numpy as np
 
+    if not path.is_file():
+        raise MetatunerError(f"resume_from_checkpoint: {path} is missing (was the checkpoint written with another "
+                             "number of processes?)")
     d = torch.load(path, weights_only=True)
     py = d["python"]
     return {"python": (py[0], tuple(py[1]), py[2]),
@@ -608,28 +775,6 @@ def _rng_to_file(path: Path) -> None:
     torch.save({"python": [s["python"][0], list(s["python"][1]), s["python"][2]],
                 "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
                 "torch": s["torch"], "cuda": s["cuda"]}, path)
-
-
-def save_checkpoint(cfg: Config, system: MetaTunerSystem, opt, sched, state: dict, dist: Dist) -> Path:
-    """step_N/: model parts, optimizer, scheduler, RNG (per rank), data position, D2 and window cache."""
-    out = Path(cfg.output_dir)
-    # every rank writes its RNG state next to the output dir first; rank 0 moves them into the checkpoint
-    rng_tmp = out / f".rng_rank{dist.rank}.pt"
-    _rng_to_file(rng_tmp)
-    dist.barrier()
-    path = out / f"step_{state['step']}"
-    if dist.main:
-        def write(tmp: Path):
-            system.save(tmp)
-            torch.save(opt.state_dict(), tmp / "optimizer.pt")
-            torch.save(sched.state_dict(), tmp / "scheduler.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps({"state": state, "method": cfg.method}))
-            for r in range(dist.world):
-                shutil.copy(out / f".rng_rank{r}.pt", tmp / f"rng_rank{r}.pt")
-        path = write_checkpoint(out, state["step"], write, keep=cfg.train.save_total_limit)
-    dist.barrier()
-    rng_tmp.unlink(missing_ok=True)
-    return path
 
 
 # ----------------------------------------------------------------------------- inference and run

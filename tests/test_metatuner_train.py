@@ -1,0 +1,451 @@
+"""The MetaTuner training recipe end to end on a tiny random Llama (a few steps each).
+
+Every variant runs and writes its outputs; each trains what it should and nothing else; D2 never
+holds a prompt worse than p~; an interrupted run resumes to the same parameters; NaN stops with a
+clear message; `metatuner infer` answers; two CPU processes match one process with twice the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from metatuner.config import load_config
+from metatuner.errors import MetatunerError
+from metatuner.generator import SplitGenerator
+from metatuner.lora import decoder_layers
+from metatuner.methods import metatuner as M
+from metatuner.run import start_run
+from metatuner.training import actor_batch, forward_nll, newest_checkpoint
+
+SMALL = ["task.name=chain_sum", "task.train_size=16", "task.test_size=4", "eval.limit=2", "eval.batch_size=2",
+         "train.batch_size=2", "train.max_steps=4", "warmup.max_steps=1", "warmup.generator_steps=1",
+         "warmup.queries=4", "rollout.n=2", "rollout.batch_size=8", "train.sync_steps=2",
+         "generator.max_prompt_tokens=6", "task.max_new_tokens=4", "rollout.criterion=nll", "lora.rank=2",
+         "hypernet.hidden=16", "hypernet.embed_dim=8", "generator.lora_rank=4", "train.generator_lr=1e-3"]
+
+VARIANTS = {
+    "metatuner_j": ["method=metatuner_j"],
+    "metatuner_i": ["method=metatuner_i"],
+    "metatuner_gumbel": ["method=metatuner_gumbel"],
+    "wo_F": ["method=metatuner_j", "train.param_decoder=false"],
+    "wo_P": ["method=metatuner_j", "train.prompt_rewrite=false"],
+    "wo_S": ["method=metatuner_j", "generator.share_encoder=false"],
+    "share_0.75": ["method=metatuner_j", "generator.share_ratio=0.75"],
+}
+
+FINAL_FILES = ["generator.safetensors", "hypernet.json", "actor_adapter/adapter_config.json", "d2.jsonl"]
+RUN_FILES = ["config.yaml", "metrics.json", "predictions.jsonl", "train_log.jsonl"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """One tiny random Llama + char tokenizer directory for the whole module."""
+    from metatuner.testing import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("mt_tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def finished_runs() -> dict:
+    """Output dirs of the variant runs, by variant name (the infer test reuses metatuner_j's)."""
+    return {}
+
+
+def make_cfg(model_dir: Path, out: Path, *overrides: str):
+    return load_config(None, [f"model.name={model_dir}", f"output_dir={out}", *SMALL, *overrides])
+
+
+# ----------------------------------------------------------------------------- state snapshots
+
+
+def snap(module_or_params) -> dict[str, torch.Tensor]:
+    items = module_or_params.state_dict().items() if isinstance(module_or_params, nn.Module) else module_or_params
+    return {k: v.detach().clone() for k, v in items}
+
+
+def live_phi_p(gen: SplitGenerator) -> dict[str, torch.Tensor]:
+    """phi_p of the live G in the key layout of the frozen copy phi_p'."""
+    layers = decoder_layers(gen.model)[1]
+    view = nn.ModuleDict({"layers": nn.ModuleList(layers[gen.k:]), "norm": gen.model.base_model.norm,
+                          "lm_head": gen.model.get_output_embeddings()})
+    return snap(view)
+
+
+def gen_trainable(system) -> dict[str, torch.Tensor]:
+    return snap([(n, p) for n, p in system.gen.model.named_parameters() if p.requires_grad])
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def changed_keys(a: dict, b: dict) -> list[str]:
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+# ----------------------------------------------------------------------------- 1 + 2: variants
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_runs_and_trains_only_its_parameters(variant, model_dir, tmp_path, monkeypatch, finished_runs):
+    out = tmp_path / variant
+    cfg = make_cfg(model_dir, out, *VARIANTS[variant])
+    seen: dict = {"syncs": []}
+
+    real_run, real_sync = M.JointLoop.run, SplitGenerator.sync_frozen
+
+    def run(loop):
+        s = loop.system
+        seen["before"] = {"actor": snap(s.actor), "decoder": snap(s.decoder), "gen": gen_trainable(s),
+                          "frozen": snap(s.gen.frozen),
+                          "param_encoder": snap(s.gen.param_encoder) if s.gen.param_encoder is not None else {}}
+        seen["system"] = s
+        seen["joint"] = True
+        history = real_run(loop)
+        seen["history"] = history
+        seen["after"] = {"actor": snap(s.actor), "decoder": snap(s.decoder), "gen": gen_trainable(s),
+                         "frozen": snap(s.gen.frozen), "live_phi_p": live_phi_p(s.gen),
+                         "param_encoder": snap(s.gen.param_encoder) if s.gen.param_encoder is not None else {}}
+        return history
+
+    def sync(gen):
+        before = snap(gen.frozen)
+        real_sync(gen)
+        if seen.get("joint"):  # the warm-up ends with a sync too
+            seen["syncs"].append((before, snap(gen.frozen), live_phi_p(gen)))
+
+    monkeypatch.setattr(M.JointLoop, "run", run)
+    monkeypatch.setattr(SplitGenerator, "sync_frozen", sync)
+    metrics = M.run(cfg)
+
+    # 1. outputs and finite losses
+    for f in RUN_FILES:
+        assert (out / f).is_file(), f
+    for f in FINAL_FILES:
+        assert (out / "final" / f).is_file(), f
+    assert metrics["method"] == cfg.method and metrics["n"] == 2
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 2
+    rows = [json.loads(ln) for ln in (out / "train_log.jsonl").read_text().splitlines()]
+    joint = [r for r in rows if r["stage"] == "joint"]
+    assert [r["step"] for r in joint] == [1, 2, 3, 4]
+    assert all(math.isfinite(r[k]) for r in joint for k in ("loss", "task_loss", "reg", "grad_norm"))
+    assert len(seen["history"]) == 4
+    d2 = [json.loads(ln) for ln in (out / "final" / "d2.jsonl").read_text().splitlines()]
+    assert len(d2) == len({r["index"] for r in d2}) > 0
+
+    # 2. what changed in the joint phase
+    b, a = seen["before"], seen["after"]
+    assert same(b["actor"], a["actor"]), "the warmed-up actor must not change in the joint phase"
+    assert not any(p.requires_grad for p in seen["system"].actor.parameters())
+    decoder_changed = not same(b["decoder"], a["decoder"])
+    assert decoder_changed == (variant != "wo_F"), "phi_q trains iff the parameter decoder is used"
+    assert changed_keys(b["gen"], a["gen"]), "G's LoRA parameters (phi_s, phi_p) must train"
+    assert all("lora_" in k for k in b["gen"]), "with generator.lora_rank > 0 only LoRA factors of G train"
+    if variant == "wo_S":
+        assert changed_keys(b["param_encoder"], a["param_encoder"]), "F's own encoder copy must train (w/o S)"
+    # phi_p' changes only at a sync, and a sync copies phi_p exactly: syncs at steps 0 and 2
+    syncs = seen["syncs"]
+    assert len(syncs) == 2
+    assert same(syncs[0][0], b["frozen"])
+    for (_, after_i, live_i), (before_next, _, _) in zip(syncs, syncs[1:]):
+        assert same(after_i, live_i)
+        assert same(before_next, after_i), "phi_p' changed between syncs"
+    assert same(syncs[-1][1], syncs[-1][2]) and same(a["frozen"], syncs[-1][1])
+    assert not same(a["frozen"], a["live_phi_p"]), "phi_p trains after the last sync, phi_p' must not follow"
+    finished_runs[variant] = out
+
+
+def test_frozen_copy_keeps_its_warmup_value_without_sync(model_dir, tmp_path):
+    cfg = make_cfg(model_dir, tmp_path / "nosync", "method=metatuner_j", "train.sync_steps=10", "train.max_steps=3",
+                   "warmup.max_steps=0")
+    task = start_run(cfg)
+    system, loop, _ = M.prepare(cfg, task)
+    frozen0, live0 = snap(system.gen.frozen), live_phi_p(system.gen)
+    assert same(frozen0, live0), "the warm-up ends with phi_p' <- phi_p"
+    loop.run()
+    assert same(snap(system.gen.frozen), frozen0)
+    assert not same(live_phi_p(system.gen), live0)
+
+
+def test_grad_accum_matches_one_batch(model_dir, tmp_path):
+    results = []
+    for accum in (1, 2):
+        cfg = make_cfg(model_dir, tmp_path / f"acc{accum}", "method=metatuner_j", "warmup.max_steps=0",
+                       "train.bf16=false", "train.max_steps=2", "train.batch_size=4", f"train.grad_accum={accum}")
+        system, loop, _ = M.prepare(cfg, start_run(cfg))
+        history = loop.run()
+        results.append((snap(system.decoder), gen_trainable(system), history))
+    (d1, g1, h1), (d2, g2, h2) = results
+    for a, b in ((d1, d2), (g1, g2)):
+        assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+    assert [h["loss"] for h in h1] == pytest.approx([h["loss"] for h in h2], abs=1e-4)
+    with pytest.raises(MetatunerError, match="train.grad_accum=3 must divide train.batch_size=4"):
+        cfg = make_cfg(model_dir, tmp_path / "acc3", "warmup.max_steps=0", "warmup.generator_steps=0",
+                       "method=metatuner_j", "train.batch_size=4", "train.grad_accum=3")
+        M.prepare(cfg, start_run(cfg))
+
+
+def test_fresh_run_removes_checkpoints_of_an_earlier_run(model_dir, tmp_path):
+    from metatuner.training import write_checkpoint
+
+    out = tmp_path / "again"
+    write_checkpoint(out, 7, lambda tmp: None)
+    fresh = ["method=metatuner_j", "warmup.max_steps=0", "warmup.generator_steps=0"]
+    cfg = make_cfg(model_dir, out, *fresh, "resume_from_checkpoint=true")
+    with pytest.raises(MetatunerError, match="step_7 lacks trainer_state.json"):  # resuming does use it
+        M.prepare(cfg, start_run(cfg))
+    cfg = make_cfg(model_dir, out, *fresh)
+    M.prepare(cfg, start_run(cfg))
+    assert newest_checkpoint(out) is None
+
+
+# ----------------------------------------------------------------------------- 3: D2 criterion
+
+
+@pytest.fixture(scope="module")
+def scoring_system(model_dir, tmp_path_factory):
+    """A built system without warm-up, with F perturbed so the generated LoRA is not zero."""
+    out = tmp_path_factory.mktemp("score")
+    cfg = make_cfg(model_dir, out, "method=metatuner_j", "warmup.max_steps=0", "warmup.generator_steps=0",
+                   "train.bf16=false", "rollout.n=4")
+    task = start_run(cfg)
+    system, _, _ = M.prepare(cfg, task)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in system.decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return system
+
+
+def nll_of(system, ex, prompt: str) -> float:
+    with torch.no_grad():
+        f = system.factors([ex])
+        with system.lora.use_factors(f):
+            batch = actor_batch(system.tok, system.task, [prompt], [ex], 512, system.actor.device)
+            return forward_nll(system.actor, batch)[0].item()
+
+
+def test_d2_best_is_never_worse_than_p_tilde(scoring_system):
+    system = scoring_system
+    exs = system.task.train[:4]
+    torch.manual_seed(1)
+    cands = system.sample_prompts(exs, 4)
+    alone = system.score_candidates(exs, [[] for _ in exs])  # p~ only
+    best = system.score_candidates(exs, cands)
+    for (p0, c0, n0), (p, c, n), cs in zip(alone, best, cands):
+        assert p0 == system.p_tilde
+        assert p in cs or p == system.p_tilde
+        assert (not c, n) <= (not c0, n0 + 1e-5)
+    prompts, task_prompts, stats = system.d2_rollout(exs)
+    assert len(prompts) == len(task_prompts) == 4 and 0 <= stats["d2_rewritten"] <= 1
+
+
+def test_d2_picks_the_strictly_lower_nll_candidate(scoring_system):
+    system = scoring_system
+    ex = system.task.train[0]
+    pool = ["Be brief.", "Add the numbers.", "x", "Think step by step, then answer.", "Reply with one number.",
+            "Sum it.", "What is the total?", "Compute carefully and give the result."]
+    base = nll_of(system, ex, system.p_tilde)
+    nlls = {c: nll_of(system, ex, c) for c in pool}
+    lower = sorted((n, c) for c, n in nlls.items() if n < base - 1e-4)
+    higher = sorted((n, c) for c, n in nlls.items() if n > base + 1e-4)
+    assert lower and higher, "the pool should hold candidates on both sides of p~"
+    best_c = lower[0][1]
+    got, correct, nll = system.score_candidates([ex], [[higher[-1][1], best_c] + [c for _, c in lower[1:]]])[0]
+    assert got == best_c and not correct and nll == pytest.approx(nlls[best_c], abs=1e-5)
+    # nothing better than p~: p~ stays
+    got, _, nll = system.score_candidates([ex], [[c for _, c in higher]])[0]
+    assert got == system.p_tilde and nll == pytest.approx(base, abs=1e-5)
+
+
+def test_d2_ranks_correct_answers_before_nll(scoring_system, monkeypatch):
+    system = scoring_system
+    ex = system.task.train[1]
+    magic = ["MAGIC now.", "MAGIC: do the sum, then check it twice."]
+    worst_magic = max(magic, key=lambda c: nll_of(system, ex, c))
+    plain = min(["Be brief.", "Add the numbers.", "Sum it."], key=lambda c: nll_of(system, ex, c))
+    assert nll_of(system, ex, worst_magic) > nll_of(system, ex, plain)
+
+    def fake_generate(model, tok, texts, max_new_tokens, **kw):  # "correct" iff the prompt holds MAGIC
+        gens = [["RIGHT" if "MAGIC" in t else "WRONG"] for t in texts]
+        return gens, [[1]] * len(texts), None
+
+    monkeypatch.setattr(M, "generate_texts", fake_generate)
+    monkeypatch.setattr(system.cfg.rollout, "criterion", "answer")
+    monkeypatch.setattr(system.task, "extract", lambda g: g)
+    monkeypatch.setattr(system.task, "score_fn", lambda pred, e: {"correct": pred == "RIGHT"})
+    got, correct, _ = system.score_candidates([ex], [[plain, worst_magic]])[0]
+    assert got == worst_magic and correct
+
+
+# ----------------------------------------------------------------------------- 4: resume
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(model_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    # sync_steps=3: the checkpoint at step 2 falls inside a D2 window, so the window must be restored too
+    args = ["method=metatuner_j", "train.save_steps=2", "train.sync_steps=3"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    cfg = make_cfg(model_dir, full, *args)
+    M.train(cfg, start_run(cfg))
+
+    real_save = M.JointLoop.save_checkpoint
+
+    def save_then_die(loop):
+        path = real_save(loop)
+        (path.parent / ".step_3.half").mkdir()  # what a kill during the next save would leave
+        raise Killed(loop.state["step"])
+
+    monkeypatch.setattr(M.JointLoop, "save_checkpoint", save_then_die)
+    cfg = make_cfg(model_dir, part, *args)
+    with pytest.raises(Killed):
+        M.train(cfg, start_run(cfg))
+    monkeypatch.undo()
+    assert not (part / "final").exists() and newest_checkpoint(part) == part / "step_2"
+
+    cfg = make_cfg(model_dir, part, *args, "resume_from_checkpoint=true")
+    M.train(cfg, start_run(cfg))
+    a, b = load_file(full / "final" / "generator.safetensors"), load_file(part / "final" / "generator.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    assert (full / "final" / "d2.jsonl").read_text() == (part / "final" / "d2.jsonl").read_text()
+    rows = [json.loads(ln) for ln in (part / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["stage"] == "joint"] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if r["stage"] == "rollout"] == [0, 3]
+
+
+# ----------------------------------------------------------------------------- 5: NaN
+
+
+def test_nan_loss_stops_naming_step_and_checkpoint(model_dir, tmp_path, monkeypatch):
+    real = M.JointLoop.losses
+
+    def losses(loop, step, *micro):
+        loss, task, reg = real(loop, step, *micro)
+        return (loss * float("nan"), task, reg) if step == 2 else (loss, task, reg)
+
+    monkeypatch.setattr(M.JointLoop, "losses", losses)
+    out = tmp_path / "nan"
+    cfg = make_cfg(model_dir, out, "method=metatuner_j", "train.save_steps=2", "warmup.max_steps=0")
+    with pytest.raises(MetatunerError, match=r"loss became nan at step 3: .*last good checkpoint is .*step_2"):
+        M.train(cfg, start_run(cfg))
+    assert newest_checkpoint(out) == out / "step_2" and not (out / "final").exists()
+
+
+def test_diverging_learning_rate_stops_with_a_clear_error(model_dir, tmp_path):
+    cfg = make_cfg(model_dir, tmp_path / "lr", "method=metatuner_j", "warmup.max_steps=0", "train.lr=1e30",
+                   "train.generator_lr=1e30")
+    with pytest.raises(MetatunerError, match=r"became (nan|inf|-inf) at step [2-4]: stopping; no checkpoint"):
+        M.train(cfg, start_run(cfg))
+
+
+# ----------------------------------------------------------------------------- 6: infer
+
+
+def test_infer_prints_prompt_and_answer(model_dir, tmp_path, capsys, finished_runs):
+    from metatuner.cli import main
+
+    run_dir = finished_runs.get("metatuner_j")
+    if run_dir is None:
+        run_dir = tmp_path / "run"
+        M.run(make_cfg(model_dir, run_dir, "method=metatuner_j"))
+    capsys.readouterr()
+    assert main(["infer", f"run_dir={run_dir}", "query=What is 2 + 3?"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("query:  What is 2 + 3?") == 1 and "prompt: " in text and "answer: " in text
+
+    qf = tmp_path / "queries.txt"
+    qf.write_text("What is 1 + 1?\n\nWhat is 4 + 5?\n")
+    assert main(["infer", f"run_dir={run_dir}", f"query_file={qf}"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("query: ") == 2 and text.count("answer: ") == 2 and "What is 4 + 5?" in text
+
+    assert main(["infer", f"run_dir={tmp_path / 'nothing'}", "query=x"]) == 2
+    assert "no final/generator.safetensors" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- 7: two processes
+
+
+def _cli_train(model_dir: Path, out: Path, nproc: int, batch_size: int, extra=()) -> subprocess.CompletedProcess:
+    venv_bin = Path(sys.executable).parent
+    args = [f"model.name={model_dir}", f"output_dir={out}", *SMALL, "method=metatuner_i",
+            "train.prompt_rewrite=false", "rollout.n=0", "train.bf16=false", f"train.batch_size={batch_size}",
+            "train.save_steps=2", *extra]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "metatuner.cli", "train", *args]
+    else:
+        cmd = [str(venv_bin / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "metatuner.cli",
+               "train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_two_processes_match_one_process_with_twice_the_batch(model_dir, tmp_path):
+    """MetaTuner-I: its phases leave some parameters without a gradient, which must stay untouched
+    on every process (a zero gradient would still move them through Adam's momentum). The actor
+    warm-up (TRL) runs distributed too."""
+    from safetensors.torch import load_file
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = _cli_train(model_dir, one, 1, 4)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = _cli_train(model_dir, two, 2, 2)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert r2.stdout.count("wrote ") == 1  # only rank 0 reports
+
+    a, b = load_file(one / "final" / "generator.safetensors"), load_file(two / "final" / "generator.safetensors")
+    assert a.keys() == b.keys()
+    hyper = [k for k in a if k.startswith("hypernet.")]
+    assert hyper
+    start = load_file(two / "warmup" / "generator" / "generator.safetensors")
+    assert any(not torch.equal(start[k], b[k]) for k in hyper), "the decoder did not train"
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3), k
+
+    # only rank 0 wrote: one log row per step, every process's D2 in final/, per-process checkpoint state
+    rows = [json.loads(ln) for ln in (two / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["stage"] == "joint"] == [1, 2, 3, 4]
+    d2_one = (one / "final" / "d2.jsonl").read_text()
+    assert (two / "final" / "d2.jsonl").read_text() == d2_one and len(d2_one.splitlines()) > 8
+    assert {p.name for p in (two / "step_2").glob("*_rank*")} == {
+        "rng_rank0.pt", "rng_rank1.pt", "state_rank0.json", "state_rank1.json"}
+    assert not list(two.glob(".*rank*")), "temporary per-process files left behind"
+    assert len((two / "predictions.jsonl").read_text().splitlines()) == 2
+    adapter = "final/actor_adapter/adapter_model.safetensors"
+    wa, wb = load_file(one / adapter), load_file(two / adapter)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa), "distributed actor warm-up differs"
+
+
+# ----------------------------------------------------------------------------- 8: Gumbel vocabulary
+
+
+def test_gumbel_refuses_generator_with_another_vocabulary(model_dir, tmp_path):
+    from metatuner.testing import char_tokenizer, tiny_llama
+
+    other = tmp_path / "other_vocab"
+    tok = char_tokenizer()
+    tok.add_tokens(["<extra>"])
+    model = tiny_llama(vocab_size=len(tok))
+    model.save_pretrained(other)
+    tok.save_pretrained(other)
+    out = tmp_path / "gumbel"
+    cfg = make_cfg(model_dir, out, "method=metatuner_gumbel", f"generator.name={other}")
+    with pytest.raises(MetatunerError, match="metatuner_gumbel needs the generator and actor to share one vocabulary"):
+        M.train(cfg, start_run(cfg))
+    assert not (out / "warmup").exists(), "must refuse before any training"
