@@ -19,7 +19,6 @@ settings reuse one actor warm-up. Outputs: results.json, results.md, results.png
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -37,6 +36,7 @@ from metatuner.errors import MetatunerError
 from metatuner.io import atomic_write_text, read_jsonl, write_json
 
 COMPARE_KEYS = {"output_dir", "seeds", "base", "methods", "title"}
+METHOD_KEYS = {"name", "method", "overrides"}
 METATUNER_FAMILY = ("metatuner_j", "metatuner_i", "metatuner_gumbel")
 
 
@@ -48,14 +48,21 @@ def load_compare(path: str, overrides: list[str]) -> dict:
         spec = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise MetatunerError(f"{p}: invalid YAML ({e})") from None
+    if not isinstance(spec, dict):
+        raise MetatunerError(f"{p}: expected a mapping with keys {sorted(COMPARE_KEYS)}")
     unknown = set(spec) - COMPARE_KEYS
     if unknown:
         raise MetatunerError(f"{p}: unknown compare key(s) {sorted(unknown)}; expected {sorted(COMPARE_KEYS)}")
-    if not spec.get("methods"):
+    if not spec.get("methods") or not isinstance(spec["methods"], list):
         raise MetatunerError(f"{p}: 'methods' must list at least one method")
-    spec.setdefault("seeds", [0])
-    spec.setdefault("base", {})
-    spec.setdefault("output_dir", "runs/compare")
+    if spec.get("base") is not None and not isinstance(spec["base"], dict):
+        raise MetatunerError(f"{p}: 'base' must be a mapping of run-config keys")
+    if spec.get("seeds") is None:
+        spec["seeds"] = [0]
+    elif isinstance(spec["seeds"], int) and not isinstance(spec["seeds"], bool):
+        spec["seeds"] = [spec["seeds"]]
+    spec["base"] = spec.get("base") or {}
+    spec["output_dir"] = str(spec.get("output_dir") or "runs/compare")
     spec["cli_overrides"] = []
     for item in overrides:
         if "=" not in item:
@@ -64,14 +71,32 @@ def load_compare(path: str, overrides: list[str]) -> dict:
         if k == "output_dir":
             spec["output_dir"] = v
         elif k == "seeds":
-            spec["seeds"] = [int(x) for x in v.strip("[]").split(",") if x.strip()]
+            try:
+                spec["seeds"] = [int(x) for x in v.strip("[]").split(",") if x.strip()]
+            except ValueError:
+                raise MetatunerError(f"override 'seeds': expected a list of integers like [0,1], got {v!r}") from None
+        elif k in ("title", "base", "methods"):
+            raise MetatunerError(f"override '{k}': set it in the compare config; use run-config keys here")
         else:
             spec["cli_overrides"].append(item)
-    names = [m.get("name") for m in spec["methods"]]
+    seeds = spec["seeds"]
+    if (not isinstance(seeds, list) or not seeds
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise MetatunerError(f"{p}: 'seeds' must be a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise MetatunerError(f"{p}: 'seeds' repeats a seed: {seeds}")
     for i, m in enumerate(spec["methods"]):
         if not isinstance(m, dict) or "method" not in m:
             raise MetatunerError(f"{p}: methods[{i}] needs a 'method' (and optionally 'name' and 'overrides')")
+        extra = set(m) - METHOD_KEYS
+        if extra:
+            raise MetatunerError(f"{p}: methods[{i}]: unknown key(s) {sorted(extra)}; expected {sorted(METHOD_KEYS)}")
+        if m.get("overrides") is not None and not isinstance(m["overrides"], dict):
+            raise MetatunerError(f"{p}: methods[{i}].overrides must be a mapping of run-config keys")
         m.setdefault("name", m["method"])
+        m["name"] = str(m["name"])
+        if not m["name"] or "/" in m["name"] or m["name"] in (".", ".."):
+            raise MetatunerError(f"{p}: methods[{i}].name {m['name']!r} cannot be a folder name")
     names = [m["name"] for m in spec["methods"]]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
@@ -124,8 +149,11 @@ def run_one(cfg, run_dir: Path) -> dict:
     wall = time.time() - t0
     if proc.returncode != 0 or not (run_dir / "metrics.json").is_file():
         lines = [ln for ln in (run_dir / "stderr.log").read_text().splitlines() if ln.strip()]
-        errs = [ln for ln in lines if ln.startswith("error:") or "Error" in ln]
-        return {"status": "failed", "error": (errs or lines or [f"exit code {proc.returncode}"])[-1][:500],
+        # our one-line errors first, then the last exception line of a traceback, then the last line
+        errs = ([ln for ln in lines if ln.startswith("error:")]
+                or [ln for ln in lines if not ln.startswith((" ", "\t")) and ("Error" in ln or "Exception" in ln)]
+                or lines or [f"exit code {proc.returncode}"])
+        return {"status": "failed", "error": errs[-1].strip()[:500],
                 "wall_seconds": round(wall, 1)}
     (run_dir / "COMPLETE").write_text(json.dumps({"wall_seconds": round(wall, 1)}))
     return {"status": "complete", "wall_seconds": round(wall, 1)}
@@ -142,11 +170,17 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, c - h), min(1.0, c + h))
 
 
+# two-sided 95% critical values of Student's t by degrees of freedom (1..30); beyond: the normal 1.96
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
 def t_interval(xs: list[float]) -> tuple[float, float]:
-    """95% t interval of the mean over seeds."""
+    """95% t interval of the mean over seeds (n-1 degrees of freedom)."""
     if len(xs) < 2:
         return (xs[0], xs[0]) if xs else (0.0, 0.0)
-    tcrit = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}.get(len(xs), 2.0)
+    df = len(xs) - 1
+    tcrit = _T95[df - 1] if df <= len(_T95) else 1.96
     m, s = statistics.mean(xs), statistics.stdev(xs)
     h = tcrit * s / math.sqrt(len(xs))
     return (m - h, m + h)
@@ -155,44 +189,55 @@ def t_interval(xs: list[float]) -> tuple[float, float]:
 def summarize(spec: dict, statuses: dict) -> dict:
     """results.json content: per method, metrics with intervals and costs."""
     out = {"title": spec.get("title", ""), "config": spec["path"], "seeds": spec["seeds"], "methods": []}
+    loaded = {}
     for m in spec["methods"]:
-        name = m["name"]
-        runs = []
         for seed in spec["seeds"]:
-            d = Path(spec["output_dir"]) / name / f"seed_{seed}"
-            st = statuses.get((name, seed), {})
-            if (d / "COMPLETE").is_file() and (d / "metrics.json").is_file():
+            d = Path(spec["output_dir"]) / m["name"] / f"seed_{seed}"
+            if (d / "COMPLETE").is_file() and (d / "metrics.json").is_file() and (d / "predictions.jsonl").is_file():
                 met = json.loads((d / "metrics.json").read_text())
                 preds = read_jsonl(d / "predictions.jsonl")
-                wall = json.loads((d / "COMPLETE").read_text()).get("wall_seconds")
-                runs.append((seed, met, preds, wall))
-            elif st.get("status") == "failed":
-                out["methods"].append({"name": name, "method": m["method"], "status": "failed", "error": st["error"]})
-                break
-        else:
-            if not runs:
-                out["methods"].append({"name": name, "method": m["method"], "status": "not run"})
-                continue
-            accs = [r[1]["accuracy"] for r in runs]
-            k = sum(bool(p["correct"]) for r in runs for p in r[2])
-            n = sum(len(r[2]) for r in runs)
-            row = {"name": name, "method": m["method"], "status": "complete", "accuracy": statistics.mean(accs),
-                   "accuracy_ci95_examples": list(wilson(k, n)), "n_test": runs[0][1]["n"],
-                   "accuracy_per_seed": accs}
-            if len(runs) > 1:
-                row["accuracy_ci95_seeds"] = list(t_interval(accs))
-            for key in ("em", "f1", "score"):
-                if key in runs[0][1]:
-                    row[key] = statistics.mean(r[1][key] for r in runs)
-            for key in ("train_steps", "train_examples", "train_tokens", "generation_calls"):
-                vals = [r[1].get(key) for r in runs if r[1].get(key) is not None]
-                row[key] = statistics.mean(vals) if vals else 0
-            row["tokens_generated_eval"] = statistics.mean(r[1]["tokens_generated"] for r in runs)
-            row["wall_seconds"] = statistics.mean(r[3] or 0 for r in runs)
-            p0 = runs[0][1].get("p_tilde", "")
-            row["prompts"] = [{"query": p["query"], "prompt": p["prompt"]} for p in runs[0][2][:3]]
-            row["prompt_differs_from_p_tilde"] = sum(p["prompt"] != p0 for p in runs[0][2]) / max(1, len(runs[0][2]))
-            out["methods"].append(row)
+                wall = json.loads((d / "COMPLETE").read_text() or "{}").get("wall_seconds")
+                loaded[(m["name"], seed)] = (seed, met, preds, wall)
+    # p~ of the task: every method but zero_shot records it; zero_shot's prompt is p~ by definition
+    p_tilde = next((r[1]["p_tilde"] for r in loaded.values() if "p_tilde" in r[1]), None)
+    if p_tilde is None:
+        p_tilde = next((r[2][0]["prompt"] for (name, _), r in loaded.items() if r[2]
+                        and r[1].get("method") == "zero_shot"), "")
+    for m in spec["methods"]:
+        name = m["name"]
+        runs = [loaded[(name, s)] for s in spec["seeds"] if (name, s) in loaded]
+        failed = [(s, statuses[(name, s)]) for s in spec["seeds"]
+                  if statuses.get((name, s), {}).get("status") == "failed"]
+        if failed:
+            s, st = failed[0]
+            out["methods"].append({"name": name, "method": m["method"], "status": "failed",
+                                   "error": (f"seed {s}: " if len(spec["seeds"]) > 1 else "") + st["error"],
+                                   "seeds_complete": [r[0] for r in runs]})
+            continue
+        if not runs:
+            out["methods"].append({"name": name, "method": m["method"], "status": "not run"})
+            continue
+        accs = [r[1]["accuracy"] for r in runs]
+        k = sum(bool(p["correct"]) for r in runs for p in r[2])
+        n = sum(len(r[2]) for r in runs)
+        row = {"name": name, "method": m["method"], "status": "complete", "accuracy": statistics.mean(accs),
+               "accuracy_ci95_examples": list(wilson(k, n)), "n_test": runs[0][1]["n"],
+               "seeds_complete": [r[0] for r in runs], "accuracy_per_seed": accs}
+        if len(runs) > 1:
+            lo, hi = t_interval(accs)  # over seeds; an accuracy interval is clipped to [0, 1]
+            row["accuracy_ci95_seeds"] = [max(0.0, lo), min(1.0, hi)]
+        for key in ("em", "f1", "score"):
+            if key in runs[0][1]:
+                row[key] = statistics.mean(r[1][key] for r in runs)
+        for key in ("train_steps", "train_examples", "train_tokens", "generation_calls"):
+            vals = [r[1].get(key) for r in runs if r[1].get(key) is not None]
+            row[key] = statistics.mean(vals) if vals else 0
+        row["tokens_generated_eval"] = statistics.mean(r[1].get("tokens_generated", 0) for r in runs)
+        row["wall_seconds"] = statistics.mean(r[3] or 0 for r in runs)
+        p0 = runs[0][1].get("p_tilde", p_tilde)
+        row["prompts"] = [{"query": p["query"], "prompt": p["prompt"]} for p in runs[0][2][:3]]
+        row["prompt_differs_from_p_tilde"] = sum(p["prompt"] != p0 for p in runs[0][2]) / max(1, len(runs[0][2]))
+        out["methods"].append(row)
     return out
 
 
@@ -252,34 +297,50 @@ def gallery(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _same_config(cfg, run_dir: Path) -> bool:
+    """Whether the completed run in run_dir was requested with the same settings as cfg (keys added to the
+    config schema since then count as their defaults)."""
+    try:
+        old = load_config(run_dir / "requested.yaml", [])
+    except MetatunerError:
+        return False
+    return to_dict(old) == to_dict(cfg)
+
+
 def run_compare(path: str, overrides: list[str]) -> dict:
     spec = load_compare(path, overrides)
     out = Path(spec["output_dir"])
+    # resolve and validate every run's config before running anything: a typo fails in seconds, not hours
+    plan = [(seed, m, method_config(spec, m, seed, out / m["name"] / f"seed_{seed}"))
+            for seed in spec["seeds"] for m in spec["methods"]]
     out.mkdir(parents=True, exist_ok=True)
     statuses = {}
     warm = {}  # warm-up key -> adapter dir of the first MetaTuner run that made it
-    for seed in spec["seeds"]:
-        for m in spec["methods"]:
-            run_dir = out / m["name"] / f"seed_{seed}"
-            cfg = method_config(spec, m, seed, run_dir)
-            if (run_dir / "COMPLETE").is_file():
+    for seed, m, cfg in plan:
+        run_dir = out / m["name"] / f"seed_{seed}"
+        tag = f"[compare] {m['name']} seed {seed}"
+        made = run_dir / "warmup" / "adapter"
+        if (run_dir / "COMPLETE").is_file():
+            if _same_config(cfg, run_dir):
                 statuses[(m["name"], seed)] = {"status": "complete"}
-                print(f"[compare] {m['name']} seed {seed}: already complete, skipped")
+                print(f"{tag}: already complete, skipped", flush=True)
+                if cfg.method in METATUNER_FAMILY and (made / "adapter_config.json").is_file():
+                    warm.setdefault(_warmup_key(cfg), made)
                 continue
-            if cfg.method in METATUNER_FAMILY and cfg.warmup.max_steps > 0:
-                key = _warmup_key(cfg)
-                src = warm.get(key)
-                dst = run_dir / "warmup" / "adapter"
-                if src and not dst.exists():
-                    shutil.copytree(src, dst)
-                    print(f"[compare] {m['name']} seed {seed}: reusing the actor warm-up of {src.parent.parent.name}")
-            print(f"[compare] {m['name']} seed {seed}: running (method={cfg.method}) -> {run_dir}", flush=True)
-            st = run_one(cfg, run_dir)
-            statuses[(m["name"], seed)] = st
-            print(f"[compare] {m['name']} seed {seed}: {st['status']} in {st['wall_seconds']:.0f}s"
-                  + (f" ({st['error']})" if st["status"] == "failed" else ""), flush=True)
-            if cfg.method in METATUNER_FAMILY and (run_dir / "warmup" / "adapter" / "adapter_config.json").is_file():
-                warm.setdefault(_warmup_key(cfg), run_dir / "warmup" / "adapter")
+            print(f"{tag}: settings changed since the completed run; running again", flush=True)
+            (run_dir / "COMPLETE").unlink()
+        if cfg.method in METATUNER_FAMILY and cfg.warmup.max_steps > 0:
+            src = warm.get(_warmup_key(cfg))
+            if src and not made.exists():
+                shutil.copytree(src, made)
+                print(f"{tag}: reusing the actor warm-up of {src.parent.parent.relative_to(out)}", flush=True)
+        print(f"{tag}: running (method={cfg.method}) -> {run_dir}", flush=True)
+        st = run_one(cfg, run_dir)
+        statuses[(m["name"], seed)] = st
+        print(f"{tag}: {st['status']} in {st['wall_seconds']:.0f}s"
+              + (f" ({st['error']})" if st["status"] == "failed" else ""), flush=True)
+        if cfg.method in METATUNER_FAMILY and (made / "adapter_config.json").is_file():
+            warm.setdefault(_warmup_key(cfg), made)
     results = summarize(spec, statuses)
     write_json(out / "results.json", results)
     md = table(results)

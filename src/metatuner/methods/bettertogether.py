@@ -27,28 +27,33 @@ from metatuner.methods.opro import meta_prompt, parse_instruction
 from metatuner.prompts import accuracy_of, bootstrap_traces, optimizer_llm, sample_texts, with_demos
 
 
-def parse_strategy(s: str) -> list[str]:
-    steps = [x.strip() for x in s.split("->")]
+def parse_strategy(s) -> list[str]:
+    """'p -> w -> p' -> ['p', 'w', 'p'] (spaces optional); anything else is a one-line MetatunerError."""
+    steps = [x.strip() for x in str(s).split("->")] if isinstance(s, str) else []
     if not steps or any(x not in ("p", "w") for x in steps):
-        raise MetatunerError(f"bettertogether.strategy: expected steps 'p' and 'w' joined by ' -> ', got {s!r}")
+        raise MetatunerError(f"bettertogether.strategy: expected steps 'p' and 'w' joined by ' -> ' "
+                             f"(e.g. 'p -> w -> p'), got {s!r}")
     return steps
 
 
-def prompt_step(cfg: Config, actor, tok, gen, gtok, task, instruction: str, rng: random.Random, val) -> tuple[str, str, float, int]:
-    """-> (instruction, full prompt, validation accuracy, generation calls)."""
+def prompt_step(cfg: Config, actor, tok, gen, gtok, task, instruction: str, rng: random.Random, val,
+                train=None) -> tuple[str, str, float, int]:
+    """-> (instruction, full prompt, validation accuracy, generation calls). `train`: this step's
+    (shuffled) training list, default task.train."""
     bt = cfg.bettertogether
     bs = cfg.eval.batch_size
-    queries = task.train[: bt.queries]
+    train = task.train if train is None else train
+    queries = train[: bt.queries]
     traces = bootstrap_traces(actor, tok, task, queries, instruction, bs)
     calls = len(queries)
     scored = [(instruction, accuracy_of(actor, tok, task, val, instruction, bs))]
     if bt.instructions > 0:
-        problems = rng.sample(task.train, min(3, len(task.train)))
-        outs = sample_texts(gen, gtok, [[{"role": "user", "content": meta_prompt(scored, problems, 20)}]],
+        problems = rng.sample(train, min(cfg.opro.exemplars, len(train)))
+        outs = sample_texts(gen, gtok, [[{"role": "user", "content": meta_prompt(scored, problems, cfg.opro.top_k)}]],
                             bt.instructions, cfg.opro.max_new_tokens, temperature=cfg.opro.temperature)[0]
         calls += len(outs)
         for ins in dict.fromkeys(parse_instruction(o) for o in outs):
-            if ins and ins != instruction and len(ins) <= cfg.opro.max_chars:
+            if ins and ins != instruction and len(ins) <= cfg.opro.max_chars and "INS" not in ins:
                 scored.append((ins, accuracy_of(actor, tok, task, val, ins, bs)))
     best_ins, best_acc = max(scored, key=lambda x: x[1])
     best_prompt = best_ins
@@ -64,19 +69,20 @@ def prompt_step(cfg: Config, actor, tok, gen, gtok, task, instruction: str, rng:
     return best_ins, best_prompt, best_acc, calls
 
 
-def weight_step(cfg: Config, actor, tok, task, prompt: str, out_dir: str, step_i: int):
-    """SFT on the actor's own correct traces; returns (merged actor, examples trained on)."""
+def weight_step(cfg: Config, actor, tok, task, prompt: str, out_dir: str, step_i: int, train=None):
+    """SFT on the actor's own correct traces; returns (merged actor, examples trained on, generation calls)."""
     from metatuner.methods.sft import train_sft
     from metatuner.tasks import Example
 
-    traces = bootstrap_traces(actor, tok, task, task.train[: cfg.bettertogether.queries], prompt, cfg.eval.batch_size)
-    if not traces:
-        return actor, 0, len(task.train[: cfg.bettertogether.queries])
+    queries = (task.train if train is None else train)[: cfg.bettertogether.queries]
+    traces = bootstrap_traces(actor, tok, task, queries, prompt, cfg.eval.batch_size)
+    if not traces or cfg.train.max_steps <= 0:
+        return actor, 0, len(queries)
     data = [Example(query=ex.query, answer=ex.answer, target=g) for ex, g in traces]
     peft_model = train_sft(cfg, actor, tok, task, data, prompt, f"{out_dir}/w{step_i}", cfg.train.max_steps, cfg.train.lr)
     merged = peft_model.merge_and_unload()
     merged.eval()
-    return merged, len(data), len(task.train[: cfg.bettertogether.queries])
+    return merged, len(data), len(queries)
 
 
 def run(cfg: Config) -> dict:
@@ -86,44 +92,60 @@ def run(cfg: Config) -> dict:
     t0 = time.time()
     task = start_run(cfg)
     steps = parse_strategy(cfg.bettertogether.strategy)
-    actor, tok = load_from_config(cfg.model)
-    gen, gtok = optimizer_llm(cfg, actor, tok)
-    same = gen is actor
     val = task.validation[: cfg.bettertogether.val_examples]
     if not val:
         raise MetatunerError(f"task {task.name!r}: bettertogether needs a validation split (task.val_size > 0)")
+    actor, tok = load_from_config(cfg.model)
+    gen, gtok = optimizer_llm(cfg, actor, tok)
+    same = gen is actor
     rng = random.Random(cfg.seed)
     instruction, prompt = task.prompt, task.prompt
     with torch.no_grad():
-        best = (accuracy_of(actor, tok, task, val, prompt, cfg.eval.batch_size), "start", prompt)
-    history = [{"step": "start", "prompt": prompt, "val_accuracy": best[0]}]
-    calls, w_steps, w_examples = 0, 0, 0
-    best_actor_state = None
+        acc0 = accuracy_of(actor, tok, task, val, prompt, cfg.eval.batch_size)
+    best = {"acc": acc0, "step": "start", "prompt": prompt, "instruction": instruction}
+    history = [{"step": "start", "prompt": prompt, "val_accuracy": acc0}]
+    calls, w_steps, w_examples = len(val), 0, 0
+    # which actor weights the best program uses: "original" (as loaded), "current" (the live actor: no weight
+    # step changed it since), or a CPU copy of its state (a later weight step changed it)
+    best_weights = "original"
+    trained = False  # has any weight step changed the live actor
     for i, s in enumerate(steps):
+        # DSPy shuffles the trainset between steps (shuffle_trainset_between_steps=True)
+        train = rng.sample(task.train, len(task.train))
         if s == "p":
             with torch.no_grad():
                 instruction, prompt, acc, c = prompt_step(cfg, actor, tok, actor if same else gen, tok if same else gtok,
-                                                          task, instruction, rng, val)
+                                                          task, instruction, rng, val, train)
             calls += c
         else:
-            actor, n_data, c = weight_step(cfg, actor, tok, task, prompt, cfg.output_dir, i)
+            # the best program so far runs on the live actor's weights: keep a CPU copy before changing them
+            snapshot = ({k: v.detach().to("cpu", copy=True) for k, v in actor.state_dict().items()}
+                        if best_weights == "current" else None)
+            actor, n_data, c = weight_step(cfg, actor, tok, task, prompt, cfg.output_dir, i, train)
             calls += c
-            w_steps += cfg.train.max_steps if n_data else 0
-            w_examples += n_data
+            if n_data:
+                trained = True
+                w_steps += cfg.train.max_steps
+                w_examples += n_data
+                if snapshot is not None:
+                    best_weights = snapshot
+            del snapshot
             with torch.no_grad():
                 acc = accuracy_of(actor, tok, task, val, prompt, cfg.eval.batch_size)
-        history.append({"step": f"{i}:{s}", "prompt": prompt, "val_accuracy": acc})
-        if acc > best[0]:
-            best = (acc, f"{i}:{s}", prompt)
-            best_actor_state = {k: v.detach().clone() for k, v in actor.state_dict().items()} if "w" in steps else None
-    if best_actor_state is not None:
-        actor.load_state_dict(best_actor_state)
-    elif any(h["step"].endswith(":w") for h in history[1:]) and best[1] == "start":
-        actor, tok = load_from_config(cfg.model)  # the unoptimized program won: the original actor
+            calls += len(val)
+        history.append({"step": f"{i}:{s}", "instruction": instruction, "prompt": prompt, "val_accuracy": acc})
+        if acc > best["acc"]:  # strict: on ties the earlier (cheaper) program stays
+            best = {"acc": acc, "step": f"{i}:{s}", "prompt": prompt, "instruction": instruction}
+            best_weights = "current" if trained else "original"
+    if isinstance(best_weights, dict):
+        actor.load_state_dict(best_weights)
+    elif best_weights == "original" and trained:
+        actor, tok = load_from_config(cfg.model)  # the best program uses the unoptimized weights
     if is_main_process():
         write_jsonl(f"{cfg.output_dir}/bettertogether_history.jsonl", history)
     with torch.no_grad():
-        return final_eval(cfg, actor, tok, task, best[2], extra={
-            "prompt": best[2], "best_step": best[1], "val_accuracy": best[0], "strategy": cfg.bettertogether.strategy,
+        return final_eval(cfg, actor, tok, task, best["prompt"], extra={
+            "prompt": best["prompt"], "best_step": best["step"], "val_accuracy": best["acc"],
+            "strategy": cfg.bettertogether.strategy, "w_traces": w_examples,
             "train_steps": w_steps, "train_examples": w_steps * cfg.train.batch_size, "generation_calls": calls,
             "train_seconds": round(time.time() - t0, 1)})

@@ -11,7 +11,6 @@ actor, unchanged, answers.
 
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
@@ -54,18 +53,20 @@ def run(cfg: Config) -> dict:
         write_jsonl(f"{cfg.output_dir}/bpo_pairs.jsonl", [{"query": ex.query, "better_prompt": b[0], "correct": b[1]}
                                                           for ex, b in zip(queries, best)])
     # the rewriter's LoRA SFT (TRL), LoRA over the generator's own linears
-    lcfg = copy.deepcopy(cfg.lora)
-    args = SFTConfig(**trl_common_args(cfg, f"{cfg.output_dir}/rewriter", cfg.bpo.max_steps, cfg.bpo.lr,
-                                       gen.device.type == "cpu"), max_length=cfg.train.max_length,
-                     completion_only_loss=True)
-    gen.train()
-    trainer = SFTTrainer(model=gen, args=args, train_dataset=Dataset.from_list(pairs), processing_class=gtok,
-                         peft_config=peft_lora_config(gen, lcfg, cfg.generator.name or cfg.model.name))
-    result = trainer.train()
-    rewriter = trainer.model
+    steps = 0
+    rewriter = gen
+    if cfg.bpo.max_steps > 0 and pairs:  # (the HF Trainer would read max_steps=0 as "train by epochs")
+        args = SFTConfig(**trl_common_args(cfg, f"{cfg.output_dir}/rewriter", cfg.bpo.max_steps, cfg.bpo.lr,
+                                           gen.device.type == "cpu"), max_length=cfg.train.max_length,
+                         completion_only_loss=True)
+        gen.train()
+        trainer = SFTTrainer(model=gen, args=args, train_dataset=Dataset.from_list(pairs), processing_class=gtok,
+                             peft_config=peft_lora_config(gen, cfg.lora, cfg.generator.name or cfg.model.name))
+        steps = int(trainer.train().global_step)
+        rewriter = trainer.model
+        if is_main_process():
+            rewriter.save_pretrained(f"{cfg.output_dir}/rewriter/adapter")
     rewriter.eval()
-    if is_main_process():
-        rewriter.save_pretrained(f"{cfg.output_dir}/rewriter/adapter")
     from metatuner.run import eval_examples
 
     with torch.no_grad():
@@ -73,6 +74,7 @@ def run(cfg: Config) -> dict:
         prompts = [c[0] for c in rewrite(rewriter, gtok, task.prompt, exs, cfg)]
         return final_eval(cfg, actor, tok, task, prompts, extra={
             "pairs": len(pairs), "pairs_rewritten": sum(b[0] != task.prompt for b in best) / max(1, len(best)),
-            "train_steps": int(result.global_step), "train_examples": int(result.global_step) * cfg.train.batch_size,
+            "train_steps": steps, "train_examples": steps * cfg.train.batch_size,
             "generation_calls": len(queries) * (cfg.rollout.n + (cfg.rollout.n + 1) * (cfg.rollout.criterion == "answer")),
+            "rewrite_calls_eval": len(exs),
             "train_seconds": round(time.time() - t0, 1)})

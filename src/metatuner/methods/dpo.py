@@ -35,6 +35,17 @@ def build_pairs(task, examples, samples: list[list[str]], max_pairs: int, seed: 
     return pairs
 
 
+def drop_long_pairs(tok, task, prompt: str, pairs: list[dict], max_length: int) -> tuple[list[dict], int]:
+    """Pairs whose rendered prompt + longer answer fits in max_length tokens (long outliers cause OOM, trl #2452)."""
+    kept = []
+    for p in pairs:
+        n_prompt = len(tok(chat_text(tok, task.render(prompt, p["query"])), add_special_tokens=False)["input_ids"])
+        n_resp = max(len(tok(p[k], add_special_tokens=False)["input_ids"]) for k in ("chosen", "rejected"))
+        if n_prompt + n_resp + 2 <= max_length:
+            kept.append(p)
+    return kept, len(pairs) - len(kept)
+
+
 @torch.no_grad()
 def sample_answers(model, tok, task, examples, prompt: str, k: int, temperature: float, batch_size: int) -> list[list[str]]:
     out = []
@@ -62,7 +73,7 @@ def run(cfg: Config) -> dict:
     queries = task.train[: cfg.dpo.queries]
     samples = sample_answers(policy, tok, task, queries, task.prompt, cfg.dpo.k, cfg.dpo.temperature, cfg.eval.batch_size)
     pairs = build_pairs(task, queries, samples, cfg.dpo.pairs_per_query, cfg.seed)
-    by_query = {ex.query: ex for ex in queries}
+    pairs, dropped = drop_long_pairs(tok, task, task.prompt, pairs, cfg.train.max_length)
     if is_main_process():
         write_jsonl(f"{cfg.output_dir}/dpo_pairs.jsonl", pairs)
     dpo_steps = 0
@@ -79,12 +90,12 @@ def run(cfg: Config) -> dict:
         trainer = DPOTrainer(model=policy, args=args, train_dataset=data, processing_class=tok)
         dpo_steps = int(trainer.train().global_step)
         policy = trainer.model
-        if is_main_process():
-            policy.save_pretrained(f"{cfg.output_dir}/adapter", selected_adapters=["default"])
+    if is_main_process():  # the final policy (the SFT adapter itself when there was nothing to train on)
+        policy.save_pretrained(f"{cfg.output_dir}/adapter", selected_adapters=["default"])
+        tok.save_pretrained(f"{cfg.output_dir}/adapter")
     policy.eval()
-    del by_query
     with torch.no_grad():
         return final_eval(cfg, policy, tok, task, task.prompt, extra={
-            "pairs": len(pairs), "sft_steps": sft_steps, "dpo_steps": dpo_steps, "train_steps": sft_steps + dpo_steps,
+            "pairs": len(pairs), "pairs_dropped_too_long": dropped, "sft_steps": sft_steps, "dpo_steps": dpo_steps, "train_steps": sft_steps + dpo_steps,
             "train_examples": (sft_steps + dpo_steps) * cfg.train.batch_size,
             "generation_calls": len(queries) * cfg.dpo.k, "train_seconds": round(time.time() - t0, 1)})

@@ -49,12 +49,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from metatuner.config import Config
+from metatuner.config import Config, save_config
+from metatuner.sapo import maybe_select
 from metatuner.errors import MetatunerError
 from metatuner.evaluate import chat_text, generate_texts
 from metatuner.generator import SplitGenerator, load_metatuner, save_metatuner
 from metatuner.hypernet import ParameterDecoder, pool
-from metatuner.io import write_jsonl
+from metatuner.io import write_json, write_jsonl
 from metatuner.lora import attach_per_query_lora, find_targets
 from metatuner.tasks import Example, Task
 from metatuner.training import (TrainLog, actor_batch, autocast, check_finite, completion_text, forward_nll,
@@ -694,6 +695,12 @@ def prepare(cfg: Config, task: Task) -> tuple[MetaTunerSystem, JointLoop, dict]:
             print(f"removing {old} of an earlier run (fresh start: resume_from_checkpoint=false)")
             shutil.rmtree(old)
     dist.barrier()
+    sel = maybe_select(cfg, actor, tok, task, gen, gtok)  # SAPO: choose p~ by pre-update loss
+    if sel is not None:
+        cfg.task.prompt = task.prompt  # recorded, so resume and `infer` use the same p~
+        if dist.main:
+            save_config(cfg, out / "config.yaml")
+            write_json(out / "sapo.json", sel)
     actor, adapter = warmup_actor(cfg, actor, tok, task, out, dist)
     system = MetaTunerSystem(cfg, actor, tok, gen, gtok, task)
     system.actor_adapter = adapter

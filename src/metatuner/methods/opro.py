@@ -49,8 +49,8 @@ def parse_instruction(text: str) -> str:
     return lines[0] if lines else ""
 
 
-def optimize(cfg: Config, actor, tok, gen, gtok, task, log_path=None) -> tuple[str, float, list[dict]]:
-    """Run OPRO; returns (best instruction, its training accuracy, history rows)."""
+def optimize(cfg: Config, actor, tok, gen, gtok, task, log_path=None) -> tuple[str, float, list[dict], int]:
+    """Run OPRO; returns (best instruction, its training accuracy, history rows, optimizer LLM samples)."""
     oc = cfg.opro
     rng = random.Random(cfg.seed)
     subset = task.train[: oc.subset]

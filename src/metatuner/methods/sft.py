@@ -64,6 +64,17 @@ def train_sft(cfg: Config, model, tokenizer, task: Task, examples: list[Example]
     """LoRA SFT with TRL; returns the trained PeftModel (adapter saved to output_dir/adapter)."""
     from trl import SFTConfig, SFTTrainer
 
+    if max_steps <= 0:  # no training (the HF Trainer would treat max_steps=0 as "use epochs"): an identity LoRA
+        from peft import get_peft_model
+
+        peft_model = get_peft_model(model, peft_lora_config(model, cfg.lora, cfg.model.name))  # B = 0: no change
+        if int(os.environ.get("RANK", "0")) == 0:
+            peft_model.save_pretrained(Path(output_dir) / "adapter")
+            tokenizer.save_pretrained(Path(output_dir) / "adapter")
+        peft_model.eval()
+        peft_model.train_metrics = {"train_loss": float("nan"), "train_steps": 0, "train_examples": 0,
+                                    "train_tokens": 0, "train_seconds": 0.0}
+        return peft_model
     use_cpu = model.device.type == "cpu"
     args = SFTConfig(**trl_common_args(cfg, output_dir, max_steps, lr, use_cpu),
                      max_length=cfg.train.max_length, completion_only_loss=True, packing=False)

@@ -1,0 +1,413 @@
+"""The baselines (zero_shot, sft, dpo, opro, bpo, bettertogether) end to end on a tiny random Llama, and
+their building blocks (DPO pairs, OPRO's meta-prompt and selection, rank_prompts, BetterTogether's
+program selection) with deterministic fakes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from metatuner.cli import main
+from metatuner.config import load_config
+from metatuner.tasks import Example
+
+SMALL = ["task.name=chain_sum", "task.train_size=16", "task.val_size=4", "task.test_size=4", "eval.limit=2",
+         "eval.batch_size=2", "task.max_new_tokens=4", "train.max_steps=2", "train.batch_size=2", "lora.rank=2",
+         "rollout.n=2", "rollout.batch_size=8", "generator.max_prompt_tokens=6",
+         "opro.steps=2", "opro.candidates=2", "opro.subset=4", "opro.max_new_tokens=8",
+         "bpo.queries=4", "bpo.max_steps=2", "dpo.queries=4", "dpo.k=2", "dpo.max_steps=2",
+         "bettertogether.queries=4", "bettertogether.val_examples=2", "bettertogether.instructions=1",
+         "bettertogether.demo_sets=1", "bettertogether.strategy=p -> w"]
+
+ARTIFACTS = {
+    "zero_shot": [],
+    "sft": ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"],
+    "dpo": ["dpo_pairs.jsonl", "sft/adapter/adapter_config.json", "adapter/adapter_config.json"],
+    "opro": ["opro_history.jsonl"],
+    "bpo": ["bpo_pairs.jsonl", "rewriter/adapter/adapter_config.json"],
+    "bettertogether": ["bettertogether_history.jsonl"],
+}
+COST_KEYS = {
+    "sft": ["train_steps", "train_examples", "train_tokens"],
+    "dpo": ["train_steps", "train_examples", "generation_calls", "pairs"],
+    "opro": ["train_steps", "train_examples", "generation_calls"],
+    "bpo": ["train_steps", "train_examples", "generation_calls"],
+    "bettertogether": ["train_steps", "train_examples", "generation_calls"],
+}
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Records (model, prompts, extra) of each final_eval call, then runs the real one."""
+    import metatuner.run as run_mod
+
+    calls = []
+    real = run_mod.final_eval
+
+    def spy(cfg, model, tok, task, prompts=None, *a, **kw):
+        calls.append({"model": model, "prompts": prompts, "extra": kw.get("extra")})
+        return real(cfg, model, tok, task, prompts, *a, **kw)
+
+    monkeypatch.setattr(run_mod, "final_eval", spy)
+    return calls
+
+
+def lora_state(model, adapter="default") -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n and f".{adapter}." in n}
+
+
+def base_state(model) -> dict[str, torch.Tensor]:
+    """The base weights of a PeftModel under the plain model's key names."""
+    sd = model.get_base_model().state_dict()
+    return {k.replace(".base_layer", ""): v for k, v in sd.items() if "lora_" not in k}
+
+
+def adapter_file_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("method", list(ARTIFACTS))
+def test_baseline_end_to_end(method, tiny_model_path, tmp_path, captured, monkeypatch):
+    from metatuner.methods import bettertogether, dpo
+
+    if method == "dpo":  # a random actor is never right: give DPO one right and one wrong sample per query
+        monkeypatch.setattr(dpo, "sample_answers", lambda m, t, task, exs, p, k, temp, bs:
+                            [[ex.target, "Answer: nope"] for ex in exs])
+    if method == "bettertogether":  # ... and BetterTogether correct traces, so its w step trains
+        monkeypatch.setattr(bettertogether, "bootstrap_traces", lambda m, t, task, exs, p, bs=16:
+                            [(ex, ex.target) for ex in exs[:2]])
+    out = tmp_path / method
+    assert main(["train", f"method={method}", f"model.name={tiny_model_path}", f"output_dir={out}", *SMALL]) == 0
+
+    for f in ["config.yaml", "metrics.json", "predictions.jsonl", *ARTIFACTS[method]]:
+        assert (out / f).is_file(), f
+    assert load_config(out / "config.yaml").method == method
+    metrics = json.loads((out / "metrics.json").read_text())
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 2 and metrics["n"] == 2
+    assert metrics["accuracy"] == pytest.approx(sum(p["correct"] for p in preds) / 2)
+    assert metrics["method"] == method
+    for key in COST_KEYS.get(method, []):
+        assert isinstance(metrics[key], (int, float)) and metrics[key] >= 0, key
+
+    if method == "sft":
+        _check_sft(out, tiny_model_path, captured[-1]["model"], metrics)
+    elif method == "dpo":
+        _check_dpo(out, captured[-1]["model"], metrics)
+    elif method == "opro":
+        rows = [json.loads(x) for x in (out / "opro_history.jsonl").read_text().splitlines()]
+        assert rows[0]["step"] == 0 and len(rows) >= 1
+        best = max(rows, key=lambda r: r["train_accuracy"])  # first of the best: p~ on ties
+        assert metrics["prompt"] == best["instruction"] and all(p["prompt"] == best["instruction"] for p in preds)
+        assert metrics["generation_calls"] >= 2 * 2  # optimizer samples + scoring
+    elif method == "bpo":
+        pairs = [json.loads(x) for x in (out / "bpo_pairs.jsonl").read_text().splitlines()]
+        assert len(pairs) == 4 and all(p["better_prompt"] for p in pairs)
+        assert metrics["train_steps"] == 2
+    elif method == "bettertogether":
+        hist = [json.loads(x) for x in (out / "bettertogether_history.jsonl").read_text().splitlines()]
+        assert [h["step"] for h in hist] == ["start", "0:p", "1:w"]
+        best = max(hist, key=lambda h: h["val_accuracy"])  # first of the best
+        assert metrics["best_step"] == best["step"] and metrics["val_accuracy"] == best["val_accuracy"]
+        assert metrics["train_steps"] == 2 and (out / "w1" / "adapter" / "adapter_config.json").is_file()
+
+
+def _check_sft(out: Path, model_path: Path, peft_model, metrics: dict) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from metatuner.models import load_model
+
+    assert metrics["train_steps"] == 2 and metrics["train_examples"] == 4 and metrics["train_tokens"] > 0
+    # LoRA moved (B starts at zero), the base weights did not
+    lora = lora_state(peft_model)
+    assert lora and any(v.abs().sum() > 0 for n, v in lora.items() if "lora_B" in n)
+    orig = load_file(str(model_path / "model.safetensors"))
+    base = base_state(peft_model)
+    for k, v in orig.items():
+        assert torch.equal(base[k], v), k
+    # the saved adapter loads with PEFT onto a fresh base and holds the trained weights
+    fresh, _ = load_model(str(model_path), dtype="float32", device="cpu")
+    loaded = PeftModel.from_pretrained(fresh, str(out / "adapter"))
+    got = lora_state(loaded)
+    assert set(got) == set(lora)
+    for k in lora:
+        assert torch.allclose(got[k], lora[k]), k
+
+
+def _check_dpo(out: Path, policy, metrics: dict) -> None:
+    pairs = [json.loads(x) for x in (out / "dpo_pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == 4 and all(p["chosen"] != p["rejected"] for p in pairs)  # 4 queries x 1 pair
+    assert metrics["pairs"] == 4 and metrics["sft_steps"] == 2 and metrics["dpo_steps"] == 2
+    assert metrics["train_steps"] == 4 and metrics["generation_calls"] == 4 * 2
+    # DPO started from the SFT adapter; TRL's frozen "ref" adapter is a copy of it and stayed put
+    assert "ref" in policy.peft_config
+    sft_file = adapter_file_state(out / "sft" / "adapter")
+    ref = lora_state(policy, "ref")
+    default = lora_state(policy, "default")
+    assert len(ref) == len(sft_file) == len(default)
+    for n, v in ref.items():  # PEFT names the file's keys without the adapter name
+        assert torch.equal(v, sft_file[n.replace(".ref.", ".")]), n
+        assert not v.requires_grad, n
+    assert any(not torch.equal(default[n.replace(".ref.", ".default.")], v) for n, v in ref.items())
+    # the saved final adapter is the DPO-trained one
+    final = adapter_file_state(out / "adapter")
+    assert sorted(final) == sorted(sft_file)
+    assert any(not torch.equal(final[k], sft_file[k]) for k in final)
+
+
+def test_zero_steps_means_no_training(tiny_model_path, tmp_path, captured):
+    """train.max_steps=0 trains nothing (the HF Trainer alone would read 0 as "train by epochs")."""
+    out = tmp_path / "sft0"
+    assert main(["train", "method=sft", f"model.name={tiny_model_path}", f"output_dir={out}", *SMALL,
+                 "train.max_steps=0"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_steps"] == 0 and metrics["train_examples"] == 0
+    lora = lora_state(captured[-1]["model"])
+    assert lora and all(v.abs().sum() == 0 for n, v in lora.items() if "lora_B" in n)
+    assert (out / "adapter" / "adapter_config.json").is_file()
+
+
+# ----------------------------------------------------------------------------- DPO pairs
+
+
+def test_dpo_build_pairs(make_task):
+    from metatuner.methods.dpo import build_pairs
+
+    task = make_task([("q1", "1"), ("q2", "5"), ("q3", "7"), ("q4", "2")])
+    exs = task.test
+    samples = [["1a", "1b", "2", "3", "1a", "2"],   # 2 right x 2 wrong (after dedup) = 4 pairs, capped at 3
+               ["5", "5x", "5"],                    # all right: none
+               ["0", "9", ""],                      # all wrong: none
+               ["2!", "x"]]                         # exactly one pair
+    pairs = build_pairs(task, exs, samples, max_pairs=3, seed=0)
+    by_q = {}
+    for p in pairs:
+        by_q.setdefault(p["query"], []).append((p["chosen"], p["rejected"]))
+    assert set(by_q) == {"q1", "q4"}
+    assert len(by_q["q1"]) == 3 and len(set(by_q["q1"])) == 3
+    for c, r in by_q["q1"]:
+        assert c in ("1a", "1b") and r in ("2", "3")
+    assert by_q["q4"] == [("2!", "x")]
+    # no cap: every (right, wrong) combination once
+    allp = build_pairs(task, exs, samples, max_pairs=10)
+    assert sorted((p["chosen"], p["rejected"]) for p in allp if p["query"] == "q1") == \
+        [("1a", "2"), ("1a", "3"), ("1b", "2"), ("1b", "3")]
+    assert build_pairs(task, exs, samples, max_pairs=0) == []
+
+
+# ----------------------------------------------------------------------------- OPRO
+
+
+def test_opro_meta_prompt_order_scores_and_cap():
+    from metatuner.methods.opro import meta_prompt
+
+    hist = [("alpha rule", 0.5), ("bravo rule", 0.1), ("charlie rule", 0.9), ("delta rule", 0.333)]
+    probs = [Example(query="What is 2+2?", answer="4", target="4"), Example(query="What is 3+5?", answer="8", target="8")]
+    mp = meta_prompt(hist, probs, top_k=3)
+    assert "bravo rule" not in mp  # the worst falls outside the top 3
+    pos = [mp.index(f"text:\n{t}\nscore:\n{s}\n") for t, s in [("delta rule", 33), ("alpha rule", 50), ("charlie rule", 90)]]
+    assert pos == sorted(pos)  # ascending score order, scores on 0-100
+    assert mp.startswith("Your task is to generate the instruction <INS>.")
+    assert "The score ranges from 0 to 100." in mp
+    assert "Q: <INS>\nWhat is 2+2?\nA:\nGround truth answer:\n4" in mp and "Ground truth answer:\n8" in mp
+    assert mp.index("charlie rule") < mp.index("Below are some problems.") < mp.index("What is 2+2?")
+    assert mp.rstrip().endswith("generally applicable to all problems above.") and "<INS> and end with </INS>" in mp
+
+
+def test_opro_parse_instruction():
+    from metatuner.methods.opro import parse_instruction
+
+    assert parse_instruction("Sure! <INS> Add the numbers. </INS> hope it helps") == "Add the numbers."
+    assert parse_instruction("<INS>Think step by step") == "Think step by step"  # no closing tag
+    assert parse_instruction("<INS>Line one\nline two") == "Line one\nline two"
+    assert parse_instruction("\n  Plain instruction here.  \nsecond line") == "Plain instruction here."
+    assert parse_instruction("") == "" and parse_instruction("  \n ") == ""
+    assert parse_instruction("<INS></INS>\nfallback") == "<INS></INS>"  # empty tag: first line (dropped later: 'INS')
+
+
+def test_opro_keeps_the_best_instruction(monkeypatch, make_task):
+    from metatuner.methods import opro
+
+    task = make_task([(f"q{i}", str(i % 10)) for i in range(6)], prompt="Seed prompt.")
+    task.train = task.test
+    scores = {"Seed prompt.": 0.2, "Think step by step.": 0.5, "Add carefully.": 0.9, "Best one": 0.7}
+    scored, metas = [], []
+    outputs = iter([
+        ["<INS>Think step by step.</INS>", "<INS>Add carefully.", "<INS>use INS here</INS>"],
+        ["<INS>Think step by step.</INS>", "<INS>" + "x" * 600 + "</INS>", "Best one\nmore", "<INS>Seed prompt.</INS>"],
+    ])
+
+    def fake_acc(actor, tok, task_, examples, prompt, bs=16):
+        scored.append(prompt)
+        assert examples == task.train[:4]
+        return scores[prompt]
+
+    def fake_sample(model, tok, messages, n, max_new_tokens, temperature=1.0, **kw):
+        metas.append(messages[0][0]["content"])
+        return [next(outputs)]
+
+    monkeypatch.setattr(opro, "accuracy_of", fake_acc)
+    monkeypatch.setattr(opro, "sample_texts", fake_sample)
+    cfg = load_config(None, ["opro.steps=2", "opro.candidates=3", "opro.subset=4", "opro.top_k=2", "opro.exemplars=2"])
+    best, acc, rows, calls = opro.optimize(cfg, None, None, None, None, task)
+    assert (best, acc) == ("Add carefully.", 0.9)
+    assert calls == 7
+    # each instruction scored once; duplicates, 'INS', over-long (> 500 chars) and p~ again are dropped
+    assert scored == ["Seed prompt.", "Think step by step.", "Add carefully.", "Best one"]
+    assert [(r["step"], r["instruction"]) for r in rows] == [(0, "Seed prompt."), (1, "Think step by step."),
+                                                            (1, "Add carefully."), (2, "Best one")]
+    # step 2's meta-prompt: the top 2 so far, ascending
+    assert "Seed prompt." not in metas[1].split("Below are some problems.")[0]
+    assert metas[1].index("text:\nThink step by step.\nscore:\n50") < metas[1].index("text:\nAdd carefully.\nscore:\n90")
+
+
+def test_opro_ties_keep_p_tilde(monkeypatch, make_task):
+    from metatuner.methods import opro
+
+    task = make_task([("q", "1")], prompt="Seed.")
+    task.train = task.test
+    monkeypatch.setattr(opro, "accuracy_of", lambda *a, **k: 0.0)
+    monkeypatch.setattr(opro, "sample_texts", lambda *a, **k: [["<INS>Other.</INS>"]])
+    cfg = load_config(None, ["opro.steps=1", "opro.candidates=1"])
+    assert opro.optimize(cfg, None, None, None, None, task)[0] == "Seed."
+
+
+# ----------------------------------------------------------------------------- rank_prompts
+
+
+def test_rank_prompts_correct_first_then_nll(monkeypatch, make_task):
+    from metatuner import prompts as P
+
+    nll = {"wrong low": 0.1, "RIGHT high": 2.0, "wrong a": 1.0, "wrong b": 0.5, "RIGHT c": 0.3, "RIGHT d": 0.9}
+    monkeypatch.setattr(P, "actor_batch", lambda tok, task, ps, exs, max_length, device: {"prompts": list(ps)})
+    monkeypatch.setattr(P, "forward_nll", lambda model, batch: (torch.tensor([nll[p] for p in batch["prompts"]]), None))
+    monkeypatch.setattr(P, "chat_text", lambda tok, msgs: msgs[0]["content"])
+    monkeypatch.setattr(P, "generate_texts", lambda model, tok, texts, n: (
+        [["7" if "RIGHT" in t else "?"] for t in texts], None, None))
+
+    class Dev:
+        device = torch.device("cpu")
+
+    task = make_task([("q1", "7"), ("q2", "7"), ("q3", "7")])
+    cands = [["wrong low", "RIGHT high", "wrong low"], ["wrong a", "wrong b"], ["RIGHT d", "RIGHT c"]]
+    got = P.rank_prompts(Dev(), None, task, task.test, cands, "answer", batch_size=2, bf16=False)
+    assert got == [("RIGHT high", True, pytest.approx(2.0)), ("wrong b", False, pytest.approx(0.5)),
+                   ("RIGHT c", True, pytest.approx(0.3))]
+    # criterion=nll: no generation, the lowest NLL wins
+    monkeypatch.setattr(P, "generate_texts", lambda *a, **k: pytest.fail("nll criterion must not generate"))
+    got = P.rank_prompts(Dev(), None, task, task.test, cands, "nll", batch_size=4, bf16=False)
+    assert [g[0] for g in got] == ["wrong low", "wrong b", "RIGHT c"]
+
+
+# ----------------------------------------------------------------------------- BetterTogether
+
+
+@pytest.mark.parametrize("s, steps", [("p -> w -> p", ["p", "w", "p"]), ("w", ["w"]), ("p->p", ["p", "p"])])
+def test_parse_strategy_ok(s, steps):
+    from metatuner.methods.bettertogether import parse_strategy
+
+    assert parse_strategy(s) == steps
+
+
+@pytest.mark.parametrize("s", ["", "p -> x", "p ->", "p w", "-> p", "P -> W", None, 3])
+def test_parse_strategy_errors(s):
+    from metatuner.errors import MetatunerError
+    from metatuner.methods.bettertogether import parse_strategy
+
+    with pytest.raises(MetatunerError) as e:
+        parse_strategy(s)
+    msg = str(e.value)
+    assert "bettertogether.strategy" in msg and "\n" not in msg
+
+
+def test_bad_strategy_cli_one_line(tiny_model_path, tmp_path, capsys):
+    assert main(["train", "method=bettertogether", "bettertogether.strategy=p -> q", f"model.name={tiny_model_path}",
+                 f"output_dir={tmp_path / 'o'}", *SMALL[:4]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: bettertogether.strategy")
+
+
+@pytest.mark.parametrize("strategy, accs, want_step, want_prompt, want_delta", [
+    # start 0.1; p 0.5; w 0.8 (best); p 0.6; w 0.3 -> the program after the first w: its weights come back
+    ("p -> w -> p -> w", [0.5, 0.8, 0.6, 0.3], "1:w", "prompt0", 1),
+    # nothing beats the unoptimized program: p~ on the original weights (reloaded after the w step)
+    ("w -> p", [0.0, 0.05], "start", None, 0),
+    # the best program is a p step before any w step: its prompt on the original weights
+    ("p -> w", [0.5, 0.2], "0:p", "prompt0", 0),
+    # the last step is best: the live weights
+    ("w -> w", [0.2, 0.4], "1:w", None, 2),
+])
+def test_bettertogether_returns_best_program(strategy, accs, want_step, want_prompt, want_delta, tiny_model_path,
+                                             tmp_path, monkeypatch):
+    import metatuner.run as run_mod
+    from metatuner.methods import bettertogether as BT
+
+    base0 = {}
+    it = iter(accs)
+    step_acc = {}  # (prompt, weight delta) -> val accuracy, filled as steps happen
+
+    def delta(actor) -> int:
+        return round(actor.lm_head.weight[0, 0].item() - base0["v"])
+
+    def fake_acc(actor, tok, task, examples, prompt, bs=16):
+        base0.setdefault("v", actor.lm_head.weight[0, 0].item())
+        return step_acc.get((prompt, delta(actor)), 0.1 if delta(actor) == 0 and prompt == task.prompt else 0.0)
+
+    n_p = iter(range(10))
+
+    def fake_prompt_step(cfg, actor, tok, gen, gtok, task, instruction, rng, val, train=None):
+        i = next(n_p)
+        acc = next(it)
+        step_acc[(f"prompt{i}", delta(actor))] = acc
+        return f"ins{i}", f"prompt{i}", acc, 1
+
+    def fake_weight_step(cfg, actor, tok, task, prompt, out_dir, step_i, train=None):
+        with torch.no_grad():
+            actor.lm_head.weight[0, 0] += 1.0
+        step_acc[(prompt, delta(actor))] = next(it)
+        return actor, 3, 4
+
+    got = {}
+
+    def fake_final_eval(cfg, model, tok, task, prompts=None, *a, **kw):
+        got.update(model=model, prompt=prompts, extra=kw["extra"], p_tilde=task.prompt)
+        return {"accuracy": 0.0}
+
+    monkeypatch.setattr(BT, "accuracy_of", fake_acc)
+    monkeypatch.setattr(BT, "prompt_step", fake_prompt_step)
+    monkeypatch.setattr(BT, "weight_step", fake_weight_step)
+    monkeypatch.setattr(run_mod, "final_eval", fake_final_eval)
+    cfg = load_config(None, [f"model.name={tiny_model_path}", f"output_dir={tmp_path / 'bt'}", "method=bettertogether",
+                             f"bettertogether.strategy={strategy}", *SMALL[:4]])
+    BT.run(cfg)
+    assert got["extra"]["best_step"] == want_step
+    assert got["prompt"] == (want_prompt or got["p_tilde"])
+    assert delta(got["model"]) == want_delta
+    hist = [json.loads(x) for x in (tmp_path / "bt" / "bettertogether_history.jsonl").read_text().splitlines()]
+    assert got["extra"]["val_accuracy"] == max(h["val_accuracy"] for h in hist)
+    assert len(hist) == 1 + len(accs)
+
+
+def test_with_demos_and_bootstrap_shape():
+    from metatuner.prompts import with_demos
+
+    assert with_demos("Do it.", []) == "Do it."
+    text = with_demos("Do it.", [("1+1?", "Answer: 2"), ("2+2?", "Answer: 4")])
+    assert text.startswith("Do it.\n\n") and "Example question: 1+1?\nExample answer: Answer: 2" in text
+    assert text.index("1+1?") < text.index("2+2?")
