@@ -106,7 +106,8 @@ def run_eval(cfg: Config) -> dict:
                           top_p=cfg.inference.top_p, output_dir=cfg.output_dir,
                           verifier=resolve_verifier(cfg.inference.verifier, task),
                           extra_metrics={"model": cfg.model.name, "method": "zero_shot", "split": cfg.eval.split,
-                                         "seed": cfg.seed})
+                                         "seed": cfg.seed, "p_tilde": task.prompt, "train_steps": 0,
+                                         "train_examples": 0, "generation_calls": 0})
     return metrics
 
 

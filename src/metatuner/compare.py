@@ -116,6 +116,8 @@ def method_config(spec: dict, m: dict, seed: int, run_dir: Path):
         set_key(cfg, k, v, where=f"{where} methods[{m['name']}]")
     cfg = load_config(None, spec["cli_overrides"], base=cfg)
     cfg.seed = seed
+    if cfg.task.split_seed < 0:
+        cfg.task.split_seed = spec["seeds"][0]  # every seed sees the same splits
     cfg.output_dir = str(run_dir)
     cfg.resume_from_checkpoint = True
     return cfg

@@ -57,6 +57,7 @@ class TaskConfig:
     val_size: int = _f(100, "Validation examples.")
     test_size: int = _f(200, "Test examples (at most).")
     max_new_tokens: int = _f(0, "Generation budget for answers; 0 = the task's default.")
+    split_seed: int = _f(-1, "Seed of the data splits; -1 = the run's seed. `metatuner compare` fixes it to the first seed so every seed sees the same test set.")
 
 
 @dataclass
@@ -148,6 +149,7 @@ class TrainConfig:
     gumbel_tau: float = _f(1.0, "Gumbel-softmax temperature (method=metatuner_gumbel).")
     max_length: int = _f(512, "Maximum tokens of a training sequence (longer ones are truncated from the left of the prompt).")
     bf16: bool = _f(True, "Train under bf16 autocast (CPU and GPU).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (TRL-based trainers: sft, dpo, bpo, warm-up).")
     save_steps: int = _f(0, "Write a resumable checkpoint step_N/ every N steps (0 = only final/).")
     save_total_limit: int = _f(2, "Keep at most this many step_N/ checkpoints.")
     log_steps: int = _f(1, "Log every N steps to train_log.jsonl.")
@@ -192,6 +194,7 @@ class DpoConfig:
     max_steps: int = _f(20, "DPO optimizer steps.")
     lr: float = _f(5e-5, "DPO learning rate (LoRA).")
     beta: float = _f(0.1, "DPO beta.")
+    loss_type: list = _f(["sigmoid"], "TRL DPO loss types; [sigmoid, sft] adds the NLL term of the chosen answer (the RPO recipe).")
 
 
 @dataclass
@@ -227,7 +230,7 @@ class Config:
     bpo: BpoConfig = field(default_factory=BpoConfig, metadata={"help": "BPO baseline."})
     dpo: DpoConfig = field(default_factory=DpoConfig, metadata={"help": "DPO baseline."})
     bettertogether: BetterTogetherConfig = field(default_factory=BetterTogetherConfig, metadata={"help": "BetterTogether baseline."})
-    resume_from_checkpoint: bool = _f(False, "Continue from the newest complete step_N/ checkpoint in output_dir.")
+    resume_from_checkpoint: bool = _f(False, "Continue from the newest complete step_N/ checkpoint in output_dir (without it, a MetaTuner run removes step_N/ left there by an earlier run).")
     run_dir: str = _f("", "infer: the trained run's output_dir.")
     query: str = _f("", "infer: a query to answer (or use query_file).")
     query_file: str = _f("", "infer: a text file with one query per line (or JSONL with a 'query' field).")

@@ -133,6 +133,12 @@ def _check_no_meta(shell: nn.Module) -> None:
         raise MetatunerError(f"generator: unsupported architecture, could not share modules {left[:3]}")
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only (as `generate` does), so left padding does not
+    shift them and a row's states do not depend on how long the other rows are.  [B, T] -> [B, T]."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
 class SplitGenerator(nn.Module):
     """A Hugging Face causal LM (Llama/Qwen2/Mistral layout) split into meta encoder and prompt decoder.
 
@@ -238,22 +244,24 @@ class SplitGenerator(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
         """One pass of the live G.  -> (loss or None, logits [B, T, V], hidden_k [B, T, d]).
 
-        hidden_k is the state after layer k (hidden_states[k]); only that one is kept.
+        hidden_k is the state after layer k (hidden_states[k]); only that one is kept. Positions
+        count real tokens only (see `position_ids`), here and in `encode`.
         """
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                         output_hidden_states=self.k, use_cache=False)
+                         position_ids=position_ids(attention_mask), output_hidden_states=self.k, use_cache=False)
         return out.loss, out.logits, out.hidden_states[self.k]
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Meta encoder phi_s only (stops after layer k): [B, T] -> hidden_k [B, T, d]."""
         return self._shells["encoder"](input_ids=input_ids, attention_mask=attention_mask,
-                                       use_cache=False).last_hidden_state
+                                       position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
 
     def param_encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The states F reads: `encode` when shared, else F's own encoder copy (ablation w/o S)."""
         if self.param_encoder is None:
             return self.encode(input_ids, attention_mask)
         return self._shells["param_encoder"](input_ids=input_ids, attention_mask=attention_mask,
+                                             position_ids=position_ids(attention_mask),
                                              use_cache=False).last_hidden_state
 
     @torch.no_grad()

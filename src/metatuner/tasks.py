@@ -527,7 +527,10 @@ BENCHMARKS = ("gsm8k", "math", "hotpotqa", "cosmosqa")
 
 
 def load_task(tc, seed: int = 0) -> Task:
-    """Build a Task from a TaskConfig (name, path, params, prompt, split sizes, max_new_tokens)."""
+    """Build a Task from a TaskConfig (name, path, params, prompt, split sizes, max_new_tokens).
+    The splits follow task.split_seed when it is set (>= 0), else the run's seed."""
+    split_seed = getattr(tc, "split_seed", -1)
+    seed = split_seed if split_seed is not None and split_seed >= 0 else seed
     if tc.name in BENCHMARKS:
         parts = _load_benchmark(tc, seed)
     elif tc.name in ("jsonl", "csv", "parquet", "file"):

@@ -82,7 +82,7 @@ def run(cfg: Config) -> dict:
                                    "chosen": [{"role": "assistant", "content": p["chosen"]}],
                                    "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
         args = DPOConfig(**trl_common_args(cfg, f"{cfg.output_dir}/dpo", cfg.dpo.max_steps, cfg.dpo.lr,
-                                           model.device.type == "cpu"), beta=cfg.dpo.beta, max_length=cfg.train.max_length)
+                                           model.device.type == "cpu"), beta=cfg.dpo.beta, loss_type=list(cfg.dpo.loss_type), max_length=cfg.train.max_length)
         policy.train()
         for n, p in policy.named_parameters():
             if "lora_" in n:

@@ -56,6 +56,7 @@ def trl_common_args(cfg: Config, output_dir: str | Path, max_steps: int, lr: flo
         disable_tqdm=int(os.environ.get("RANK", "0")) != 0,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
     )
 
 
@@ -109,8 +110,32 @@ def run(cfg: Config) -> dict:
 
     task = start_run(cfg)
     model, tok = load_from_config(cfg.model)
+    extra = {}
+    if cfg.prompt_selection != "none":
+        # SAPO: train (and evaluate) with the paraphrase of p~ that has the lowest pre-update loss
+        from metatuner.io import write_json
+        from metatuner.methods.continual import staged_sft
+        from metatuner.prompts import optimizer_llm
+        from metatuner.run import is_main_process
+        from metatuner.sapo import maybe_select
+
+        gen, gtok = optimizer_llm(cfg, model, tok)
+        if gen is model:  # a frozen copy writes paraphrases (the actor changes between stages)
+            gen, gtok = load_from_config(cfg.model)
+        if cfg.sapo.reselect_steps > 0:
+            model, sels = staged_sft(cfg, model, tok, task, cfg.train.max_steps, Path(cfg.output_dir), gen, gtok)
+            extra = {"train_steps": cfg.train.max_steps, "train_examples": cfg.train.max_steps * cfg.train.batch_size,
+                     "sapo_selections": [s["prompt"] for s in sels]}
+            sel = sels[0] if sels else None
+        else:
+            sel = maybe_select(cfg, model, tok, task, gen, gtok)
+        if is_main_process() and sel is not None:
+            write_json(Path(cfg.output_dir) / "sapo.json", sel)
+        extra["sapo_losses"] = dict(zip(sel["candidates"], sel["losses"])) if sel else {}
     prompt = task.prompt
-    peft_model = train_sft(cfg, model, tok, task, train_examples(cfg, task), prompt, cfg.output_dir,
-                           cfg.train.max_steps, cfg.train.lr, resume=cfg.resume_from_checkpoint)
+    if not extra.get("sapo_selections"):
+        model = train_sft(cfg, model, tok, task, train_examples(cfg, task), prompt, cfg.output_dir,
+                          cfg.train.max_steps, cfg.train.lr, resume=cfg.resume_from_checkpoint)
+        extra.update(model.train_metrics)
     with torch.no_grad():
-        return final_eval(cfg, peft_model, tok, task, prompt, extra={**peft_model.train_metrics, "prompt": prompt})
+        return final_eval(cfg, model, tok, task, prompt, extra={**extra, "prompt": prompt})
