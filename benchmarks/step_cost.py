@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--rollout-prompts", type=int, default=16)
+    ap.add_argument("overrides", nargs="*", help="config key=value overrides (e.g. generator.lora_rank=8)")
     args = ap.parse_args()
 
     from metatuner.config import load_config
@@ -39,7 +40,7 @@ def main() -> None:
     from metatuner.tasks import load_task
     from metatuner.training import actor_batch, autocast, forward_nll
 
-    cfg = load_config(None, [f"model.name={args.model}", f"task.name={args.task}", f"model.device={args.device}",
+    cfg = load_config(None, [f"model.name={args.model}", f"task.name={args.task}", f"model.device={args.device}", *args.overrides,
                              "task.train_size=64", "task.test_size=8", "task.val_size=8"])
     torch.manual_seed(0)
     task = load_task(cfg.task, 0)

@@ -45,6 +45,7 @@ class GeneratorConfig:
     share_encoder: bool = _f(True, "Share the meta encoder between prompt and parameter decoders (false = ablation w/o S: F gets its own encoder copy).")
     max_prompt_tokens: int = _f(48, "Maximum new tokens of a rewritten prompt.")
     lora_rank: int = _f(16, "Train phi_s and phi_p as LoRA of this rank on every linear of G (0 = full fine-tuning). LoRA keeps a 7B generator and its frozen copy phi_p' in memory and makes a step cheaper.")
+    lora_targets: list = _f(["q_proj", "v_proj"], "Linears of every generator layer that get LoRA (empty = all).")
 
 
 @dataclass

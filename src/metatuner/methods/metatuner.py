@@ -64,7 +64,7 @@ from metatuner.training import (TrainLog, actor_batch, autocast, check_finite, c
 
 METHODS = ("metatuner_j", "metatuner_i", "metatuner_gumbel")
 
-REWRITE_SYSTEM = "Rewrite the instruction so that it best helps answer the question. Reply with the new instruction only."
+REWRITE_SYSTEM = "Rewrite the instruction for this question. Reply with the new instruction only."
 
 
 def rewrite_messages(prompt: str, query: str) -> list[dict]:
@@ -89,7 +89,7 @@ class MetaTunerSystem:
         self.gen_tok = gen_tok
         self.p_tilde = task.prompt
         if cfg.generator.lora_rank > 0:
-            add_generator_lora(gen_model, cfg.generator.lora_rank)
+            add_generator_lora(gen_model, cfg.generator.lora_rank, list(cfg.generator.lora_targets))
         self.gen = SplitGenerator(gen_model, cfg.generator.share_ratio, cfg.generator.share_encoder)
         self.targets = find_targets(actor, list(cfg.lora.target_modules), cfg.lora.layers)
         self.lora = attach_per_query_lora(actor, self.targets, cfg.lora.rank, cfg.lora.alpha)
@@ -336,13 +336,18 @@ def _device(cfg: Config) -> str:
     return cfg.model.device
 
 
-def add_generator_lora(gen_model, rank: int) -> None:
-    """LoRA (PEFT layers injected in place, model class unchanged) on every linear of G but the
-    LM head; the base weights are frozen, so phi_s / phi_p train as LoRA factors."""
+def add_generator_lora(gen_model, rank: int, targets: list[str] | None = None) -> None:
+    """LoRA (PEFT layers injected in place, model class unchanged) on the named linears of every
+    layer of G (all of them when `targets` is empty); the base weights are frozen, so phi_s and
+    phi_p train as LoRA factors."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    names = sorted({n.split(".")[-1] for n, m in gen_model.named_modules()
-                    if isinstance(m, torch.nn.Linear) and ".layers." in n})
+    present = sorted({n.split(".")[-1] for n, m in gen_model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and ".layers." in n})
+    names = list(targets) if targets else present
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise MetatunerError(f"generator.lora_targets: {missing} not in the generator; available: {', '.join(present)}")
     gen_model.requires_grad_(False)
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=names, lora_dropout=0.0), gen_model)
 
