@@ -350,7 +350,7 @@ def test_nan_loss_stops_naming_step_and_checkpoint(model_dir, tmp_path, monkeypa
 
 
 def test_diverging_learning_rate_stops_with_a_clear_error(model_dir, tmp_path):
-    cfg = make_cfg(model_dir, tmp_path / "lr", "method=metatuner_j", "warmup.max_steps=0", "train.lr=1e30",
+    cfg = make_cfg(model_dir, tmp_path / "lr", "method=metatuner_j", "warmup.max_steps=0", "hypernet.lr=1e30",
                    "train.generator_lr=1e30")
     with pytest.raises(MetatunerError, match=r"became (nan|inf|-inf) at step [2-4]: stopping; no checkpoint"):
         M.train(cfg, start_run(cfg))

@@ -120,6 +120,7 @@ class HypernetConfig:
     pooling: str = _f("mean", "How h_i pools the meta encoder's states over (p~, x): mean (masked) or last.")
     heads: str = _f("shared", "shared: one trunk + learned (layer, module) embeddings; per_target: one MLP per target.")
     embed_dim: int = _f(32, "Size of the layer and module embeddings (shared heads).")
+    lr: float = _f(1e-4, "Learning rate of the parameter decoder phi_q. Each weight of F's output layer moves every generated factor entry, so F needs a much lower rate than a static LoRA (1e-3 made the actor's loss jump in the joint phase).")
 
 
 @dataclass
@@ -136,7 +137,7 @@ class TrainConfig:
     max_steps: int = _f(30, "Optimizer steps of the main phase (MetaTuner: the joint phase; SFT/DPO: all of training).")
     batch_size: int = _f(8, "Training examples per optimizer step (per process).")
     grad_accum: int = _f(1, "Gradient accumulation micro-steps per optimizer step (batch_size is split across them).")
-    lr: float = _f(1e-3, "Learning rate of what the method trains: the parameter decoder phi_q (MetaTuner) or the LoRA (SFT/DPO).")
+    lr: float = _f(1e-3, "Learning rate of the LoRA (sft, dpo, bettertogether's w step). MetaTuner: hypernet.lr and train.generator_lr.")
     generator_lr: float = _f(2e-4, "Learning rate of the generator's meta encoder phi_s and prompt decoder phi_p (LoRA of G; use ~1e-5 with generator.lora_rank=0).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     scheduler: str = _f("constant", "Learning-rate schedule: constant, linear or cosine (after lr_warmup_ratio).")

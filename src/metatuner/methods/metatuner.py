@@ -292,7 +292,7 @@ class MetaTunerSystem:
         groups = [{"params": self.generator_parameters(), "lr": cfg.train.generator_lr}]
         if self.use_f:
             enc_copy = [p for p in self.gen.param_encoder_parameters() if p.requires_grad]
-            groups.append({"params": list(self.decoder.parameters()) + enc_copy, "lr": cfg.train.lr})
+            groups.append({"params": list(self.decoder.parameters()) + enc_copy, "lr": cfg.hypernet.lr})
         return groups
 
     def save(self, out_dir: Path) -> None:
