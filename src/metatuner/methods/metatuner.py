@@ -99,6 +99,7 @@ class MetaTunerSystem:
         self.use_f = cfg.train.param_decoder
         self.use_p = cfg.train.prompt_rewrite
         self.actor_adapter: Path | None = None  # the warm-up adapter merged into the actor (copied to final/)
+        self.counts = {"generation_calls": 0, "train_tokens": 0}  # costs, for the comparison report
         actor.requires_grad_(False)
 
     @property
@@ -145,6 +146,7 @@ class MetaTunerSystem:
             seqs = fn(enc["input_ids"], enc["attention_mask"], **kw)[:, enc["input_ids"].shape[1]:]
             texts = [clean_prompt(t, self.p_tilde) for t in self.gen_tok.batch_decode(seqs, skip_special_tokens=True)]
             out += [texts[i * n : (i + 1) * n] for i in range(len(chunk))]
+            self.counts["generation_calls"] += len(texts)
         return out
 
     def test_prompts(self, examples: list[Example]) -> list[str]:
@@ -177,6 +179,7 @@ class MetaTunerSystem:
                 if self.cfg.rollout.criterion == "answer":
                     texts = [chat_text(self.tok, self.task.render(p, ex.query)) for p, ex in zip(ps, exs)]
                     gens, _, _ = generate_texts(self.actor, self.tok, texts, self.task.max_new_tokens)
+                    self.counts["generation_calls"] += len(texts)
                     correct += [bool(self.task.score(self.task.extract(g[0]), ex)["correct"]) for g, ex in zip(gens, exs)]
                 elif self.cfg.rollout.criterion == "nll":
                     correct += [False] * len(exs)
@@ -221,6 +224,8 @@ class MetaTunerSystem:
             if run_gen:
                 # one pass of G over (p~, x, p*): layer-k states of the prefix feed F, logits of p* give reg
                 rows, out = forward_nll(self.gen.model, gb, output_hidden_states=True)
+                if torch.is_grad_enabled():
+                    self.counts["train_tokens"] += int(gb["attention_mask"].sum())
                 hidden_k = out.hidden_states[self.gen.k]
                 if need_reg:
                     reg = rows.mean()
@@ -230,6 +235,8 @@ class MetaTunerSystem:
                 ab = actor_batch(self.tok, self.task, task_prompts, examples, cfg.train.max_length, self.actor.device)
                 with self.lora.use_factors(f) if f is not None else _null():
                     task = forward_nll(self.actor, ab)[0].mean()
+                if torch.is_grad_enabled():
+                    self.counts["train_tokens"] += int(ab["attention_mask"].sum())
         return task, reg
 
     def gumbel_task_loss(self, examples: list[Example]) -> torch.Tensor:
@@ -479,6 +486,8 @@ def warmup_actor(cfg: Config, actor, tok, task: Task, out: Path, dist: Dist):
         sub.train.save_steps = 0
         peft_model = train_sft(sub, actor, tok, task, task.train, task.prompt, out / "warmup", cfg.warmup.max_steps,
                                cfg.warmup.lr)
+        if dist.main:
+            write_json(out / "warmup" / "stats.json", peft_model.train_metrics)
         dist.barrier()  # the main process has written the adapter
         # The trainer left its marks on `actor` (PEFT layers injected in place, gradient checkpointing,
         # input-grad hooks, config.use_cache=False): start again from a fresh copy, exactly as a resumed
@@ -760,12 +769,21 @@ def train(cfg: Config, task: Task) -> tuple[MetaTunerSystem, dict]:
     loop.run()
     loop.log.close()
     d2 = loop.dist.gather_dict(loop.state["d2"])  # every process's share
-    stats.update({"train_steps": cfg.train.max_steps,
-                  "train_examples": cfg.train.max_steps * cfg.train.batch_size * loop.dist.world,
+    warm = out_stats(Path(cfg.output_dir) / "warmup" / "stats.json")
+    steps = cfg.warmup.max_steps + cfg.train.max_steps  # the actor's examples: warm-up SFT + joint phase
+    stats.update({"train_steps": steps, "joint_steps": cfg.train.max_steps,
+                  "generator_warmup_steps": cfg.warmup.generator_steps,
+                  "train_examples": steps * cfg.train.batch_size * loop.dist.world,
+                  "train_tokens": warm.get("train_tokens", 0) + system.counts["train_tokens"] * loop.dist.world,
+                  "generation_calls": system.counts["generation_calls"] * loop.dist.world,
                   "rollout_seconds": round(loop.rollout_seconds, 1), "train_seconds": round(time.time() - t_start, 1),
                   "d2_rewritten": sum(v != system.p_tilde for v in d2.values()) / max(1, len(d2))})
     write_final(cfg, loop, d2)
     return system, stats
+
+
+def out_stats(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _rng_from_file(path: Path) -> dict:
