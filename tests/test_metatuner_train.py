@@ -281,7 +281,9 @@ def test_d2_ranks_correct_answers_before_nll(scoring_system, monkeypatch):
         gens = [["RIGHT" if "MAGIC" in t else "WRONG"] for t in texts]
         return gens, [[1]] * len(texts), None
 
-    monkeypatch.setattr(M, "generate_texts", fake_generate)
+    import metatuner.prompts
+
+    monkeypatch.setattr(metatuner.prompts, "generate_texts", fake_generate)  # D2 scoring goes through rank_prompts
     monkeypatch.setattr(system.cfg.rollout, "criterion", "answer")
     monkeypatch.setattr(system.task, "extract", lambda g: g)
     monkeypatch.setattr(system.task, "score_fn", lambda pred, e: {"correct": pred == "RIGHT"})

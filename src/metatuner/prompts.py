@@ -43,6 +43,10 @@ def rank_prompts(model, tok, task: Task, examples: list[Example], candidates: li
                  factors_ctx=None) -> list[tuple[str, bool, float]]:
     """Best candidate per query: (prompt, correct, nll), ranked by (correct first, then lower NLL of the
     reference). `factors_ctx(examples)` may return a context that changes the actor per row."""
+    if criterion not in ("answer", "nll"):
+        from metatuner.errors import MetatunerError
+
+        raise MetatunerError(f"rollout.criterion: expected answer or nll, got {criterion!r}")
     flat_ex, flat_p, owner = [], [], []
     for i, (ex, cands) in enumerate(zip(examples, candidates)):
         uniq = list(dict.fromkeys(cands))

@@ -161,36 +161,18 @@ class MetaTunerSystem:
     def score_candidates(self, examples: list[Example], candidates: list[list[str]]) -> list[tuple[str, bool, float]]:
         """Best candidate per query by (correct first, then lower NLL of the reference) under the actor
         with that query's generated LoRA. p~ is always a candidate. Returns (prompt, correct, nll)."""
-        flat_ex, flat_p, owner = [], [], []
-        for i, (ex, cands) in enumerate(zip(examples, candidates)):
-            uniq = list(dict.fromkeys([self.p_tilde] + list(cands)))
-            flat_ex += [ex] * len(uniq)
-            flat_p += uniq
-            owner += [i] * len(uniq)
-        bs = self.cfg.rollout.batch_size
-        correct, nll = [], []
-        for s in range(0, len(flat_ex), bs):
-            exs, ps = flat_ex[s : s + bs], flat_p[s : s + bs]
+        from metatuner.prompts import rank_prompts
+
+        cands = [list(dict.fromkeys([self.p_tilde] + list(c))) for c in candidates]
+        if self.cfg.rollout.criterion == "answer":
+            self.counts["generation_calls"] += sum(len(c) for c in cands)
+
+        def with_factors(exs):
             f = self.factors(exs)
-            with self.lora.use_factors(f) if f is not None else _null():
-                with autocast(self.cfg.train.bf16, self.actor.device):
-                    batch = actor_batch(self.tok, self.task, ps, exs, self.cfg.train.max_length, self.actor.device)
-                    nll += forward_nll(self.actor, batch)[0].float().tolist()
-                if self.cfg.rollout.criterion == "answer":
-                    texts = [chat_text(self.tok, self.task.render(p, ex.query)) for p, ex in zip(ps, exs)]
-                    gens, _, _ = generate_texts(self.actor, self.tok, texts, self.task.max_new_tokens)
-                    self.counts["generation_calls"] += len(texts)
-                    correct += [bool(self.task.score(self.task.extract(g[0]), ex)["correct"]) for g, ex in zip(gens, exs)]
-                elif self.cfg.rollout.criterion == "nll":
-                    correct += [False] * len(exs)
-                else:
-                    raise MetatunerError(f"rollout.criterion: expected answer or nll, got {self.cfg.rollout.criterion!r}")
-        best: dict[int, tuple] = {}
-        for j, i in enumerate(owner):
-            key = (not correct[j], nll[j])
-            if i not in best or key < best[i][0]:
-                best[i] = (key, flat_p[j], correct[j], nll[j])
-        return [(best[i][1], best[i][2], best[i][3]) for i in range(len(examples))]
+            return self.lora.use_factors(f) if f is not None else _null()
+
+        return rank_prompts(self.actor, self.tok, self.task, examples, cands, self.cfg.rollout.criterion,
+                            self.cfg.rollout.batch_size, self.cfg.train.max_length, self.cfg.train.bf16, with_factors)
 
     def d2_rollout(self, examples: list[Example], live: bool = False) -> tuple[list[str], list[str], dict]:
         """Sample rollout.n prompts per query, score them; -> (best prompts, task prompts, stats)."""
