@@ -105,8 +105,10 @@ def run(cfg: Config) -> dict:
     test = eval_examples(cfg, task)
     with torch.no_grad():
         feats_val = query_features(actor, tok, [chat_text(tok, task.render(best_p, ex.query)) for ex in val], cfg.eval.batch_size)
-        labels = torch.tensor([sum(s["correct"]) / len(s["correct"]) >= 0.5 for s in samples[best_p]], dtype=torch.float)
-        if labels.min() == labels.max():  # one class only: the probe predicts the base rate
+        # soft labels: each query's success rate over its samples (a 0/1 threshold degenerates when the
+        # model rarely succeeds: every query falls on one side and the probe learns nothing)
+        labels = torch.tensor([sum(s["correct"]) / len(s["correct"]) for s in samples[best_p]], dtype=torch.float)
+        if labels.min() == labels.max():  # nothing to learn: the probe predicts the base rate
             rate = float(labels.mean())
             predict = lambda f: [min(max(rate, 0.05), 0.95)] * f.shape[0]  # noqa: E731
         else:
