@@ -103,11 +103,12 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, steps: int = 300, lr
     b = torch.zeros((), requires_grad=True)
     opt = torch.optim.Adam([w, b], lr=lr)
     y = labels.float()
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y) + l2 * (w * w).sum()
-        loss.backward()
-        opt.step()
+    with torch.enable_grad():  # callers often run under torch.no_grad()
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y) + l2 * (w * w).sum()
+            loss.backward()
+            opt.step()
 
     def predict(f: torch.Tensor) -> list[float]:
         with torch.no_grad():
