@@ -411,3 +411,29 @@ def test_with_demos_and_bootstrap_shape():
     text = with_demos("Do it.", [("1+1?", "Answer: 2"), ("2+2?", "Answer: 4")])
     assert text.startswith("Do it.\n\n") and "Example question: 1+1?\nExample answer: Answer: 2" in text
     assert text.index("1+1?") < text.index("2+2?")
+
+
+@pytest.mark.parametrize("method", ["sft", "opro"])
+def test_train_on_other_tasks_test_on_target(method, tiny_model_path, tmp_path, captured, monkeypatch):
+    """task.train_tasks: training data (SFT) / the scoring subset (OPRO) come from the other tasks,
+    the evaluation from task.name's test split."""
+    from metatuner.methods import opro, sft
+    from metatuner.config import TaskConfig
+    from metatuner.tasks import load_task
+
+    seen = []
+    real_train, real_acc = sft.train_sft, opro.accuracy_of
+    monkeypatch.setattr(sft, "train_sft", lambda cfg, m, t, task, exs, *a, **kw:
+                        seen.append(list(exs)) or real_train(cfg, m, t, task, exs, *a, **kw))
+    monkeypatch.setattr(opro, "accuracy_of", lambda m, t, task, exs, *a, **kw:
+                        seen.append(list(exs)) or real_acc(m, t, task, exs, *a, **kw))
+    out = tmp_path / method
+    args = ["train", f"method={method}", f"model.name={tiny_model_path}", f"output_dir={out}", *SMALL,
+            "task.train_tasks=[basic_arithmetic,products]"]
+    assert main(args) == 0
+    assert seen and all(ex.meta["task"] in ("basic_arithmetic", "products") for exs in seen for ex in exs)
+    assert {ex.meta["task"] for exs in seen for ex in exs} == {"basic_arithmetic", "products"}
+    target = load_task(TaskConfig(name="chain_sum", train_size=16, val_size=4, test_size=4, max_new_tokens=4), 0)
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["query"] for p in preds] == [e.query for e in target.test[:2]]
+    assert load_config(out / "config.yaml").task.train_tasks == ["basic_arithmetic", "products"]

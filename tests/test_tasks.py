@@ -633,3 +633,47 @@ def test_malformed_json_list_names_file_and_line(tmp_path):
     with pytest.raises(MetatunerError) as e:
         load_task(tc(name="hotpotqa", path=str(f)), seed=0)
     assert str(f) in str(e.value) and "line 4" in str(e.value)
+
+
+# ============================================================================ train on other tasks (generalization)
+
+
+def test_train_tasks_mix_other_tasks_and_test_on_target(tmp_path, monkeypatch):
+    (tmp_path / "cosmosqa").mkdir()
+    write_csv(tmp_path / "cosmosqa" / "valid.csv", [cosmos_row(i, i % 4) for i in range(40)])
+    monkeypatch.setenv("METATUNER_DATA", str(tmp_path))
+    plain = load_task(tc(name="chain_sum", train_size=20, val_size=4, test_size=6), seed=0)
+    task = load_task(tc(name="chain_sum", train_size=20, val_size=4, test_size=6,
+                        train_tasks=["cosmosqa", "chain_sum"]), seed=0)
+    # test: the target's, unchanged; p~: the target's
+    assert [e.query for e in task.test] == [e.query for e in plain.test]
+    assert task.prompt == plain.prompt
+    # train/validation: both tasks, split evenly, tagged, shuffled together
+    src = [e.meta["task"] for e in task.train]
+    assert len(task.train) == 20 and src.count("cosmosqa") == 10 and src.count("chain_sum") == 10
+    assert src != sorted(src)
+    assert sorted(e.meta["task"] for e in task.validation) == ["chain_sum"] * 2 + ["cosmosqa"] * 2
+    assert not {e.query for e in task.train + task.validation} & {e.query for e in task.test}
+    cos = task.sources["cosmosqa"]
+    for e in task.train:
+        if e.meta["task"] == "cosmosqa":
+            # the other task states its own answer format and is judged by its own rules
+            assert e.query.startswith(cos.prompt + "\n\n")
+            wrong = "ABCD"[("ABCD".index(e.answer) + 1) % 4]
+            assert task.score(task.extract_for(f"Answer: {e.answer}", e), e)["correct"]
+            assert not task.score(task.extract_for(f"Answer: {wrong}", e), e)["correct"]
+        else:
+            assert not e.query.startswith(cos.prompt)
+            assert task.score(task.extract_for(f"Answer: {e.answer}", e), e)["correct"]
+    # a letter is no number: the target's own rules still score its test examples
+    t0 = task.test[0]
+    assert task.score(task.extract_for(f"Answer: {t0.answer}", t0), t0)["correct"]
+    assert not task.score(task.extract_for("Answer: B", t0), t0)["correct"]
+    assert task.max_new_tokens == max(plain.max_new_tokens, cos.max_new_tokens)
+
+
+def test_train_tasks_errors_name_the_key():
+    with pytest.raises(MetatunerError, match=r"task.train_tasks repeats"):
+        load_task(tc(name="chain_sum", train_size=4, test_size=2, train_tasks=["chain_sum", "chain_sum"]), seed=0)
+    with pytest.raises(MetatunerError, match=r"task.train_tasks\[1\]='no_such_task'"):
+        load_task(tc(name="chain_sum", train_size=4, test_size=2, train_tasks=["chain_sum", "no_such_task"]), seed=0)

@@ -58,6 +58,7 @@ class TaskConfig:
     val_size: int = _f(100, "Validation examples.")
     test_size: int = _f(200, "Test examples (at most).")
     max_new_tokens: int = _f(0, "Generation budget for answers; 0 = the task's default.")
+    train_tasks: list = _f([], "Train on these tasks' train/validation splits (mixed, train_size and val_size split evenly) and test on task.name: the generalization experiment (e.g. [math,hotpotqa,cosmosqa] with task.name=gsm8k). Empty = train on task.name.")
     split_seed: int = _f(-1, "Seed of the data splits; -1 = the run's seed. `metatuner compare` fixes it to the first seed so every seed sees the same test set.")
 
 

@@ -145,7 +145,7 @@ def evaluate(
         for j, i in enumerate(idx):
             ex = examples[i]
             tokens += sum(ntoks[j])
-            answers = [task.extract(g) for g in gens[j]]
+            answers = [task.extract_for(g, ex) for g in gens[j]]
             if strategy == "majority":
                 pred = majority_vote(answers)
                 pick = answers.index(pred) if pred in answers else 0

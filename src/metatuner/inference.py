@@ -149,7 +149,7 @@ def draw_samples(model, tok, task, examples, prompt: str, n: int, temperature: f
         gens, _, lps = generate_texts(model, tok, texts, task.max_new_tokens, do_sample=True, temperature=temperature,
                                       top_p=top_p, num_return_sequences=n, return_logprobs=verifier is None)
         for j, ex in enumerate(exs):
-            answers = [task.extract(g) for g in gens[j]]
+            answers = [task.extract_for(g, ex) for g in gens[j]]
             correct = [bool(task.score(a, ex)["correct"]) for a in answers]
             scores = [verifier(g, ex) for g in gens[j]] if verifier else lps[j]
             out.append({"answers": answers, "correct": correct, "scores": scores})
@@ -162,7 +162,7 @@ def resolve_verifier(spec: str, task) -> Callable | None:
     if not spec:
         return None
     if spec == "oracle":
-        return lambda g, ex: float(task.score(task.extract(g), ex)["correct"])
+        return lambda g, ex: float(task.score(task.extract_for(g, ex), ex)["correct"])
     from metatuner.errors import MetatunerError
 
     if ":" not in spec:

@@ -64,7 +64,7 @@ def rank_prompts(model, tok, task: Task, examples: list[Example], candidates: li
             if criterion == "answer":
                 texts = [chat_text(tok, task.render(p, ex.query)) for p, ex in zip(ps, exs)]
                 gens, _, _ = generate_texts(model, tok, texts, task.max_new_tokens)
-                correct += [bool(task.score(task.extract(g[0]), ex)["correct"]) for g, ex in zip(gens, exs)]
+                correct += [bool(task.score(task.extract_for(g[0], ex), ex)["correct"]) for g, ex in zip(gens, exs)]
             else:
                 correct += [False] * len(exs)
     best: dict[int, tuple] = {}

@@ -50,14 +50,24 @@ class Task:
     max_new_tokens: int
     extract: Callable[[str], str | None]
     score_fn: Callable[[str | None, Example], dict]
+    # train_tasks: the tasks mixed into train/validation; an example whose meta["task"] names one of
+    # them is extracted and scored by that task's rules
+    sources: dict = field(default_factory=dict)
 
     def render(self, prompt: str, query: str) -> list[dict]:
         """Chat messages for the actor: the prompt, then the query, in one user turn."""
         text = f"{prompt.strip()}\n\n{query}" if prompt.strip() else query
         return [{"role": "user", "content": text}]
 
+    def _source(self, ex: Example) -> "Task":
+        return self.sources.get(ex.meta.get("task"), self) if self.sources else self
+
+    def extract_for(self, text: str, ex: Example) -> str | None:
+        """The final answer in `text`, by the rules of the task `ex` comes from."""
+        return self._source(ex).extract(text)
+
     def score(self, extracted: str | None, ex: Example) -> dict:
-        return self.score_fn(extracted, ex)
+        return self._source(ex).score_fn(extracted, ex)
 
     def split(self, name: str) -> list[Example]:
         if name not in ("train", "validation", "test"):
@@ -528,9 +538,62 @@ BENCHMARKS = ("gsm8k", "math", "hotpotqa", "cosmosqa")
 
 def load_task(tc, seed: int = 0) -> Task:
     """Build a Task from a TaskConfig (name, path, params, prompt, split sizes, max_new_tokens).
-    The splits follow task.split_seed when it is set (>= 0), else the run's seed."""
+    The splits follow task.split_seed when it is set (>= 0), else the run's seed. With
+    task.train_tasks, train and validation come from those tasks instead (see `mix_train_tasks`)."""
     split_seed = getattr(tc, "split_seed", -1)
     seed = split_seed if split_seed is not None and split_seed >= 0 else seed
+    if getattr(tc, "train_tasks", None):
+        return mix_train_tasks(tc, seed)
+    return _load_one(tc, seed)
+
+
+def mix_train_tasks(tc, seed: int) -> Task:
+    """Train on task.train_tasks, evaluate on task.name (the paper's generalization experiment).
+
+    Train and validation are the train tasks' splits shuffled together (train_size and val_size are
+    split evenly across them); test is task.name's. p~ is task.name's prompt (or task.prompt); a
+    training example of another task carries that task's own instruction at the top of its query, so
+    its answer format is stated, and is extracted and scored by its own task's rules. When task.name
+    is itself in the list, its test split never overlaps the training data (same seed, same splits)."""
+    import copy
+
+    names = [str(n) for n in tc.train_tasks]
+    if len(set(names)) != len(names):
+        raise MetatunerError(f"task.train_tasks repeats a task: {names}")
+    target = _load_one(tc, seed)
+    sources, train, val = {}, [], []
+    k = len(names)
+    for j, name in enumerate(names):
+        if name == tc.name:
+            src = target
+        else:
+            sc = copy.deepcopy(tc)
+            sc.name, sc.params, sc.prompt, sc.path, sc.max_new_tokens = name, {}, "", "", 0
+            sc.test_size = min(tc.test_size, 10)
+            try:
+                src = _load_one(sc, seed)
+            except MetatunerError as e:
+                raise MetatunerError(f"task.train_tasks[{j}]={name!r}: {e}") from None
+        sources[name] = src
+        n_train = tc.train_size // k + (1 if j < tc.train_size % k else 0)
+        n_val = tc.val_size // k + (1 if j < tc.val_size % k else 0)
+
+        def tag(ex: Example, src=src, name=name) -> Example:
+            q = ex.query if src.prompt == target.prompt else f"{src.prompt}\n\n{ex.query}"
+            return Example(query=q, answer=ex.answer, target=ex.target, meta={**ex.meta, "task": name})
+
+        train += [tag(ex) for ex in src.train[:n_train]]
+        val += [tag(ex) for ex in src.validation[:n_val]]
+    rng = random.Random(seed)
+    rng.shuffle(train)
+    rng.shuffle(val)
+    max_new = max([target.max_new_tokens] + [s.max_new_tokens for s in sources.values()])
+    return Task(name=tc.name, prompt=target.prompt, train=train, validation=val, test=target.test,
+                max_new_tokens=tc.max_new_tokens or max_new, extract=target.extract, score_fn=target.score_fn,
+                sources=sources)
+
+
+def _load_one(tc, seed: int) -> Task:
     if tc.name in BENCHMARKS:
         parts = _load_benchmark(tc, seed)
     elif tc.name in ("jsonl", "csv", "parquet", "file"):

@@ -46,6 +46,7 @@ def staged_sft(cfg: Config, model, tok, task: Task, steps: int, out_dir: Path, g
 def task_config(cfg: Config, name: str):
     tc = copy.deepcopy(cfg.task)
     tc.name = name
+    tc.train_tasks = []
     if name != cfg.task.name:
         tc.params = {}
         tc.prompt = ""

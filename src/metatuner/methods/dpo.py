@@ -26,8 +26,8 @@ def build_pairs(task, examples, samples: list[list[str]], max_pairs: int, seed: 
     pairs = []
     for ex, gens in zip(examples, samples):
         gens = list(dict.fromkeys(gens))
-        good = [g for g in gens if task.score(task.extract(g), ex)["correct"]]
-        bad = [g for g in gens if not task.score(task.extract(g), ex)["correct"]]
+        good = [g for g in gens if task.score(task.extract_for(g, ex), ex)["correct"]]
+        bad = [g for g in gens if not task.score(task.extract_for(g, ex), ex)["correct"]]
         combos = [(g, b) for g in good for b in bad]
         rng.shuffle(combos)
         for g, b in combos[:max_pairs]:
