@@ -253,3 +253,12 @@ def test_no_command_prints_help(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
     assert "eval" in out and "seed" in out
+
+
+def test_params_by_task_nests_per_task(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("task:\n  params_by_task:\n    basic_arithmetic: {max_digits: 2, operators: ['+', '-']}\n")
+    cfg = load_config(p, ["task.params_by_task.basic_arithmetic.min_terms=2", "task.params_by_task.products.max_digits=1"])
+    assert cfg.task.params_by_task == {"basic_arithmetic": {"max_digits": 2, "operators": ["+", "-"], "min_terms": 2},
+                                       "products": {"max_digits": 1}}
+    assert cfg.task.params == {}

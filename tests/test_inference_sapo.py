@@ -166,3 +166,15 @@ def test_forgetting():
     from metatuner.methods.continual import forgetting
 
     assert forgetting([[0.5], [0.3, 0.6], [0.2, 0.4, 0.7]]) == pytest.approx([0.3, 0.2])
+
+
+def test_continual_stages_get_their_own_params():
+    from metatuner.config import load_config
+    from metatuner.methods.continual import task_config
+
+    cfg = load_config(None, ["task.name=chain_sum", "task.params.max_terms=2", "task.prompt=Add.",
+                             "task.params_by_task.products.max_digits=1", "task.train_tasks=[products]"])
+    first, second, third = (task_config(cfg, n) for n in ("chain_sum", "products", "basic_arithmetic"))
+    assert first.params == {"max_terms": 2} and first.prompt == "Add." and first.train_tasks == []
+    assert second.params == {"max_digits": 1} and second.prompt == "" and second.train_tasks == []
+    assert third.params == {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 
@@ -677,3 +678,10 @@ def test_train_tasks_errors_name_the_key():
         load_task(tc(name="chain_sum", train_size=4, test_size=2, train_tasks=["chain_sum", "chain_sum"]), seed=0)
     with pytest.raises(MetatunerError, match=r"task.train_tasks\[1\]='no_such_task'"):
         load_task(tc(name="chain_sum", train_size=4, test_size=2, train_tasks=["chain_sum", "no_such_task"]), seed=0)
+
+
+def test_train_tasks_use_params_by_task():
+    task = load_task(tc(name="chain_sum", train_size=6, val_size=0, test_size=2, train_tasks=["products"],
+                        params_by_task={"products": {"min_digits": 1, "max_digits": 1}}), seed=0)
+    nums = [int(x) for e in task.train for x in re.findall(r"\d+", e.query.split("multiplication:")[-1])]
+    assert len(task.train) == 6 and nums and max(nums) <= 9

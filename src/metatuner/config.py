@@ -59,6 +59,7 @@ class TaskConfig:
     test_size: int = _f(200, "Test examples (at most).")
     max_new_tokens: int = _f(0, "Generation budget for answers; 0 = the task's default.")
     train_tasks: list = _f([], "Train on these tasks' train/validation splits (mixed, train_size and val_size split evenly) and test on task.name: the generalization experiment (e.g. [math,hotpotqa,cosmosqa] with task.name=gsm8k). Empty = train on task.name.")
+    params_by_task: dict = _f({}, "Parameters of the other tasks named in task.train_tasks or continual.tasks, by task name, e.g. {basic_arithmetic: {max_digits: 2}} (task.params applies to task.name only).")
     split_seed: int = _f(-1, "Seed of the data splits; -1 = the run's seed. `metatuner compare` fixes it to the first seed so every seed sees the same test set.")
 
 
@@ -338,7 +339,11 @@ def set_key(cfg: Config, key: str, value: Any, where: str = "override", raw: boo
             sub = getattr(obj, part)
             if raw and isinstance(value, str):
                 value = _parse_scalar(value)
-            sub[".".join(parts[i + 1:])] = value
+            for name in parts[i + 1 : -1]:  # task.params_by_task.<task>.<param>: one mapping per level
+                if not isinstance(sub.get(name), dict):
+                    sub[name] = {}
+                sub = sub[name]
+            sub[parts[-1]] = value
             return
         if i != len(parts) - 1:
             raise _unknown(key, where)

@@ -568,7 +568,8 @@ def mix_train_tasks(tc, seed: int) -> Task:
             src = target
         else:
             sc = copy.deepcopy(tc)
-            sc.name, sc.params, sc.prompt, sc.path, sc.max_new_tokens = name, {}, "", "", 0
+            sc.name, sc.prompt, sc.path, sc.max_new_tokens = name, "", "", 0
+            sc.params = dict((getattr(tc, "params_by_task", None) or {}).get(name) or {})
             sc.test_size = min(tc.test_size, 10)
             try:
                 src = _load_one(sc, seed)

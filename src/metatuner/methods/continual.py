@@ -48,7 +48,7 @@ def task_config(cfg: Config, name: str):
     tc.name = name
     tc.train_tasks = []
     if name != cfg.task.name:
-        tc.params = {}
+        tc.params = dict(cfg.task.params_by_task.get(name) or {})
         tc.prompt = ""
         tc.path = ""
     return tc
