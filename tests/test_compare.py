@@ -233,3 +233,28 @@ def test_completed_run_with_changed_settings_runs_again(tmp_path):
     assert not _same_config(method_config(spec, spec["methods"][0], 0, run_dir), run_dir)
     assert not _same_config(method_config(load_compare(str(tmp_path / "c.yaml"), ["train.lr=0.5"]),
                                           spec["methods"][0], 0, run_dir), run_dir)
+
+
+def test_report_shows_inference_strategy_and_method_notes(tmp_path):
+    """Issue 6 methods report in the same table: strategy@N, SAPO's prompt, forgetting, adaptive vs uniform."""
+    from metatuner.compare import table
+
+    root = tmp_path / "cmp"
+    _fake_run(root, "sft_sapo", 0, [True, False], prompt="Be brief | exact.", sapo_losses={"a": 1.0, "b": 0.5})
+    _fake_run(root, "continual", 0, [True, True], method="continual", accuracy_matrix=[[0.4], [0.3, 0.5]],
+              mean_forgetting=0.1)
+    _fake_run(root, "select", 0, [False, True], method="inference_select", strategy="majority", samples_per_query=4,
+              chosen_n=4, best_prompt_changes_with_n=True, adaptive_accuracy=0.35, uniform_accuracy=0.3,
+              budget_samples=200)
+    spec = {"path": "c.yaml", "output_dir": str(root), "seeds": [0],
+            "methods": [{"name": n, "method": n} for n in ("sft_sapo", "continual", "select")]}
+    res = summarize(spec, {})
+    by = {r["name"]: r for r in res["methods"]}
+    rows = table_rows(table(res))
+    assert by["sft_sapo"]["inference"] == rows["sft_sapo"][9] == "greedy@1"
+    assert by["select"]["inference"] == rows["select"][9] == "majority@4"
+    assert "SAPO prompt: 'Be brief / exact.'" in rows["sft_sapo"][10]
+    assert "after each stage: 40; 30/50" in rows["continual"][10] and "mean forgetting 10.0 pts" in rows["continual"][10]
+    assert "adaptive 35.0 vs uniform 30.0 at 200 samples" in rows["select"][10]
+    assert "best prompt changes with N: True" in rows["select"][10]
+    assert all(len(r) == 12 and r[-1] == "complete" for r in rows.values())

@@ -235,6 +235,8 @@ def summarize(spec: dict, statuses: dict) -> dict:
             vals = [r[1].get(key) for r in runs if r[1].get(key) is not None]
             row[key] = statistics.mean(vals) if vals else 0
         row["tokens_generated_eval"] = statistics.mean(r[1].get("tokens_generated", 0) for r in runs)
+        row["inference"] = f"{runs[0][1].get('strategy', 'greedy')}@{runs[0][1].get('samples_per_query', 1)}"
+        row["notes"] = notes(runs[0][1])
         row["wall_seconds"] = statistics.mean(r[3] or 0 for r in runs)
         p0 = runs[0][1].get("p_tilde", p_tilde)
         row["prompts"] = [{"query": p["query"], "prompt": p["prompt"]} for p in runs[0][2][:3]]
@@ -243,14 +245,31 @@ def summarize(spec: dict, statuses: dict) -> dict:
     return out
 
 
+def notes(m: dict) -> str:
+    """What a method's metrics say beyond accuracy and cost (seed 0): the SAPO prompt, forgetting,
+    the (prompt, N) choice and adaptive vs uniform budget."""
+    out = []
+    if m.get("sapo_losses"):
+        out.append(f"SAPO prompt: {str(m.get('prompt', ''))[:60]!r}")
+    if "mean_forgetting" in m:
+        acc = m.get("accuracy_matrix") or []
+        out.append("after each stage: " + "; ".join("/".join(f"{100 * a:.0f}" for a in row) for row in acc))
+        out.append(f"mean forgetting {100 * m['mean_forgetting']:.1f} pts")
+    if "adaptive_accuracy" in m:
+        out.append(f"chosen N={m.get('chosen_n')}; best prompt changes with N: {m.get('best_prompt_changes_with_n')}")
+        out.append(f"adaptive {100 * m['adaptive_accuracy']:.1f} vs uniform {100 * m['uniform_accuracy']:.1f} "
+                   f"at {m.get('budget_samples')} samples")
+    return "; ".join(out).replace("|", "/").replace("\n", " ")
+
+
 def table(results: dict) -> str:
     cols = ["method", "accuracy % (95% CI)", "EM/F1", "train steps", "train examples", "train tokens", "gen calls",
-            "eval tokens", "wall s", "status"]
+            "eval tokens", "wall s", "inference", "notes", "status"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in results["methods"]:
         if r["status"] != "complete":
             err = r.get("error", "").replace("|", "/")
-            lines.append(f"| {r['name']} | - | - | - | - | - | - | - | - | {r['status']}: {err} |")
+            lines.append(f"| {r['name']} | - | - | - | - | - | - | - | - | - | - | {r['status']}: {err} |")
             continue
         lo, hi = r["accuracy_ci95_examples"]
         acc = f"{100 * r['accuracy']:.1f} ({100 * lo:.1f}-{100 * hi:.1f})"
@@ -260,7 +279,7 @@ def table(results: dict) -> str:
         emf1 = f"{100 * r['em']:.1f}/{100 * r['f1']:.1f}" if "f1" in r else "-"
         lines.append(f"| {r['name']} | {acc} | {emf1} | {r['train_steps']:.0f} | {r['train_examples']:.0f} | "
                      f"{r['train_tokens']:.0f} | {r['generation_calls']:.0f} | {r['tokens_generated_eval']:.0f} | "
-                     f"{r['wall_seconds']:.0f} | complete |")
+                     f"{r['wall_seconds']:.0f} | {r.get('inference', 'greedy@1')} | {r.get('notes') or '-'} | complete |")
     return "\n".join(lines)
 
 
