@@ -33,10 +33,10 @@ ARTIFACTS = {
 }
 COST_KEYS = {
     "sft": ["train_steps", "train_examples", "train_tokens"],
-    "dpo": ["train_steps", "train_examples", "generation_calls", "pairs"],
+    "dpo": ["train_steps", "train_examples", "train_tokens", "generation_calls", "pairs"],
     "opro": ["train_steps", "train_examples", "generation_calls"],
     "bpo": ["train_steps", "train_examples", "generation_calls"],
-    "bettertogether": ["train_steps", "train_examples", "generation_calls"],
+    "bettertogether": ["train_steps", "train_examples", "train_tokens", "generation_calls"],
 }
 
 
@@ -108,7 +108,7 @@ def test_baseline_end_to_end(method, tiny_model_path, tmp_path, captured, monkey
     if method == "sft":
         _check_sft(out, tiny_model_path, captured[-1]["model"], metrics)
     elif method == "dpo":
-        _check_dpo(out, captured[-1]["model"], metrics)
+        _check_dpo(out, tiny_model_path, captured[-1]["model"], metrics)
     elif method == "opro":
         rows = [json.loads(x) for x in (out / "opro_history.jsonl").read_text().splitlines()]
         assert rows[0]["step"] == 0 and len(rows) >= 1
@@ -125,6 +125,8 @@ def test_baseline_end_to_end(method, tiny_model_path, tmp_path, captured, monkey
         best = max(hist, key=lambda h: h["val_accuracy"])  # first of the best
         assert metrics["best_step"] == best["step"] and metrics["val_accuracy"] == best["val_accuracy"]
         assert metrics["train_steps"] == 2 and (out / "w1" / "adapter" / "adapter_config.json").is_file()
+        assert metrics["train_tokens"] > 0 and metrics["bettertogether_strategy"] == "p -> w"
+        assert metrics["strategy"] == "greedy"  # the inference strategy, not BetterTogether's
 
 
 def _check_sft(out: Path, model_path: Path, peft_model, metrics: dict) -> None:
@@ -150,11 +152,21 @@ def _check_sft(out: Path, model_path: Path, peft_model, metrics: dict) -> None:
         assert torch.allclose(got[k], lora[k]), k
 
 
-def _check_dpo(out: Path, policy, metrics: dict) -> None:
+def _check_dpo(out: Path, model_path: Path, policy, metrics: dict) -> None:
     pairs = [json.loads(x) for x in (out / "dpo_pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 4 and all(p["chosen"] != p["rejected"] for p in pairs)  # 4 queries x 1 pair
     assert metrics["pairs"] == 4 and metrics["sft_steps"] == 2 and metrics["dpo_steps"] == 2
     assert metrics["train_steps"] == 4 and metrics["generation_calls"] == 4 * 2
+    assert metrics["sft_tokens"] > 0 and metrics["train_tokens"] == metrics["sft_tokens"] + metrics["dpo_tokens"]
+    from metatuner.config import TaskConfig
+    from metatuner.methods.dpo import pair_tokens
+    from metatuner.models import load_model
+    from metatuner.tasks import load_task
+
+    _, tok = load_model(str(model_path), dtype="float32", device="cpu")
+    task = load_task(TaskConfig(name="chain_sum", train_size=16, val_size=4, test_size=4, max_new_tokens=4), 0)
+    mean_pair = sum(pair_tokens(tok, task, task.prompt, p) for p in pairs) / len(pairs)
+    assert metrics["dpo_tokens"] == round(2 * 2 * mean_pair)  # 2 DPO steps x batch 2
     # DPO started from the SFT adapter; TRL's frozen "ref" adapter is a copy of it and stayed put
     assert "ref" in policy.peft_config
     sft_file = adapter_file_state(out / "sft" / "adapter")
@@ -381,7 +393,7 @@ def test_bettertogether_returns_best_program(strategy, accs, want_step, want_pro
         with torch.no_grad():
             actor.lm_head.weight[0, 0] += 1.0
         step_acc[(prompt, delta(actor))] = next(it)
-        return actor, 3, 4
+        return actor, 3, 4, 5
 
     got = {}
 
@@ -397,6 +409,7 @@ def test_bettertogether_returns_best_program(strategy, accs, want_step, want_pro
                              f"bettertogether.strategy={strategy}", *SMALL[:4]])
     BT.run(cfg)
     assert got["extra"]["best_step"] == want_step
+    assert got["extra"]["train_tokens"] == 5 * strategy.count("w")
     assert got["prompt"] == (want_prompt or got["p_tilde"])
     assert delta(got["model"]) == want_delta
     hist = [json.loads(x) for x in (tmp_path / "bt" / "bettertogether_history.jsonl").read_text().splitlines()]

@@ -70,19 +70,21 @@ def prompt_step(cfg: Config, actor, tok, gen, gtok, task, instruction: str, rng:
 
 
 def weight_step(cfg: Config, actor, tok, task, prompt: str, out_dir: str, step_i: int, train=None):
-    """SFT on the actor's own correct traces; returns (merged actor, examples trained on, generation calls)."""
+    """SFT on the actor's own correct traces; returns (merged actor, examples trained on, generation calls,
+    tokens trained on)."""
     from metatuner.methods.sft import train_sft
     from metatuner.tasks import Example
 
     queries = (task.train if train is None else train)[: cfg.bettertogether.queries]
     traces = bootstrap_traces(actor, tok, task, queries, prompt, cfg.eval.batch_size)
     if not traces or cfg.train.max_steps <= 0:
-        return actor, 0, len(queries)
+        return actor, 0, len(queries), 0
     data = [Example(query=ex.query, answer=ex.answer, target=g) for ex, g in traces]
     peft_model = train_sft(cfg, actor, tok, task, data, prompt, f"{out_dir}/w{step_i}", cfg.train.max_steps, cfg.train.lr)
+    tokens = peft_model.train_metrics.get("train_tokens", 0)
     merged = peft_model.merge_and_unload()
     merged.eval()
-    return merged, len(data), len(queries)
+    return merged, len(data), len(queries), tokens
 
 
 def run(cfg: Config) -> dict:
@@ -104,7 +106,7 @@ def run(cfg: Config) -> dict:
         acc0 = accuracy_of(actor, tok, task, val, prompt, cfg.eval.batch_size)
     best = {"acc": acc0, "step": "start", "prompt": prompt, "instruction": instruction}
     history = [{"step": "start", "prompt": prompt, "val_accuracy": acc0}]
-    calls, w_steps, w_examples = len(val), 0, 0
+    calls, w_steps, w_examples, w_tokens = len(val), 0, 0, 0
     # which actor weights the best program uses: "original" (as loaded), "current" (the live actor: no weight
     # step changed it since), or a CPU copy of its state (a later weight step changed it)
     best_weights = "original"
@@ -121,8 +123,9 @@ def run(cfg: Config) -> dict:
             # the best program so far runs on the live actor's weights: keep a CPU copy before changing them
             snapshot = ({k: v.detach().to("cpu", copy=True) for k, v in actor.state_dict().items()}
                         if best_weights == "current" else None)
-            actor, n_data, c = weight_step(cfg, actor, tok, task, prompt, cfg.output_dir, i, train)
+            actor, n_data, c, n_tokens = weight_step(cfg, actor, tok, task, prompt, cfg.output_dir, i, train)
             calls += c
+            w_tokens += n_tokens
             if n_data:
                 trained = True
                 w_steps += cfg.train.max_steps
@@ -146,6 +149,7 @@ def run(cfg: Config) -> dict:
     with torch.no_grad():
         return final_eval(cfg, actor, tok, task, best["prompt"], extra={
             "prompt": best["prompt"], "best_step": best["step"], "val_accuracy": best["acc"],
-            "strategy": cfg.bettertogether.strategy, "w_traces": w_examples,
-            "train_steps": w_steps, "train_examples": w_steps * cfg.train.batch_size, "generation_calls": calls,
+            "bettertogether_strategy": cfg.bettertogether.strategy, "w_traces": w_examples,
+            "train_steps": w_steps, "train_examples": w_steps * cfg.train.batch_size, "train_tokens": w_tokens,
+            "generation_calls": calls,
             "train_seconds": round(time.time() - t0, 1)})

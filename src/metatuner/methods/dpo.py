@@ -35,6 +35,12 @@ def build_pairs(task, examples, samples: list[list[str]], max_pairs: int, seed: 
     return pairs
 
 
+def pair_tokens(tok, task, prompt: str, pair: dict) -> int:
+    """Tokens of one preference pair as DPO trains on it: prompt + chosen and prompt + rejected."""
+    n_prompt = len(tok(chat_text(tok, task.render(prompt, pair["query"])), add_special_tokens=False)["input_ids"])
+    return sum(n_prompt + len(tok(pair[k], add_special_tokens=False)["input_ids"]) for k in ("chosen", "rejected"))
+
+
 def drop_long_pairs(tok, task, prompt: str, pairs: list[dict], max_length: int) -> tuple[list[dict], int]:
     """Pairs whose rendered prompt + longer answer fits in max_length tokens (long outliers cause OOM, trl #2452)."""
     kept = []
@@ -70,13 +76,14 @@ def run(cfg: Config) -> dict:
     model, tok = load_from_config(cfg.model)
     sft_steps = cfg.train.max_steps if cfg.dpo.sft_steps < 0 else cfg.dpo.sft_steps
     policy = train_sft(cfg, model, tok, task, task.train, task.prompt, f"{cfg.output_dir}/sft", sft_steps, cfg.train.lr)
+    sft_tokens = policy.train_metrics.get("train_tokens", 0)
     queries = task.train[: cfg.dpo.queries]
     samples = sample_answers(policy, tok, task, queries, task.prompt, cfg.dpo.k, cfg.dpo.temperature, cfg.eval.batch_size)
     pairs = build_pairs(task, queries, samples, cfg.dpo.pairs_per_query, cfg.seed)
     pairs, dropped = drop_long_pairs(tok, task, task.prompt, pairs, cfg.train.max_length)
     if is_main_process():
         write_jsonl(f"{cfg.output_dir}/dpo_pairs.jsonl", pairs)
-    dpo_steps = 0
+    dpo_steps, dpo_tokens = 0, 0
     if pairs and cfg.dpo.max_steps > 0:
         data = Dataset.from_list([{"prompt": task.render(task.prompt, p["query"]),
                                    "chosen": [{"role": "assistant", "content": p["chosen"]}],
@@ -90,6 +97,9 @@ def run(cfg: Config) -> dict:
         trainer = DPOTrainer(model=policy, args=args, train_dataset=data, processing_class=tok)
         dpo_steps = int(trainer.train().global_step)
         policy = trainer.model
+        # TRL's DPO batches carry no input_ids, so Trainer does not count tokens: steps x batch x mean pair
+        mean_pair = sum(pair_tokens(tok, task, task.prompt, p) for p in pairs) / len(pairs)
+        dpo_tokens = int(round(dpo_steps * cfg.train.batch_size * mean_pair))
     if is_main_process():  # the final policy (the SFT adapter itself when there was nothing to train on)
         policy.save_pretrained(f"{cfg.output_dir}/adapter", selected_adapters=["default"])
         tok.save_pretrained(f"{cfg.output_dir}/adapter")
@@ -97,5 +107,6 @@ def run(cfg: Config) -> dict:
     with torch.no_grad():
         return final_eval(cfg, policy, tok, task, task.prompt, extra={
             "pairs": len(pairs), "pairs_dropped_too_long": dropped, "sft_steps": sft_steps, "dpo_steps": dpo_steps, "train_steps": sft_steps + dpo_steps,
-            "train_examples": (sft_steps + dpo_steps) * cfg.train.batch_size,
+            "train_examples": (sft_steps + dpo_steps) * cfg.train.batch_size, "train_tokens": sft_tokens + dpo_tokens,
+            "sft_tokens": sft_tokens, "dpo_tokens": dpo_tokens,
             "generation_calls": len(queries) * cfg.dpo.k, "train_seconds": round(time.time() - t0, 1)})
