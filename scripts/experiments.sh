@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The runs behind the numbers in the README and the issue notes, on the embedded model (2-core CPU).
 #   scripts/experiments.sh [step ...]    steps: zero_shot quickstart all_methods basic_arithmetic
-#                                               metatuner_vs_sft sapo_continual inference benchmarks
+#                                               metatuner_vs_sft sapo_continual inference generalization benchmarks
 set -uo pipefail
 cd "$(dirname "$0")/.."
 M=.venv/bin/metatuner
-steps=${@:-zero_shot quickstart all_methods basic_arithmetic metatuner_vs_sft sapo_continual inference benchmarks}
+steps=${@:-zero_shot quickstart all_methods basic_arithmetic metatuner_vs_sft sapo_continual inference generalization benchmarks}
 for s in $steps; do
   echo "=== $s ($(date -u +%H:%M:%S))"
   case $s in
@@ -14,6 +14,7 @@ for s in $steps; do
     all_methods) $M compare --config configs/compare/all_methods.yaml ;;
     metatuner_vs_sft) $M compare --config configs/compare/metatuner_vs_sft.yaml ;;
     basic_arithmetic) $M compare --config configs/compare/basic_arithmetic.yaml ;;
+    generalization) $M compare --config configs/compare/generalization_cpu.yaml ;;
     sapo_continual) $M compare --config configs/compare/sapo_continual.yaml
       for r in sft_p_tilde sft_sapo; do echo "$r:"; cat runs/sapo_continual/$r/seed_0/continual.md; done ;;
     inference) $M compare --config configs/compare/inference.yaml
