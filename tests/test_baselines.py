@@ -35,7 +35,7 @@ COST_KEYS = {
     "sft": ["train_steps", "train_examples", "train_tokens"],
     "dpo": ["train_steps", "train_examples", "train_tokens", "generation_calls", "pairs"],
     "opro": ["train_steps", "train_examples", "generation_calls"],
-    "bpo": ["train_steps", "train_examples", "generation_calls"],
+    "bpo": ["train_steps", "train_examples", "train_tokens", "generation_calls"],
     "bettertogether": ["train_steps", "train_examples", "train_tokens", "generation_calls"],
 }
 
@@ -118,7 +118,7 @@ def test_baseline_end_to_end(method, tiny_model_path, tmp_path, captured, monkey
     elif method == "bpo":
         pairs = [json.loads(x) for x in (out / "bpo_pairs.jsonl").read_text().splitlines()]
         assert len(pairs) == 4 and all(p["better_prompt"] for p in pairs)
-        assert metrics["train_steps"] == 2
+        assert metrics["train_steps"] == 2 and metrics["train_tokens"] > 0  # the rewriter's tokens
     elif method == "bettertogether":
         hist = [json.loads(x) for x in (out / "bettertogether_history.jsonl").read_text().splitlines()]
         assert [h["step"] for h in hist] == ["start", "0:p", "1:w"]

@@ -53,7 +53,7 @@ def run(cfg: Config) -> dict:
         write_jsonl(f"{cfg.output_dir}/bpo_pairs.jsonl", [{"query": ex.query, "better_prompt": b[0], "correct": b[1]}
                                                           for ex, b in zip(queries, best)])
     # the rewriter's LoRA SFT (TRL), LoRA over the generator's own linears
-    steps = 0
+    steps, tokens = 0, 0
     rewriter = gen
     if cfg.bpo.max_steps > 0 and pairs:  # (the HF Trainer would read max_steps=0 as "train by epochs")
         args = SFTConfig(**trl_common_args(cfg, f"{cfg.output_dir}/rewriter", cfg.bpo.max_steps, cfg.bpo.lr,
@@ -63,6 +63,7 @@ def run(cfg: Config) -> dict:
         trainer = SFTTrainer(model=gen, args=args, train_dataset=Dataset.from_list(pairs), processing_class=gtok,
                              peft_config=peft_lora_config(gen, cfg.lora, cfg.generator.name or cfg.model.name))
         steps = int(trainer.train().global_step)
+        tokens = int(trainer.state.num_input_tokens_seen or 0)
         rewriter = trainer.model
         if is_main_process():
             rewriter.save_pretrained(f"{cfg.output_dir}/rewriter/adapter")
@@ -74,7 +75,7 @@ def run(cfg: Config) -> dict:
         prompts = [c[0] for c in rewrite(rewriter, gtok, task.prompt, exs, cfg)]
         return final_eval(cfg, actor, tok, task, prompts, extra={
             "pairs": len(pairs), "pairs_rewritten": sum(b[0] != task.prompt for b in best) / max(1, len(best)),
-            "train_steps": steps, "train_examples": steps * cfg.train.batch_size,
+            "train_steps": steps, "train_examples": steps * cfg.train.batch_size, "train_tokens": tokens,
             "generation_calls": len(queries) * (cfg.rollout.n + (cfg.rollout.n + 1) * (cfg.rollout.criterion == "answer")),
             "rewrite_calls_eval": len(exs),
             "train_seconds": round(time.time() - t0, 1)})
