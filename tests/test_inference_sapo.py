@@ -139,13 +139,16 @@ def test_sapo_reselects_before_each_stage(monkeypatch, tiny_model, tmp_path):
         return real(*a, **k)
 
     class Trained:
+        train_metrics = {"train_tokens": 7}
+
         def merge_and_unload(self):
             return model
 
     monkeypatch.setattr(sapo, "prompt_losses", counting)
     monkeypatch.setattr(sft, "train_sft", lambda *a, **k: Trained())
-    _, sels = continual.staged_sft(cfg, model, tok, task, 3, tmp_path)
+    _, sels, tokens = continual.staged_sft(cfg, model, tok, task, 3, tmp_path)
     assert len(calls) == 3 and [s["at_step"] for s in sels] == [0, 1, 2]
+    assert tokens == 3 * 7  # tokens trained on, summed over the sub-stages
 
 
 def test_sapo_bad_setting(tiny_model):

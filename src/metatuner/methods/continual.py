@@ -25,11 +25,11 @@ from metatuner.tasks import Task, load_task
 
 def staged_sft(cfg: Config, model, tok, task: Task, steps: int, out_dir: Path, gen=None, gtok=None):
     """SFT for `steps` steps in stages of sapo.reselect_steps (SAPO before each when enabled).
-    Returns (merged model, list of selection records)."""
+    Returns (merged model, list of selection records, tokens trained on)."""
     from metatuner.methods.sft import train_sft
 
     every = cfg.sapo.reselect_steps if (cfg.prompt_selection == "sapo" and cfg.sapo.reselect_steps > 0) else steps
-    done, selections, candidates = 0, [], None
+    done, selections, candidates, tokens = 0, [], None, 0
     while done < steps:
         n = min(every, steps - done)
         sel = maybe_select(cfg, model, tok, task, gen, gtok, candidates)
@@ -37,10 +37,11 @@ def staged_sft(cfg: Config, model, tok, task: Task, steps: int, out_dir: Path, g
             candidates = sel["candidates"]  # one candidate pool per task, re-scored by the model as it is now
             selections.append({"at_step": done, **sel})
         peft_model = train_sft(cfg, model, tok, task, task.train, task.prompt, out_dir / f"stage_step{done}", n, cfg.train.lr)
+        tokens += peft_model.train_metrics.get("train_tokens", 0)
         model = peft_model.merge_and_unload()
         model.eval()
         done += n
-    return model, selections
+    return model, selections, tokens
 
 
 def task_config(cfg: Config, name: str):
@@ -80,11 +81,12 @@ def run(cfg: Config) -> dict:
             gen, gtok = load_from_config(cfg.model)
     tasks: list[Task] = []
     acc: list[list[float]] = []
-    stages = []
+    stages, tokens = [], 0
     for i, name in enumerate(cfg.continual.tasks):
         task = load_task(task_config(cfg, name), cfg.seed)
         p_tilde = task.prompt
-        model, sels = staged_sft(cfg, model, tok, task, cfg.train.max_steps, out / f"stage{i}_{name}", gen, gtok)
+        model, sels, n_tokens = staged_sft(cfg, model, tok, task, cfg.train.max_steps, out / f"stage{i}_{name}", gen, gtok)
+        tokens += n_tokens
         tasks.append(task)
         row = []
         with torch.no_grad():
@@ -119,4 +121,4 @@ def run(cfg: Config) -> dict:
             "continual_tasks": names if is_main_process() else list(cfg.continual.tasks),
             "accuracy_matrix": acc, "mean_forgetting": report["mean_forgetting"],
             "train_steps": cfg.train.max_steps * len(tasks), "train_examples": cfg.train.max_steps * len(tasks) * cfg.train.batch_size,
-            "train_seconds": round(time.time() - t0, 1)})
+            "train_tokens": tokens, "train_seconds": round(time.time() - t0, 1)})

@@ -123,8 +123,9 @@ def run(cfg: Config) -> dict:
         if gen is model:  # a frozen copy writes paraphrases (the actor changes between stages)
             gen, gtok = load_from_config(cfg.model)
         if cfg.sapo.reselect_steps > 0:
-            model, sels = staged_sft(cfg, model, tok, task, cfg.train.max_steps, Path(cfg.output_dir), gen, gtok)
+            model, sels, n_tokens = staged_sft(cfg, model, tok, task, cfg.train.max_steps, Path(cfg.output_dir), gen, gtok)
             extra = {"train_steps": cfg.train.max_steps, "train_examples": cfg.train.max_steps * cfg.train.batch_size,
+                     "train_tokens": n_tokens,
                      "sapo_selections": [s["prompt"] for s in sels]}
             sel = sels[0] if sels else None
         else:
