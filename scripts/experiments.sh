@@ -13,7 +13,8 @@ for s in $steps; do
     quickstart) $M compare --config configs/compare/quickstart.yaml ;;
     all_methods) $M compare --config configs/compare/all_methods.yaml ;;
     metatuner_vs_sft) $M compare --config configs/compare/metatuner_vs_sft.yaml ;;
-    basic_arithmetic) $M compare --config configs/compare/basic_arithmetic.yaml ;;
+    basic_arithmetic) $M compare --config configs/compare/basic_arithmetic.yaml
+      .venv/bin/python scripts/rewrite_breakdown.py runs/basic_arithmetic/metatuner_j/seed_0 runs/basic_arithmetic/sft/seed_0 ;;
     generalization) $M compare --config configs/compare/generalization_cpu.yaml ;;
     sapo_continual) $M compare --config configs/compare/sapo_continual.yaml
       for r in sft_p_tilde sft_sapo; do echo "$r:"; cat runs/sapo_continual/$r/seed_0/continual.md; done ;;

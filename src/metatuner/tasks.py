@@ -554,7 +554,9 @@ def mix_train_tasks(tc, seed: int) -> Task:
     split evenly across them); test is task.name's. p~ is task.name's prompt (or task.prompt); a
     training example of another task carries that task's own instruction at the top of its query, so
     its answer format is stated, and is extracted and scored by its own task's rules. When task.name
-    is itself in the list, its test split never overlaps the training data (same seed, same splits)."""
+    is itself in the list, its test split never overlaps the training data (same seed, same splits).
+    The answer budget (max_new_tokens) is the largest of the tasks' unless task.max_new_tokens is set,
+    so rollouts on a long-answer training task are not cut off."""
     import copy
 
     names = [str(n) for n in tc.train_tasks]

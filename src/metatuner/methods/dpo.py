@@ -35,19 +35,24 @@ def build_pairs(task, examples, samples: list[list[str]], max_pairs: int, seed: 
     return pairs
 
 
+def pair_lengths(tok, task, prompt: str, pair: dict) -> tuple[int, int, int]:
+    """Token counts of a preference pair: (rendered prompt, chosen, rejected)."""
+    n_prompt = len(tok(chat_text(tok, task.render(prompt, pair["query"])), add_special_tokens=False)["input_ids"])
+    return (n_prompt, *(len(tok(pair[k], add_special_tokens=False)["input_ids"]) for k in ("chosen", "rejected")))
+
+
 def pair_tokens(tok, task, prompt: str, pair: dict) -> int:
     """Tokens of one preference pair as DPO trains on it: prompt + chosen and prompt + rejected."""
-    n_prompt = len(tok(chat_text(tok, task.render(prompt, pair["query"])), add_special_tokens=False)["input_ids"])
-    return sum(n_prompt + len(tok(pair[k], add_special_tokens=False)["input_ids"]) for k in ("chosen", "rejected"))
+    n_prompt, n_chosen, n_rejected = pair_lengths(tok, task, prompt, pair)
+    return 2 * n_prompt + n_chosen + n_rejected
 
 
 def drop_long_pairs(tok, task, prompt: str, pairs: list[dict], max_length: int) -> tuple[list[dict], int]:
     """Pairs whose rendered prompt + longer answer fits in max_length tokens (long outliers cause OOM, trl #2452)."""
     kept = []
     for p in pairs:
-        n_prompt = len(tok(chat_text(tok, task.render(prompt, p["query"])), add_special_tokens=False)["input_ids"])
-        n_resp = max(len(tok(p[k], add_special_tokens=False)["input_ids"]) for k in ("chosen", "rejected"))
-        if n_prompt + n_resp + 2 <= max_length:
+        n_prompt, n_chosen, n_rejected = pair_lengths(tok, task, prompt, p)
+        if n_prompt + max(n_chosen, n_rejected) + 2 <= max_length:
             kept.append(p)
     return kept, len(pairs) - len(kept)
 
