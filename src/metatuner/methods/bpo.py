@@ -17,7 +17,7 @@ import torch
 
 from metatuner.config import Config
 from metatuner.io import write_jsonl
-from metatuner.methods.metatuner import clean_prompt, rewrite_messages
+from metatuner.rewrite import clean_prompt, rewrite_messages
 from metatuner.prompts import rank_prompts, sample_texts
 
 

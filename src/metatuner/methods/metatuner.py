@@ -57,28 +57,13 @@ from metatuner.generator import SplitGenerator, load_metatuner, save_metatuner
 from metatuner.hypernet import ParameterDecoder, pool
 from metatuner.io import write_json, write_jsonl
 from metatuner.lora import attach_per_query_lora, find_targets
+from metatuner.rewrite import clean_prompt, rewrite_messages
 from metatuner.tasks import Example, Task
 from metatuner.training import (TrainLog, actor_batch, autocast, check_finite, completion_text, forward_nll,
                                 list_checkpoints, lm_batch, make_scheduler, newest_checkpoint, rng_state, sequence_nll,
                                 set_rng_state, write_checkpoint)
 
 METHODS = ("metatuner_j", "metatuner_i", "metatuner_gumbel")
-
-REWRITE_SYSTEM = "Rewrite the instruction for this question. Reply with the new instruction only."
-
-
-def rewrite_messages(prompt: str, query: str) -> list[dict]:
-    """The generator's input (p~, x) as chat messages (a system turn keeps templates from adding
-    their own default system prompt, so the prefix stays short)."""
-    return [{"role": "system", "content": REWRITE_SYSTEM},
-            {"role": "user", "content": f"Instruction: {prompt.strip()}\nQuestion: {query}"}]
-
-
-def clean_prompt(text: str, fallback: str) -> str:
-    """A generated prompt, stripped; p~ when the generator produced nothing usable."""
-    text = text.strip()
-    return text if len(text) >= 3 else fallback
-
 
 class MetaTunerSystem:
     """Generator G (split), parameter decoder F and the actor M with batched per-query LoRA."""
