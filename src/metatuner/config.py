@@ -53,6 +53,7 @@ REMOVED = {
 }
 
 
+@functools.cache
 def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
@@ -150,25 +151,37 @@ def _prepare_leaf(key: str, tp, value: Any, where: str) -> Any:
 
 
 def _apply(conf: DictConfig, key: str, value: Any, where: str, raw: bool = False) -> None:
-    """Set one dotted key on an OmegaConf structured config, failing in one line naming the key."""
+    """Set one dotted key on an OmegaConf structured Config, failing in one line naming the key."""
+    kind, tp, value = _resolve(key, value, where, raw)
+    if kind == "section":
+        for k, v in value.items():
+            _apply(conf, f"{key}.{k}", v, where)
+    else:
+        _update(conf, key, key, kind, tp, value, where)
+
+
+def _resolve(key: str, value: Any, where: str, raw: bool) -> tuple[str, Any, Any]:
+    """(kind, type, value parsed from the command line when raw) of a dotted key; unknown keys fail."""
     found = _lookup(key)
     if found is None:
         raise _unknown(key, where)
     kind, tp = found
     if raw and not (kind == "leaf" and tp is str):
         value = _parse_value(value)
-    if kind == "section":
-        if not isinstance(value, dict):
-            raise MetatunerError(f"{where}: key '{key}' is a section; set its keys ({key}.<name>=...), got {value!r}")
-        for k, v in value.items():
-            _apply(conf, f"{key}.{k}", v, where)
-        return
+    if kind == "section" and not isinstance(value, dict):
+        raise MetatunerError(f"{where}: key '{key}' is a section; set its keys ({key}.<name>=...), got {value!r}")
+    return kind, tp, value
+
+
+def _update(conf: DictConfig, path: str, key: str, kind: str, tp, value: Any, where: str) -> None:
+    """OmegaConf.update of `path` in conf (the setting `key`): a dict assigned as a whole replaces the
+    old one, a key inside a dict merges into it."""
     if kind == "leaf":
         value = _prepare_leaf(key, tp, value, where)
     if kind == "dict" and not isinstance(value, dict):
         raise _bad_type(key, tp, value, where)
     try:
-        OmegaConf.update(conf, key, value, merge=kind == "in_dict")
+        OmegaConf.update(conf, path, value, merge=kind == "in_dict")
     except OmegaConfBaseException as e:
         if isinstance(e, ConfigKeyError):
             raise _unknown(key, where) from None
@@ -217,22 +230,33 @@ def _read_yaml(p: Path) -> dict:
 
 
 def set_key(cfg: Config, key: str, value: Any, where: str = "override", raw: bool = False) -> None:
-    """Set a dotted key on a Config in place (type-checked by OmegaConf). `raw=True`: value is a
-    command-line string, parsed as YAML unless the key is a string."""
-    top = key.split(".")[0]
-    if top not in _hints(Config):
-        raise _unknown(key, where)
-    one = _one_field(top)
-    conf = OmegaConf.structured(one(getattr(cfg, top)))
-    _apply(conf, key, value, where, raw)
-    setattr(cfg, top, getattr(_to_object(conf, where), top))
+    """Set a dotted key on a Config in place, type-checked by OmegaConf on that one setting (compare
+    sets many keys on many configs). `raw=True`: value is a command-line string, parsed as YAML unless
+    the key is a string."""
+    kind, tp, value = _resolve(key, value, where, raw)
+    if kind == "section":
+        for k, v in value.items():
+            set_key(cfg, f"{key}.{k}", v, where)
+        return
+    owner = key if kind != "in_dict" else next(p for p in _prefixes(key) if _lookup(p)[0] == "dict")
+    *parents, name = owner.split(".")
+    obj = cfg
+    for part in parents:
+        obj = getattr(obj, part)
+    conf = OmegaConf.structured(_one_field(type(obj), name)(getattr(obj, name)))
+    _update(conf, "v" + key[len(owner):], key, kind, tp, value, where)
+    setattr(obj, name, _to_object(conf, where).v)
+
+
+def _prefixes(key: str) -> list[str]:
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 @functools.cache
-def _one_field(name: str):
-    """A dataclass holding only Config's field `name` (set_key type-checks one section, not all)."""
-    f = next(f for f in dataclasses.fields(Config) if f.name == name)
-    return dataclasses.make_dataclass(f"_{name}", [(name, _hints(Config)[name], field(default=None))])
+def _one_field(cls, name: str):
+    """A dataclass with one field `v` of the type of `cls.name`."""
+    return dataclasses.make_dataclass(f"_{name}", [("v", _hints(cls)[name])])
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
@@ -241,6 +265,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     dataclasses, then every setting validated (metatuner.validate.validate)."""
     from metatuner.validate import validate
 
+    if not path and not overrides and base is None:
+        cfg = Config()  # typed by construction: skip the OmegaConf round trip (compare starts many runs here)
+        validate(cfg)
+        return cfg
     conf = OmegaConf.structured(base if base is not None else Config())
     where = "override"
     if path:
