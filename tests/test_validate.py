@@ -38,7 +38,7 @@ def error(*overrides) -> str:
         ("rollout.temperature=-1", "rollout.temperature = -1.0: expected a number > 0"),
         ("inference.top_p=0", "inference.top_p = 0.0: expected a number in (0, 1]"),
         ("rollout.top_p=1.2", "rollout.top_p = 1.2: expected a number in (0, 1]"),
-        ("rollout.n=0", "rollout.n = 0: expected an integer >= 1"),
+        ("rollout.n=-1", "rollout.n = -1: expected an integer >= 0"),  # 0: p~ is the only candidate
         ("lora.rank=0", "lora.rank = 0: expected an integer >= 1"),
         ("lora.dropout=1", "lora.dropout = 1.0: expected a number in [0, 1)"),
         ("train.lr_warmup_ratio=-0.1", "train.lr_warmup_ratio = -0.1: expected a number in [0, 1)"),

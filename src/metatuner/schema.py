@@ -145,7 +145,7 @@ class TrainConfig:
     bf16: bool = _f(True, "Train under bf16 autocast (CPU and GPU).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (TRL-based trainers: sft, dpo, bpo, warm-up).")
     save_steps: int = _f(0, "Write a resumable checkpoint step_N/ every N steps (0 = only final/).")
-    save_total_limit: int = _f(2, "Keep at most this many step_N/ checkpoints.")
+    save_total_limit: int = _f(2, "Keep at most this many step_N/ checkpoints (0 = all).")
     log_steps: int = _f(1, "Log every N steps to train_log.jsonl.")
     report_to: str = _f("jsonl", "Logging: jsonl (always written) or tensorboard (also).")
 
