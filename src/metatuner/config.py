@@ -15,7 +15,6 @@ import difflib
 import functools
 import os
 import typing
-from dataclasses import field
 from pathlib import Path
 from typing import Any
 
