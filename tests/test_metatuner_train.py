@@ -460,3 +460,48 @@ def test_gumbel_refuses_generator_with_another_vocabulary(model_dir, tmp_path):
     with pytest.raises(MetatunerError, match="metatuner_gumbel needs the generator and actor to share one vocabulary"):
         M.train(cfg, start_run(cfg))
     assert not (out / "warmup").exists(), "must refuse before any training"
+
+
+# ----------------------------------------------------------------------------- 9: what checkpoints hold
+
+
+def test_checkpoints_and_final_hold_no_base_weights_and_export_a_query_adapter(model_dir, tmp_path):
+    """step_N/ and final/ hold G's LoRA, phi_p', F and the resume state, never a base weight; G's adapter
+    loads with PEFT; one query's generated LoRA exports as a PEFT adapter that reproduces the actor."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from metatuner.models import load_model
+
+    out = tmp_path / "ck"
+    cfg = make_cfg(model_dir, out, "method=metatuner_j", "train.save_steps=2", "train.bf16=false")
+    system, _ = M.train(cfg, start_run(cfg))
+    base_numel = sum(p.numel() for p in load_model(str(model_dir), "float32", "cpu")[0].parameters())
+    for folder in (out / "step_2", out / "final"):
+        t = load_file(folder / "generator.safetensors")
+        assert all(k.split(".")[0] in ("generator", "frozen", "hypernet") for k in t), folder
+        assert all("lora_" in k for k in t if not k.startswith("hypernet.")), folder
+        assert sum(v.numel() for k, v in t.items() if not k.startswith("hypernet.")) < base_numel / 4
+    assert {"optimizer.bin", "trainer_state.json", "COMPLETE"} <= {p.name for p in (out / "step_2").iterdir()}
+
+    # G's adapter in PEFT format reproduces the live G
+    gen_base, _ = load_model(str(model_dir), "float32", "cpu")
+    peft_gen = PeftModel.from_pretrained(gen_base, str(out / "final" / "generator_adapter")).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(peft_gen(ids).logits, system.gen.model(ids).logits, atol=1e-5, rtol=1e-4)
+
+    # one query's LoRA as a static PEFT adapter of the warmed-up actor
+    ex = system.task.test[0]
+    with torch.no_grad():
+        for p in system.decoder.parameters():  # F as after more training: a visible LoRA
+            p.add_(0.05 * torch.randn_like(p))
+    path = M.export_query_adapter(system, ex.query, tmp_path / "q_adapter")
+    batch = actor_batch(system.tok, system.task, [system.p_tilde], [ex], 512, "cpu")
+    with torch.no_grad():
+        with system.with_factors([ex]):
+            want = system.actor(input_ids=batch["input_ids"]).logits
+        plain = system.actor(input_ids=batch["input_ids"]).logits
+        got = PeftModel.from_pretrained(system.actor, str(path))(input_ids=batch["input_ids"]).logits
+    assert not torch.allclose(want, plain, atol=1e-4)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
