@@ -168,7 +168,17 @@ def test_variant_runs_and_trains_only_its_parameters(variant, model_dir, tmp_pat
         assert same(after_i, live_i)
         assert same(before_next, after_i), "phi_p' changed between syncs"
     assert same(syncs[-1][1], syncs[-1][2]) and same(a["frozen"], syncs[-1][1])
-    assert not same(a["frozen"], a["live_phi_p"]), "phi_p trains after the last sync, phi_p' must not follow"
+    if variant == "wo_P":  # no prompt branch: phi_p never trains, phi_s trains only through F
+        assert same(a["frozen"], a["live_phi_p"]) and same(b["frozen"], a["live_phi_p"])
+        k = seen["system"].gen.k
+        assert all(int(key.split(".")[2]) < k for key in changed_keys(b["gen"], a["gen"]))
+        preds = [json.loads(ln) for ln in (out / "predictions.jsonl").read_text().splitlines()]
+        assert {r["prompt"] for r in preds} == {seen["system"].p_tilde}, "w/o P: the actor sees p~ at test"
+        assert all(r["reg"] == 0 for r in joint)
+    else:
+        assert not same(a["frozen"], a["live_phi_p"]), "phi_p trains after the last sync, phi_p' must not follow"
+    if variant in ("metatuner_j", "wo_S", "share_0.75"):
+        assert all(r["loss"] == pytest.approx(r["task_loss"] + cfg.train.alpha * r["reg"], rel=1e-5) for r in joint)
     finished_runs[variant] = out
 
 
@@ -505,3 +515,109 @@ def test_checkpoints_and_final_hold_no_base_weights_and_export_a_query_adapter(m
         got = PeftModel.from_pretrained(system.actor, str(path))(input_ids=batch["input_ids"]).logits
     assert not torch.allclose(want, plain, atol=1e-4)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------- 10: variants do what their names say
+
+
+def _step_changes(system, loop) -> dict[str, bool]:
+    """Which parts move in one optimizer step: F, phi_s (G's trained tensors in layers < k), phi_p."""
+    k = system.gen.k
+
+    def parts():
+        g = gen_trainable(system)
+        return {"F": snap(system.decoder), "phi_s": {n: v for n, v in g.items() if ".layers." in n and int(n.split(".")[2]) < k},
+                "phi_p": {n: v for n, v in g.items() if ".layers." in n and int(n.split(".")[2]) >= k}}
+
+    before = parts()
+    loop.step()
+    after = parts()
+    return {name: not same(before[name], after[name]) for name in before}
+
+
+def test_metatuner_i_moves_the_right_parameters_on_each_kind_of_step(model_dir, tmp_path):
+    cfg = make_cfg(model_dir, tmp_path / "i", "method=metatuner_i", "warmup.max_steps=0", "train.bf16=false",
+                   "train.alternate_steps=1", "rollout.n=1")
+    system, loop, _ = M.prepare(cfg, start_run(cfg))
+    with torch.no_grad():  # as after some training: generated LoRA != 0, so the task loss reaches F's A side and phi_s
+        for p in system.decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    system.gen.model.train()
+    assert _step_changes(system, loop) == {"F": True, "phi_s": True, "phi_p": False}, "task step"
+    assert _step_changes(system, loop) == {"F": False, "phi_s": True, "phi_p": True}, "regularization step"
+
+    cfg = make_cfg(model_dir, tmp_path / "i_wo_f", "method=metatuner_i", "warmup.max_steps=0", "train.bf16=false",
+                   "train.param_decoder=false", "rollout.n=1")
+    system, loop, _ = M.prepare(cfg, start_run(cfg))
+    system.gen.model.train()
+    for _ in range(2):  # w/o F: every step is a regularization step that moves G
+        ch = _step_changes(system, loop)
+        assert ch["phi_s"] and ch["phi_p"] and not ch["F"]
+
+
+def test_gumbel_task_loss_reaches_phi_p_and_stops_at_eos(model_dir, tmp_path, monkeypatch):
+    cfg = make_cfg(model_dir, tmp_path / "g", "method=metatuner_gumbel", "warmup.max_steps=0", "train.bf16=false")
+    system, loop, _ = M.prepare(cfg, start_run(cfg))
+    exs = system.task.train[:2]
+    loss = M.gumbel_task_loss(system, exs)
+    loss.backward()
+    grads = [p.grad for p in system.gen.decoder_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+
+    # the relaxed prompt ends at G's EOS, as test-time prompts do: a generator that always says EOS gives
+    # the same loss whatever generator.max_prompt_tokens is; one that never does, a longer prompt each time
+    import torch.nn.functional as F_
+
+    def constant(token):
+        return lambda logits, tau, hard: F_.one_hot(torch.full(logits.shape[:1], token), logits.shape[-1]).float()
+
+    def loss_with(token, max_tokens):
+        monkeypatch.setattr(F_, "gumbel_softmax", constant(token))
+        system.cfg.generator.max_prompt_tokens = max_tokens
+        with torch.no_grad():
+            return M.gumbel_task_loss(system, exs).item()
+
+    eos, other = system.gen_tok.eos_token_id, 10
+    assert loss_with(eos, 1) == pytest.approx(loss_with(eos, 6), abs=1e-6)
+    assert loss_with(other, 1) != pytest.approx(loss_with(other, 6), abs=1e-4)
+
+
+def test_h_i_at_training_equals_h_i_at_test(scoring_system):
+    """F reads the same pooled state for a query inside the right-padded joint pass and the left-padded test pass."""
+    from metatuner.generator import position_ids
+    from metatuner.hypernet import pool
+    from metatuner.rewrite import rewrite_messages
+    from metatuner.training import completion_text, lm_batch
+
+    system = scoring_system
+    exs = system.task.train[:3]
+    with torch.no_grad():
+        enc = system.gen_encode(exs)
+        h_test = pool(system.gen.param_encode(enc["input_ids"], enc["attention_mask"]), enc["attention_mask"])
+        comps = [completion_text(system.gen_tok, rewrite_messages(system.p_tilde, ex.query), p)[1]
+                 for ex, p in zip(exs, ["a", "a much longer prompt than that", "b"])]
+        gb = lm_batch(system.gen_tok, system.gen_prefixes(exs), comps, 512, "cpu")
+        out = system.gen.model(input_ids=gb["input_ids"], attention_mask=gb["attention_mask"],
+                               position_ids=position_ids(gb["attention_mask"]), output_hidden_states=True)
+        h_train = pool(out.hidden_states[system.gen.k], gb["prefix_mask"])
+    torch.testing.assert_close(h_train, h_test, atol=1e-5, rtol=1e-4)
+
+
+def test_answer_criterion_inside_the_real_loop(model_dir, tmp_path, monkeypatch):
+    """rollout.criterion=answer: D2 candidates are scored by generating answers inside the joint loop."""
+    import metatuner.prompts
+
+    calls = []
+    real = metatuner.prompts.rank_prompts
+
+    def spy(*a, **k):
+        calls.append(a[5])
+        return real(*a, **k)
+
+    monkeypatch.setattr(metatuner.prompts, "rank_prompts", spy)
+    cfg = make_cfg(model_dir, tmp_path / "ans", "method=metatuner_j", "warmup.max_steps=0",
+                   "warmup.generator_steps=0", "rollout.criterion=answer")
+    system, loop, _ = M.prepare(cfg, start_run(cfg))
+    loop.run()
+    assert calls and set(calls) == {"answer"}
+    assert system.counts["generation_calls"] > 0

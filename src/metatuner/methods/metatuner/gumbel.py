@@ -21,27 +21,45 @@ def check_gumbel_vocab(actor_tok, gen_tok, actor, gen) -> None:
 
 
 def gumbel_task_loss(system, examples: list[Example]) -> torch.Tensor:
-    """Task loss with a relaxed prompt of generator.max_prompt_tokens tokens from the live G."""
+    """Task loss with a relaxed prompt from the live G: at most generator.max_prompt_tokens hard
+    straight-through Gumbel-softmax tokens per query, decoded with a KV cache and real-token position
+    ids (as generation does), stopping at G's end-of-sequence token like test-time prompts; the
+    kept tokens reach the actor as soft embeddings, so the task loss reaches phi_p and phi_s."""
+    from metatuner.generator import position_ids
+
     cfg = system.cfg
     dev = system.device
     gen = system.gen.model
+    emb_gen = gen.get_input_embeddings().weight
     emb_actor = system.actor.get_input_embeddings().weight  # [V, d]
+    eos = system.gen_tok.eos_token_id
     with autocast(cfg.train.bf16, dev):
         enc = system.gen_encode(examples)
         ids, mask = enc["input_ids"], enc["attention_mask"]
         B = ids.shape[0]
-        soft = []
-        embeds = gen.get_input_embeddings()(ids)
-        hidden_k = None
+        out = gen(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), output_hidden_states=True,
+                  use_cache=True)
+        hidden_k, past = out.hidden_states[system.gen.k], out.past_key_values
+        logits = out.logits[:, -1]
+        pos = position_ids(mask)[:, -1:]
+        soft, alive = [], torch.ones(B, dtype=torch.bool, device=dev)
+        keep = []  # [L] x [B] bool: the token is part of the prompt (before the first EOS)
         for t in range(cfg.generator.max_prompt_tokens):
-            out = gen(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=(t == 0), use_cache=False)
-            if t == 0:
-                hidden_k = out.hidden_states[system.gen.k]
-            y = F.gumbel_softmax(out.logits[:, -1].float(), tau=cfg.train.gumbel_tau, hard=True)  # [B, V]
+            y = F.gumbel_softmax(logits.float(), tau=cfg.train.gumbel_tau, hard=True)  # [B, V]
+            if eos is not None:
+                alive = alive & (y[:, eos] < 0.5)
             soft.append(y)
-            embeds = torch.cat([embeds, (y.to(embeds.dtype) @ gen.get_input_embeddings().weight).unsqueeze(1)], 1)
+            keep.append(alive.clone())
+            if not alive.any() or t == cfg.generator.max_prompt_tokens - 1:
+                break
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=dev)], 1)
+            pos = pos + 1
+            step_emb = (y.to(emb_gen.dtype) @ emb_gen).unsqueeze(1)
+            out = gen(inputs_embeds=step_emb, attention_mask=mask, position_ids=pos, past_key_values=past,
+                      use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1]
         y = torch.stack(soft, 1)  # [B, L, V]
+        kept = torch.stack(keep, 1)  # [B, L]
         f = system.factors(examples, hidden_k, enc["attention_mask"]) if system.use_f else None
         # actor input: [chat text before the prompt] [soft prompt] [rest of the chat + target]
         marker = "\u0000PROMPT\u0000"
@@ -52,16 +70,16 @@ def gumbel_task_loss(system, examples: list[Example]) -> torch.Tensor:
             rows.append((system.tok(a, add_special_tokens=False)["input_ids"],
                          system.tok(b, add_special_tokens=False)["input_ids"],
                          system.tok(comp, add_special_tokens=False)["input_ids"]))
-        L = y.shape[1]
-        T = max(len(a) + L + len(b) + len(c) for a, b, c in rows)
+        lens = kept.sum(1).tolist()
+        T = max(len(a) + n + len(b) + len(c) for (a, b, c), n in zip(rows, lens))
         E = emb_actor.shape[1]
         inp = torch.zeros(B, T, E, device=dev, dtype=emb_actor.dtype)
         am = torch.zeros(B, T, dtype=torch.long, device=dev)
         labels = torch.full((B, T), -100, dtype=torch.long, device=dev)
         for i, (a, b, c) in enumerate(rows):
             a_t, b_t, c_t = (torch.tensor(v, device=dev, dtype=torch.long) for v in (a, b, c))
-            parts = [emb_actor[a_t], y[i].to(emb_actor.dtype) @ emb_actor, emb_actor[b_t], emb_actor[c_t]]
-            seq = torch.cat(parts, 0)
+            prompt = y[i, kept[i]].to(emb_actor.dtype) @ emb_actor
+            seq = torch.cat([emb_actor[a_t], prompt, emb_actor[b_t], emb_actor[c_t]], 0)
             inp[i, : seq.shape[0]] = seq
             am[i, : seq.shape[0]] = 1
             labels[i, seq.shape[0] - len(c) : seq.shape[0]] = c_t

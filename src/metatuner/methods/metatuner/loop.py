@@ -150,13 +150,20 @@ class JointLoop:
         self.log.log(step, stage="rollout", seconds=round(seconds, 2), **st)
 
     def phase(self, step: int) -> tuple[bool, bool]:
-        """(task term, regularization term) at this step."""
+        """(task term, regularization term) at this step.
+
+        w/o P: the actor sees p~ everywhere and there is no prompt to regularize: task term only (F and,
+        through h_i, phi_s train). w/o F: the task loss reaches no trainable parameter (sampled prompts
+        carry no gradient): regularization only. MetaTuner-I alternates the two every
+        train.alternate_steps steps; J sums them."""
         cfg, system = self.cfg, self.system
-        if cfg.method == "metatuner_i" and system.use_f:
+        if not system.use_p:
+            return True, False
+        if not system.use_f:
+            return False, True
+        if cfg.method == "metatuner_i":
             need_task = (step // max(1, cfg.train.alternate_steps)) % 2 == 0
             return need_task, not need_task
-        if not system.use_f:  # w/o F: the task loss reaches no trainable parameter; only the regularizer trains
-            return False, True
         return True, True
 
     def losses(self, step: int, part: int = 0, parts: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -167,7 +174,7 @@ class JointLoop:
         m = bs // parts
         ids = self.my_indices(step)[part * m : (part + 1) * m]
         exs = [self.task.train[i] for i in ids]
-        if cfg.method == "metatuner_gumbel":
+        if cfg.method == "metatuner_gumbel" and system.use_p:
             task_loss = gumbel_task_loss(system, exs)
             return task_loss, task_loss, torch.zeros((), device=task_loss.device)
         off = ((step - w["start"]) * self.acc.num_processes + self.acc.process_index) * bs + part * m
@@ -175,9 +182,7 @@ class JointLoop:
         best = [self.state["d2"][str(i)] for i in ids]
         need_task, need_reg = self.phase(step)
         task_loss, reg = system.joint_losses(exs, tprompts, best, need_task=need_task, need_reg=need_reg)
-        if cfg.method == "metatuner_j":
-            return task_loss + cfg.train.alpha * reg, task_loss, reg
-        return (task_loss if need_task else reg), task_loss, reg
+        return task_loss * need_task + cfg.train.alpha * reg * need_reg, task_loss, reg
 
     def step(self) -> dict:
         """One optimizer step (a new D2 window first when one is due) over train.grad_accum micro-batches."""
