@@ -122,6 +122,7 @@ class WarmupConfig:
     generator_steps: int = _f(10, "Generator warm-up: SFT steps on the initial D2, so rewrites are well-formed prompts (0 = skip).")
     generator_lr: float = _f(5e-4, "Learning rate of the generator warm-up (LoRA of G; use ~2e-5 with generator.lora_rank=0).")
     queries: int = _f(32, "Training queries whose rollouts build the initial D2 for the generator warm-up.")
+    cache: bool = _f(True, "Reuse an actor warm-up adapter trained with identical settings ($METATUNER_CACHE/warmup/<key>/); the key hashes the model files, task, prompt, seed, LoRA, warm-up budget and optimiser, process count and library versions.")
 
 
 @dataclass
