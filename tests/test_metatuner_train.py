@@ -208,7 +208,7 @@ def test_grad_accum_matches_one_batch(model_dir, tmp_path):
         bad = {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.allclose(a[k], b[k], atol=3e-4, rtol=1e-4)}
         assert not bad, sorted(bad.items(), key=lambda kv: -kv[1])[:5]
     assert [h["loss"] for h in h1] == pytest.approx([h["loss"] for h in h2], abs=1e-4)
-    with pytest.raises(MetatunerError, match="train.grad_accum=3 must divide train.batch_size=4"):
+    with pytest.raises(MetatunerError, match="train.grad_accum = 3: expected a divisor of train.batch_size"):
         cfg = make_cfg(model_dir, tmp_path / "acc3", "warmup.max_steps=0", "warmup.generator_steps=0",
                        "method=metatuner_j", "train.batch_size=4", "train.grad_accum=3")
         M.prepare(cfg, start_run(cfg))
