@@ -21,7 +21,7 @@ SUBCOMMANDS = {
     "eval": "Evaluate a model (default: the embedded model on the default task) and write predictions.jsonl + metrics.json.",
     "train": "Train with `method=...` (metatuner_j, metatuner_i, metatuner_gumbel, sft, ...), then evaluate on the test split.",
     "compare": "Run several methods on the same task, splits and seeds (--config configs/compare/NAME.yaml); write results.json/.md/.png.",
-    "infer": "Answer new queries with a trained MetaTuner run: run_dir=DIR query='...' (or query_file=FILE).",
+    "infer": "Answer new queries with a finished run (any method): run_dir=DIR query='...' (or query_file=FILE).",
 }
 
 
@@ -62,12 +62,13 @@ def read_queries(cfg: Config) -> list[str]:
 
 
 def run_infer(cfg: Config) -> list[dict]:
-    from metatuner.methods.metatuner import answer, load_system
+    """Answer queries with a finished run (any method that produced a model or chose a prompt)."""
+    from metatuner.infer import infer
 
     if not cfg.run_dir:
-        raise MetatunerError("infer needs run_dir=DIR (the output_dir of a MetaTuner training run)")
+        raise MetatunerError("infer needs run_dir=DIR (the output_dir of a finished run)")
     queries = read_queries(cfg)
-    return answer(load_system(cfg.run_dir), queries)
+    return infer(cfg.run_dir, queries)
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
@@ -84,31 +85,14 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
 def run_eval(cfg: Config) -> dict:
     """Zero-shot evaluation of cfg.model with the task's prompt (or task.prompt)."""
-    from metatuner.evaluate import evaluate
     from metatuner.models import load_from_config
-    from metatuner.run import set_seed
-    from metatuner.tasks import load_task
+    from metatuner.run import final_eval, stage, start_run
 
-    set_seed(cfg.seed)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
-    task = load_task(cfg.task, cfg.seed)
-    examples = task.split(cfg.eval.split)
-    if cfg.eval.limit:
-        examples = examples[: cfg.eval.limit]
-    if not examples:
-        raise MetatunerError(f"task {cfg.task.name!r}: the {cfg.eval.split} split is empty")
-    from metatuner.inference import resolve_verifier
-
+    task = start_run(cfg, needs_train=False)
+    stage(f"loading model {cfg.model.name}")
     model, tok = load_from_config(cfg.model)
-    _, metrics = evaluate(model, tok, task, examples, task.prompt, batch_size=cfg.eval.batch_size,
-                          strategy=cfg.inference.strategy, n=cfg.inference.n, temperature=cfg.inference.temperature,
-                          top_p=cfg.inference.top_p, output_dir=cfg.output_dir,
-                          verifier=resolve_verifier(cfg.inference.verifier, task),
-                          extra_metrics={"model": cfg.model.name, "method": "zero_shot", "split": cfg.eval.split,
-                                         "seed": cfg.seed, "p_tilde": task.prompt, "train_steps": 0,
-                                         "train_examples": 0, "generation_calls": 0})
-    return metrics
+    return final_eval(cfg, model, tok, task, task.prompt, extra={
+        "method": "zero_shot", "train_steps": 0, "train_examples": 0, "generation_calls": 0})
 
 
 def _quiet() -> None:
@@ -158,12 +142,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "eval":
-            metrics = run_eval(cfg)
+            from metatuner.rundir import claim
+
+            with claim(cfg):
+                metrics = run_eval(cfg)
             cols = ["task", "model", "n", "accuracy"] + [k for k in ("em", "f1", "score") if k in metrics] + ["wall_seconds"]
             print(format_table([metrics], cols))
             print(f"wrote {cfg.output_dir}/predictions.jsonl and metrics.json")
         elif args.command == "train":
-            metrics = run_train(cfg)
+            from metatuner.rundir import claim
+
+            with claim(cfg):
+                metrics = run_train(cfg)
             if int(os.environ.get("RANK", "0")) == 0:
                 cols = ["method", "task", "n", "accuracy"] + [k for k in ("em", "f1") if k in metrics] + ["wall_seconds"]
                 print(format_table([metrics], cols))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -70,12 +72,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
 
 
+def finite_json(obj, path: str | os.PathLike = "", key: str = ""):
+    """obj with every NaN/inf float replaced by None (JSON null), warning once per value with its key:
+    NaN is not JSON, and most parsers reject the `NaN` token Python would write."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        warnings.warn(f"{path}: {key or 'value'} is {obj}; written as null", stacklevel=3)
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v, path, f"{key}.{k}" if key else str(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v, path, f"{key}[{i}]") for i, v in enumerate(obj)]
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+    """Write JSON atomically; NaN/inf become null with a warning (see finite_json)."""
+    atomic_write_text(path, json.dumps(finite_json(obj, path), indent=2, default=str, allow_nan=False) + "\n")
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+    atomic_write_text(path, "".join(json.dumps(finite_json(r, path), default=str, allow_nan=False) + "\n" for r in rows))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -82,17 +80,11 @@ def _convert_gguf(gguf_dir: Path, filename: str, out: Path) -> None:
     if missing or unexpected:
         raise MetatunerError(f"converting {filename}: missing weights {missing[:5]}, unexpected {unexpected[:5]}")
     plain.generation_config = q.generation_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    from metatuner.io import atomic_path
+
+    with atomic_path(out, directory=True) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def resolve_path(name: str) -> str:
@@ -100,6 +92,15 @@ def resolve_path(name: str) -> str:
     if name in EMBEDDED:
         return str(embedded_model_dir(name))
     return name
+
+
+def model_config(name: str, trust_remote_code: bool = False):
+    """The model's transformers config without loading weights (checks model.name early)."""
+    path = resolve_path(name)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise MetatunerError(f"model.name={name!r}: cannot load ({str(e).splitlines()[0]})") from None
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
