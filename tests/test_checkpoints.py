@@ -172,3 +172,17 @@ def test_config_saver_writes_into_trainer_checkpoints(cfg, tmp_path):
     cb = config_saver(cfg)
     cb.on_save(SimpleNamespace(output_dir=str(out)), SimpleNamespace(global_step=7, is_world_process_zero=True), None)
     assert "output_dir:" in (out / "checkpoint-7" / "config.yaml").read_text()
+
+
+def test_auto_for_a_trainer_subfolder_uses_the_run_config(tmp_path):
+    out = tmp_path / "run"
+    ck = out / "sft" / "checkpoint-2"
+    ck.mkdir(parents=True)
+    (ck / "trainer_state.json").write_text("{}")
+    earlier = Config(output_dir=str(out))
+    save_config(earlier, out / "config.yaml")
+    remember_previous_config(out)
+    now = Config(output_dir=str(out), resume_from_checkpoint="auto")
+    assert find_resume_checkpoint(now, directory=out / "sft") == ck
+    now.seed = 5
+    assert find_resume_checkpoint(now, directory=out / "sft") is None

@@ -175,15 +175,20 @@ def newest_complete(directory: str | Path) -> Path | None:
     return None
 
 
-def _saved_config(ck: Path, output_dir: Path) -> dict | None:
+def _saved_config(ck: Path) -> dict | None:
+    """The settings a checkpoint was written with: its own config.yaml, else the config.yaml of the run
+    folder holding it (the checkpoint folder's parent or grandparent, e.g. output_dir/sft/checkpoint-N),
+    as it was before this run replaced it."""
     own = ck / CONFIG_NAME
     if own.is_file():
         return read_config_dict(own)
-    key = str(output_dir.resolve())
-    if key in _previous_configs:
-        return _previous_configs[key]
-    run_cfg = output_dir / CONFIG_NAME
-    return read_config_dict(run_cfg) if run_cfg.is_file() else None
+    for d in (ck.parent, ck.parent.parent):
+        key = str(d.resolve())
+        if key in _previous_configs:
+            return _previous_configs[key]
+        if (d / CONFIG_NAME).is_file():
+            return read_config_dict(d / CONFIG_NAME)
+    return None
 
 
 def _main_process() -> bool:
@@ -231,7 +236,7 @@ def find_resume_checkpoint(cfg, directory: str | Path | None = None) -> Path | N
     if ck is not None:
         from metatuner.config import to_dict
 
-        saved = _saved_config(ck, out)
+        saved = _saved_config(ck)
         current = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))  # the types config.yaml round-trips to
         if saved is None or comparable(saved) != comparable(current):
             print(f"resume_from_checkpoint=auto: {ck} was written with other settings; starting afresh", flush=True)
