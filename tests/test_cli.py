@@ -262,3 +262,26 @@ def test_infer_after_the_data_folder_moved(tiny_model_path, tmp_path):
     (tmp_path / "data").rmdir()
     rows = infer(out, ["2+2"])
     assert len(rows) == 1 and rows[0]["query"] == "2+2" and isinstance(rows[0]["generation"], str)
+
+
+def test_infer_on_a_metatuner_run_goes_through_load_system_and_answer(tiny_model_path, tmp_path, monkeypatch):
+    """The MetaTuner package provides load_system(run_dir) and answer(system, queries); infer calls them
+    after checking final/'s files."""
+    import torch
+    from safetensors.torch import save_file
+
+    import metatuner.methods.metatuner as M
+    from metatuner.infer import infer
+
+    _, out = _run_folder(tmp_path, tiny_model_path, "metatuner_j")
+    calls = []
+    monkeypatch.setattr(M, "load_system", lambda d: calls.append(("load", d)) or "SYSTEM")
+    monkeypatch.setattr(M, "answer", lambda s, qs: calls.append(("answer", s, qs)) or [{"query": q} for q in qs])
+    from metatuner.errors import MetatunerError
+
+    with pytest.raises(MetatunerError, match="no final/"):
+        infer(out, ["q"])
+    (out / "final").mkdir()
+    save_file({"w": torch.ones(2)}, str(out / "final" / "generator.safetensors"))
+    assert infer(out, ["q1", "q2"]) == [{"query": "q1"}, {"query": "q2"}]
+    assert calls == [("load", out), ("answer", "SYSTEM", ["q1", "q2"])]

@@ -188,3 +188,45 @@ def test_json_never_holds_nan(tmp_path):
     with pytest.warns(UserWarning):
         write_jsonl(q, [{"score": math.nan}])
     assert json.loads(q.read_text()) == {"score": None}
+
+
+def test_only_the_main_process_takes_the_lock(tmp_path, monkeypatch):
+    out = tmp_path / "mp"
+    out.mkdir()
+    (out / "config.yaml").write_text("seed: 0\n")  # rank 0 may already have written the new config
+    monkeypatch.setenv("RANK", "1")
+    with claim(Config(output_dir=str(out))):
+        assert not (out / LOCK_NAME).exists()
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(MetatunerError, match="earlier run"):
+        with claim(Config(output_dir=str(out))):
+            pass
+
+
+def test_read_jsonl_and_text_name_the_line_that_is_not_utf8(tmp_path):
+    from metatuner.io import read_jsonl, read_text
+
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes('{"query": "a"}\n{"query": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(MetatunerError, match=f"{p} line 2: not UTF-8.*0xe9"):
+        read_jsonl(p)
+    q = tmp_path / "q.txt"
+    q.write_bytes("one\ntwo\nthr\u00e9e\n".encode("latin-1"))
+    with pytest.raises(MetatunerError, match=f"{q} line 3: not UTF-8"):
+        read_text(q)
+
+
+@pytest.mark.parametrize("name, content, needle", [
+    ("q.txt", "caf\u00e9\n".encode("latin-1"), "line 1: not UTF-8"),
+    ("q.txt", b"\n\n", "holds no queries"),
+    ("q.jsonl", b"", "holds no queries"),
+    ("q.jsonl", b'{"question": "x"}\n', "no 'query' field"),
+])
+def test_bad_query_files_are_one_line(tmp_path, capsys, name, content, needle):
+    run = tmp_path / "run"
+    run.mkdir()
+    f = tmp_path / name
+    f.write_bytes(content)
+    assert main(["infer", f"run_dir={run}", f"query_file={f}"]) == 2
+    line = one_line_error(capsys)
+    assert needle in line and str(f) in line

@@ -57,8 +57,15 @@ def read_queries(cfg: Config) -> list[str]:
         for i, r in enumerate(rows):
             if "query" not in r:
                 raise MetatunerError(f"{p} line {i + 1}: no 'query' field (fields: {sorted(r)})")
+        if not rows:
+            raise MetatunerError(f"query_file: {p} holds no queries (expected JSONL rows with a 'query' field)")
         return [str(r["query"]) for r in rows]
-    return [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+    from metatuner.io import read_text
+
+    queries = [ln.strip() for ln in read_text(p).splitlines() if ln.strip()]
+    if not queries:
+        raise MetatunerError(f"query_file: {p} holds no queries (expected one per line)")
+    return queries
 
 
 def run_infer(cfg: Config) -> list[dict]:

@@ -95,9 +95,16 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Rows of a JSONL file; a line that is not UTF-8, not JSON or not an object is a one-line error
+    naming the file and the line."""
     rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MetatunerError(f"{path} line {i}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                     "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -108,3 +115,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 raise MetatunerError(f"{path} line {i}: expected a JSON object, got {type(obj).__name__}")
             rows.append(obj)
     return rows
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file; one-line error naming the file and line when it is not UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise MetatunerError(f"{path} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
