@@ -230,3 +230,23 @@ def test_bad_query_files_are_one_line(tmp_path, capsys, name, content, needle):
     assert main(["infer", f"run_dir={run}", f"query_file={f}"]) == 2
     line = one_line_error(capsys)
     assert needle in line and str(f) in line
+
+
+def test_resuming_with_other_settings_drops_the_earlier_results(tiny_model_path, tmp_path):
+    """auto into a finished run whose settings differ starts afresh: the old metrics must not sit beside
+    the new config.yaml while the new run works."""
+    from metatuner.config import load_config
+    from metatuner.run import start_run
+
+    out = tmp_path / "run"
+    assert main(eval_argv(tiny_model_path, out)) == 0
+    argv = eval_argv(tiny_model_path, out)[1:]
+    same = load_config(None, argv)
+    same.resume_from_checkpoint = "auto"
+    start_run(same)
+    assert (out / "metrics.json").is_file()  # same settings: kept until the run rewrites it
+    other = load_config(None, argv + ["seed=4"])
+    other.resume_from_checkpoint = "auto"
+    start_run(other)
+    assert not (out / "metrics.json").exists() and not (out / "predictions.jsonl").exists()
+    assert "seed: 4" in (out / "config.yaml").read_text()

@@ -56,12 +56,26 @@ def comparable(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in IGNORED_KEYS}
 
 
+def same_settings(saved: dict | None, cfg) -> bool:
+    """Whether a saved config.yaml (as a dict) holds the same settings as cfg, ignoring IGNORED_KEYS."""
+    from metatuner.config import to_dict
+
+    if saved is None:
+        return False
+    current = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))  # the types config.yaml round-trips to
+    return comparable(saved) == comparable(current)
+
+
+def previous_config(output_dir: str | Path) -> dict | None:
+    """The run's config.yaml as remembered by remember_previous_config (None: there was none)."""
+    return _previous_configs.get(str(Path(output_dir).resolve()))
+
+
 def remember_previous_config(output_dir: str | Path) -> None:
     """Read output_dir/config.yaml before a run replaces it, so `auto` can compare a checkpoint that
     carries no config of its own with the settings of the run that wrote it."""
-    key = str(Path(output_dir).resolve())
     path = Path(output_dir) / CONFIG_NAME
-    _previous_configs[key] = read_config_dict(path) if path.is_file() else None
+    _previous_configs[str(Path(output_dir).resolve())] = read_config_dict(path) if path.is_file() else None
 
 
 def read_config_dict(path: Path) -> dict | None:
@@ -234,11 +248,7 @@ def find_resume_checkpoint(cfg, directory: str | Path | None = None) -> Path | N
         return _agree(ck)
     # auto
     if ck is not None:
-        from metatuner.config import to_dict
-
-        saved = _saved_config(ck)
-        current = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))  # the types config.yaml round-trips to
-        if saved is None or comparable(saved) != comparable(current):
+        if not same_settings(_saved_config(ck), cfg):
             print(f"resume_from_checkpoint=auto: {ck} was written with other settings; starting afresh", flush=True)
             ck = None
     return _agree(ck)

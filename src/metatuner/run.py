@@ -39,7 +39,7 @@ def start_run(cfg: Config, needs_train: bool | None = None) -> Task:
 
     needs_train: the method trains, so an empty train split is an error (default: every method but zero_shot).
     """
-    from metatuner.checkpoints import remember_previous_config, resume_mode
+    from metatuner.checkpoints import previous_config, remember_previous_config, resume_mode, same_settings
 
     set_seed(cfg.seed)
     out = resolve_output_dir(cfg)
@@ -57,7 +57,9 @@ def start_run(cfg: Config, needs_train: bool | None = None) -> Task:
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         remember_previous_config(out)
-        if getattr(cfg, "overwrite", False) and resume_mode(cfg.resume_from_checkpoint) == "false":
+        prev = previous_config(out)
+        fresh = getattr(cfg, "overwrite", False) and resume_mode(cfg.resume_from_checkpoint) == "false"
+        if fresh or (prev is not None and not same_settings(prev, cfg)):
             for name in STALE_OUTPUTS:  # the earlier run's results must not sit beside the new settings
                 (out / name).unlink(missing_ok=True)
         save_config(cfg, out / "config.yaml")
