@@ -285,3 +285,10 @@ def test_infer_on_a_metatuner_run_goes_through_load_system_and_answer(tiny_model
     save_file({"w": torch.ones(2)}, str(out / "final" / "generator.safetensors"))
     assert infer(out, ["q1", "q2"]) == [{"query": "q1"}, {"query": "q2"}]
     assert calls == [("load", out), ("answer", "SYSTEM", ["q1", "q2"])]
+
+
+def test_table_shows_scores_as_percentages_and_seconds_as_seconds():
+    from metatuner.cli import format_table
+
+    table = format_table([{"accuracy": 0.25, "wall_seconds": 0.5, "n": 4, "f1": None}], ["n", "accuracy", "wall_seconds", "f1"])
+    assert table.splitlines()[-1] == "| 4 | 25.0 | 0.5 |  |"

@@ -78,15 +78,18 @@ def run_infer(cfg: Config) -> list[dict]:
     return infer(cfg.run_dir, queries)
 
 
+PERCENT_COLUMNS = ("accuracy", "em", "f1", "score")
+
+
 def format_table(rows: list[dict], columns: list[str]) -> str:
-    """A markdown table; floats in [0, 1] print as percentages."""
-    def fmt(v):
+    """A markdown table; the score columns (PERCENT_COLUMNS) print as percentages, other floats as they are."""
+    def fmt(c, v):
         if isinstance(v, float):
-            return f"{100 * v:.1f}" if 0 <= v <= 1 else f"{v:.1f}"
-        return str(v)
+            return f"{100 * v:.1f}" if c in PERCENT_COLUMNS else f"{v:.1f}"
+        return "" if v is None else str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(c, r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
