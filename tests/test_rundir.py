@@ -250,3 +250,15 @@ def test_resuming_with_other_settings_drops_the_earlier_results(tiny_model_path,
     start_run(other)
     assert not (out / "metrics.json").exists() and not (out / "predictions.jsonl").exists()
     assert "seed: 4" in (out / "config.yaml").read_text()
+
+
+def test_cli_prints_the_stale_lock_warning(tiny_model_path, tmp_path, capsys):
+    out = tmp_path / "k"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / LOCK_NAME).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x"}))
+    assert main(eval_argv(tiny_model_path, out)) == 0
+    err = capsys.readouterr().err
+    assert f"warning: removing stale lock {out / LOCK_NAME} (pid {dead.pid}" in err
+    assert (out / "metrics.json").is_file() and not (out / LOCK_NAME).exists()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from metatuner.errors import MetatunerError
+from metatuner.errors import MetatunerError, MetatunerWarning
 
 IGNORED_KEYS = ("output_dir", "resume_from_checkpoint", "overwrite", "run_dir", "query", "query_file")
 CHECKPOINT_RE = re.compile(r"^(?:step_|checkpoint-)(\d+)$")
@@ -168,7 +168,7 @@ def remove_orphans(directory: str | Path) -> list[Path]:
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     for p in removed:
-        warnings.warn(f"removed {p}: an unfinished checkpoint write of an earlier run", stacklevel=3)
+        warnings.warn(f"removed {p}: an unfinished checkpoint write of an earlier run", MetatunerWarning, stacklevel=3)
     return removed
 
 
@@ -178,12 +178,12 @@ def newest_complete(directory: str | Path) -> Path | None:
     for ck in candidates(directory):
         if not is_complete(ck):
             warnings.warn(f"skipping {ck}: incomplete (no {'COMPLETE' if ck.name.startswith('step_') else 'trainer_state.json'} marker)",
-                          stacklevel=3)
+                          MetatunerWarning, stacklevel=3)
             continue
         try:
             check_folder(ck)
         except MetatunerError as e:
-            warnings.warn(f"skipping {ck}: {e}; falling back to the previous complete checkpoint", stacklevel=3)
+            warnings.warn(f"skipping {ck}: {e}; falling back to the previous complete checkpoint", MetatunerWarning, stacklevel=3)
             continue
         return ck
     return None

@@ -15,7 +15,7 @@ import sys
 import warnings
 
 from metatuner.config import Config, help_text, load_config, save_config
-from metatuner.errors import MetatunerError
+from metatuner.errors import MetatunerError, MetatunerWarning
 
 SUBCOMMANDS = {
     "eval": "Evaluate a model (default: the embedded model on the default task) and write predictions.jsonl + metrics.json.",
@@ -109,6 +109,19 @@ def _quiet() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore")
+    warnings.filterwarnings("always", category=MetatunerWarning)  # ours are meant for the user
+    library_show = warnings.showwarning
+    if getattr(library_show, "metatuner", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, MetatunerWarning):
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+        else:
+            library_show(message, category, filename, lineno, file, line)
+
+    show.metatuner = True
+    warnings.showwarning = show
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from metatuner.errors import MetatunerError
+from metatuner.errors import MetatunerError, MetatunerWarning
 
 
 @contextlib.contextmanager
@@ -76,7 +76,7 @@ def finite_json(obj, path: str | os.PathLike = "", key: str = ""):
     """obj with every NaN/inf float replaced by None (JSON null), warning once per value with its key:
     NaN is not JSON, and most parsers reject the `NaN` token Python would write."""
     if isinstance(obj, float) and not math.isfinite(obj):
-        warnings.warn(f"{path}: {key or 'value'} is {obj}; written as null", stacklevel=3)
+        warnings.warn(f"{path}: {key or 'value'} is {obj}; written as null", MetatunerWarning, stacklevel=3)
         return None
     if isinstance(obj, dict):
         return {k: finite_json(v, path, f"{key}.{k}" if key else str(k)) for k, v in obj.items()}

@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator
 
-from metatuner.errors import MetatunerError
+from metatuner.errors import MetatunerError, MetatunerWarning
 
 LOCK_NAME = ".lock"
 RUN_FILES = ("config.yaml", "metrics.json")
@@ -98,7 +98,7 @@ def acquire_lock(out: Path) -> Path:
             held = read_lock(path)
             pid, host = held.get("pid"), held.get("host")
             if host == info["host"] and isinstance(pid, int) and pid != os.getpid() and not _pid_alive(pid):
-                warnings.warn(f"removing stale lock {path} (pid {pid} on {host} is no longer running)", stacklevel=2)
+                warnings.warn(f"removing stale lock {path} (pid {pid} on {host} is no longer running)", MetatunerWarning, stacklevel=2)
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
                 continue
