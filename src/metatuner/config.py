@@ -216,7 +216,7 @@ class Config:
     method: str = _f("zero_shot", "What to run: zero_shot, sft, dpo, opro, bpo, bettertogether, metatuner_j, metatuner_i, metatuner_gumbel.")
     seed: int = _f(0, "Random seed (data splits, sampling, initialisation).")
     output_dir: str = _f("", "Where outputs go (config.yaml, metrics.json, predictions.jsonl, checkpoints). Empty: a new runs/<method>-<task>-<YYYYmmdd-HHMMSS>.")
-    overwrite: bool = _f(False, "Replace an earlier run in output_dir (without it, a folder holding config.yaml or metrics.json is refused unless the run resumes).")
+    overwrite: bool = _f(False, "Replace an earlier run in output_dir (without it, a folder holding config.yaml or metrics.json is refused unless resume_from_checkpoint is true or auto; auto with other settings also starts afresh there).")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The actor model M."})
     generator: GeneratorConfig = field(default_factory=GeneratorConfig, metadata={"help": "The generator G (meta encoder + prompt decoder)."})
     task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "The task and its splits."})
