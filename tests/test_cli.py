@@ -292,3 +292,19 @@ def test_table_shows_scores_as_percentages_and_seconds_as_seconds():
 
     table = format_table([{"accuracy": 0.25, "wall_seconds": 0.5, "n": 4, "f1": None}], ["n", "accuracy", "wall_seconds", "f1"])
     assert table.splitlines()[-1] == "| 4 | 25.0 | 0.5 |  |"
+
+
+def test_infer_builds_the_task_from_rules_not_data(tiny_model_path, tmp_path, monkeypatch):
+    """infer asks metatuner.tasks.task_rules for the task and never calls load_task (which reads data)."""
+    import metatuner.tasks as T
+    from metatuner.infer import infer
+
+    _, out = _run_folder(tmp_path, tiny_model_path, "zero_shot")
+    from metatuner.config import TaskConfig
+
+    rules = T.load_task(TaskConfig(name="chain_sum", train_size=2, val_size=1, test_size=2, max_new_tokens=8), 0)
+    asked = []
+    monkeypatch.setattr(T, "task_rules", lambda tcfg: asked.append(tcfg.name) or rules, raising=False)
+    monkeypatch.setattr(T, "load_task", lambda *a, **k: pytest.fail("infer read the dataset"))
+    rows = infer(out, QUERIES[:1])
+    assert asked == ["chain_sum"] and rows[0]["prompt"] == rules.prompt
