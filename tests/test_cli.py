@@ -308,3 +308,16 @@ def test_infer_builds_the_task_from_rules_not_data(tiny_model_path, tmp_path, mo
     monkeypatch.setattr(T, "load_task", lambda *a, **k: pytest.fail("infer read the dataset"))
     rows = infer(out, QUERIES[:1])
     assert asked == ["chain_sum"] and rows[0]["prompt"] == rules.prompt
+
+
+def test_train_sft_then_infer_end_to_end(tiny_model_path, tmp_path, capsys):
+    """A real `metatuner train method=sft` run folder answers through `metatuner infer`, with its adapter."""
+    from metatuner.infer import infer
+
+    out = tmp_path / "sft"
+    assert main(["train", "method=sft", f"model.name={tiny_model_path}", f"output_dir={out}", "task.name=chain_sum",
+                 "task.train_size=8", "task.val_size=2", "task.test_size=2", "eval.limit=1", "task.max_new_tokens=8",
+                 "train.max_steps=2", "train.batch_size=2", "train.lr=0.05", "model.dtype=float32"]) == 0
+    assert (out / "adapter" / "adapter_config.json").is_file() and not (out / ".lock").exists()
+    rows = infer(out, QUERIES)
+    assert [r["generation"] for r in rows] == _reference(tiny_model_path, rows[0]["prompt"], QUERIES, [out / "adapter"])
