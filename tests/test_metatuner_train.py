@@ -398,7 +398,7 @@ def test_infer_prints_prompt_and_answer(model_dir, tmp_path, capsys, finished_ru
     assert text.count("query: ") == 2 and text.count("answer: ") == 2 and "What is 4 + 5?" in text
 
     assert main(["infer", f"run_dir={tmp_path / 'nothing'}", "query=x"]) == 2
-    assert "no final/generator.safetensors" in capsys.readouterr().err
+    assert "not a folder" in capsys.readouterr().err  # infer.run_config: run_dir must be a run folder
 
 
 # ----------------------------------------------------------------------------- 7: two processes

@@ -15,13 +15,13 @@ import sys
 import warnings
 
 from metatuner.config import Config, help_text, load_config, save_config
-from metatuner.errors import MetatunerError
+from metatuner.errors import MetatunerError, MetatunerWarning
 
 SUBCOMMANDS = {
     "eval": "Evaluate a model (default: the embedded model on the default task) and write predictions.jsonl + metrics.json.",
     "train": "Train with `method=...` (metatuner_j, metatuner_i, metatuner_gumbel, sft, ...), then evaluate on the test split.",
     "compare": "Run several methods on the same task, splits and seeds (--config configs/compare/NAME.yaml); write results.json/.md/.png.",
-    "infer": "Answer new queries with a trained MetaTuner run: run_dir=DIR query='...' (or query_file=FILE).",
+    "infer": "Answer new queries with a finished run (any method): run_dir=DIR query='...' (or query_file=FILE).",
 }
 
 
@@ -57,64 +57,71 @@ def read_queries(cfg: Config) -> list[str]:
         for i, r in enumerate(rows):
             if "query" not in r:
                 raise MetatunerError(f"{p} line {i + 1}: no 'query' field (fields: {sorted(r)})")
+        if not rows:
+            raise MetatunerError(f"query_file: {p} holds no queries (expected JSONL rows with a 'query' field)")
         return [str(r["query"]) for r in rows]
-    return [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+    from metatuner.io import read_text
+
+    queries = [ln.strip() for ln in read_text(p).splitlines() if ln.strip()]
+    if not queries:
+        raise MetatunerError(f"query_file: {p} holds no queries (expected one per line)")
+    return queries
 
 
 def run_infer(cfg: Config) -> list[dict]:
-    from metatuner.methods.metatuner import answer, load_system
+    """Answer queries with a finished run (any method that produced a model or chose a prompt)."""
+    from metatuner.infer import infer
 
     if not cfg.run_dir:
-        raise MetatunerError("infer needs run_dir=DIR (the output_dir of a MetaTuner training run)")
+        raise MetatunerError("infer needs run_dir=DIR (the output_dir of a finished run)")
     queries = read_queries(cfg)
-    return answer(load_system(cfg.run_dir), queries)
+    return infer(cfg.run_dir, queries)
+
+
+PERCENT_COLUMNS = ("accuracy", "em", "f1", "score")
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
-    """A markdown table; floats in [0, 1] print as percentages."""
-    def fmt(v):
+    """A markdown table; the score columns (PERCENT_COLUMNS) print as percentages, other floats as they are."""
+    def fmt(c, v):
         if isinstance(v, float):
-            return f"{100 * v:.1f}" if 0 <= v <= 1 else f"{v:.1f}"
-        return str(v)
+            return f"{100 * v:.1f}" if c in PERCENT_COLUMNS else f"{v:.1f}"
+        return "" if v is None else str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(c, r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def run_eval(cfg: Config) -> dict:
     """Zero-shot evaluation of cfg.model with the task's prompt (or task.prompt)."""
-    from metatuner.evaluate import evaluate
     from metatuner.models import load_from_config
-    from metatuner.run import set_seed
-    from metatuner.tasks import load_task
+    from metatuner.run import final_eval, stage, start_run
 
-    set_seed(cfg.seed)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
-    task = load_task(cfg.task, cfg.seed)
-    examples = task.split(cfg.eval.split)
-    if cfg.eval.limit:
-        examples = examples[: cfg.eval.limit]
-    if not examples:
-        raise MetatunerError(f"task {cfg.task.name!r}: the {cfg.eval.split} split is empty")
-    from metatuner.inference import resolve_verifier
-
+    task = start_run(cfg, needs_train=False)
+    stage(f"loading model {cfg.model.name}")
     model, tok = load_from_config(cfg.model)
-    _, metrics = evaluate(model, tok, task, examples, task.prompt, batch_size=cfg.eval.batch_size,
-                          strategy=cfg.inference.strategy, n=cfg.inference.n, temperature=cfg.inference.temperature,
-                          top_p=cfg.inference.top_p, output_dir=cfg.output_dir,
-                          verifier=resolve_verifier(cfg.inference.verifier, task),
-                          extra_metrics={"model": cfg.model.name, "method": "zero_shot", "split": cfg.eval.split,
-                                         "seed": cfg.seed, "p_tilde": task.prompt, "train_steps": 0,
-                                         "train_examples": 0, "generation_calls": 0})
-    return metrics
+    return final_eval(cfg, model, tok, task, task.prompt, extra={
+        "method": "zero_shot", "train_steps": 0, "train_examples": 0, "generation_calls": 0})
 
 
 def _quiet() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore")
+    warnings.filterwarnings("always", category=MetatunerWarning)  # ours are meant for the user
+    library_show = warnings.showwarning
+    if getattr(library_show, "metatuner", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, MetatunerWarning):
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+        else:
+            library_show(message, category, filename, lineno, file, line)
+
+    show.metatuner = True
+    warnings.showwarning = show
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
@@ -160,12 +167,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "eval":
-            metrics = run_eval(cfg)
+            from metatuner.rundir import claim
+
+            with claim(cfg):
+                metrics = run_eval(cfg)
             cols = ["task", "model", "n", "accuracy"] + [k for k in ("em", "f1", "score") if k in metrics] + ["wall_seconds"]
             print(format_table([metrics], cols))
             print(f"wrote {cfg.output_dir}/predictions.jsonl and metrics.json")
         elif args.command == "train":
-            metrics = run_train(cfg)
+            from metatuner.rundir import claim
+
+            with claim(cfg):
+                metrics = run_train(cfg)
             if int(os.environ.get("RANK", "0")) == 0:
                 cols = ["method", "task", "n", "accuracy"] + [k for k in ("em", "f1") if k in metrics] + ["wall_seconds"]
                 print(format_table([metrics], cols))

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from metatuner.errors import MetatunerError
+from metatuner.errors import MetatunerError, MetatunerWarning
 
 
 @contextlib.contextmanager
@@ -70,18 +72,39 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
 
 
+def finite_json(obj, path: str | os.PathLike = "", key: str = ""):
+    """obj with every NaN/inf float replaced by None (JSON null), warning once per value with its key:
+    NaN is not JSON, and most parsers reject the `NaN` token Python would write."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        warnings.warn(f"{path}: {key or 'value'} is {obj}; written as null", MetatunerWarning, stacklevel=3)
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v, path, f"{key}.{k}" if key else str(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v, path, f"{key}[{i}]") for i, v in enumerate(obj)]
+    return obj
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+    """Write JSON atomically; NaN/inf become null with a warning (see finite_json)."""
+    atomic_write_text(path, json.dumps(finite_json(obj, path), indent=2, default=str, allow_nan=False) + "\n")
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+    atomic_write_text(path, "".join(json.dumps(finite_json(r, path), default=str, allow_nan=False) + "\n" for r in rows))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Rows of a JSONL file; a line that is not UTF-8, not JSON or not an object is a one-line error
+    naming the file and the line."""
     rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MetatunerError(f"{path} line {i}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                     "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -92,3 +115,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 raise MetatunerError(f"{path} line {i}: expected a JSON object, got {type(obj).__name__}")
             rows.append(obj)
     return rows
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file; one-line error naming the file and line when it is not UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise MetatunerError(f"{path} line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None

@@ -1,8 +1,12 @@
-"""What every method's run shares: seeding, the resolved config, the task, the final evaluation."""
+"""What every method's run shares: seeding, the resolved config, the task, the final evaluation.
+
+Order inside `start_run`: the task is loaded and checked first; only then is anything written into
+output_dir (config.yaml), so a command that fails on bad settings or data leaves an earlier run as it was.
+Which output_dir may be written at all (lock, earlier runs) is `metatuner.rundir.claim`'s job.
+"""
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -12,7 +16,10 @@ import torch
 from metatuner.config import Config, save_config
 from metatuner.errors import MetatunerError
 from metatuner.evaluate import evaluate
+from metatuner.rundir import is_main_process, resolve_output_dir
 from metatuner.tasks import Task, load_task
+
+STALE_OUTPUTS = ("metrics.json", "predictions.jsonl")
 
 
 def set_seed(seed: int) -> None:
@@ -21,19 +28,41 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def start_run(cfg: Config) -> Task:
-    """Seed everything, write output_dir/config.yaml (main process), load the task."""
-    set_seed(cfg.seed)
+def stage(text: str) -> None:
+    """One progress line of the top-level command (main process)."""
     if is_main_process():
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+        print(f"[metatuner] {text}", flush=True)
+
+
+def start_run(cfg: Config, needs_train: bool | None = None) -> Task:
+    """Seed everything, load and check the task, then write output_dir/config.yaml (main process).
+
+    needs_train: the method trains, so an empty train split is an error (default: every method but zero_shot).
+    """
+    from metatuner.checkpoints import previous_config, remember_previous_config, resume_mode, same_settings
+
+    set_seed(cfg.seed)
+    out = resolve_output_dir(cfg)
+    stage(f"{cfg.method} on {cfg.task.name}: loading the task")
     task = load_task(cfg.task, cfg.seed)
-    if not task.train and cfg.method not in ("zero_shot",):
+    if needs_train is None:
+        needs_train = cfg.method != "zero_shot"
+    if not task.train and needs_train:
         raise MetatunerError(f"task {cfg.task.name!r}: the train split is empty (task.train_size={cfg.task.train_size})")
+    eval_examples(cfg, task)  # an empty evaluation split fails now, not after training
+    from metatuner.models import model_config
+
+    model_config(cfg.model.name, cfg.model.trust_remote_code)  # a bad model.name fails before anything is written
+    stage(f"task {task.name}: {len(task.train)} train / {len(task.validation)} validation / {len(task.test)} test examples")
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        remember_previous_config(out)
+        prev = previous_config(out)
+        fresh = getattr(cfg, "overwrite", False) and resume_mode(cfg.resume_from_checkpoint) == "false"
+        if fresh or (prev is not None and not same_settings(prev, cfg)):
+            for name in STALE_OUTPUTS:  # the earlier run's results must not sit beside the new settings
+                (out / name).unlink(missing_ok=True)
+        save_config(cfg, out / "config.yaml")
     return task
 
 
@@ -56,6 +85,8 @@ def final_eval(cfg: Config, model, tokenizer, task: Task, prompts=None, batch_co
                      "p_tilde": task.prompt}
     metrics_extra.update(extra or {})
     from metatuner.inference import resolve_verifier
+
+    stage(f"evaluating on {len(examples)} {cfg.eval.split} examples")
 
     _, metrics = evaluate(model, tokenizer, task, examples, prompts, batch_size=cfg.eval.batch_size,
                           strategy=cfg.inference.strategy, n=cfg.inference.n, temperature=cfg.inference.temperature,

@@ -205,7 +205,7 @@ class BetterTogetherConfig:
 class Config:
     method: str = _f("zero_shot", "What to run: zero_shot, sft, dpo, opro, bpo, bettertogether, continual, inference_select, metatuner_j, metatuner_i, metatuner_gumbel.")
     seed: int = _f(0, "Random seed (data splits, sampling, initialisation).")
-    output_dir: str = _f("runs/default", "Where outputs go (config.yaml, metrics.json, predictions.jsonl, checkpoints).")
+    output_dir: str = _f("", "Where outputs go (config.yaml, metrics.json, predictions.jsonl, checkpoints). Empty: a new runs/<method>-<task>-<YYYYmmdd-HHMMSS>.")
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The actor model M."})
     generator: GeneratorConfig = field(default_factory=GeneratorConfig, metadata={"help": "The generator G (meta encoder + prompt decoder)."})
     task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "The task and its splits."})
@@ -225,7 +225,7 @@ class Config:
     dpo: DpoConfig = field(default_factory=DpoConfig, metadata={"help": "DPO baseline."})
     bettertogether: BetterTogetherConfig = field(default_factory=BetterTogetherConfig, metadata={"help": "BetterTogether baseline."})
     resume_from_checkpoint: Any = field(default=False, metadata={"type": "false|true|auto", "help": "false: start fresh; true: continue from the newest complete checkpoint in output_dir (an error if there is none); auto: continue only if a complete checkpoint exists and its saved settings equal these (ignoring output_dir and the resume keys), else start fresh (what `metatuner compare` uses)."})
-    overwrite: bool = _f(False, "Allow a new run into an output_dir that holds a finished run (its outputs are replaced).")
+    overwrite: bool = _f(False, "Replace an earlier run in output_dir (without it, a folder holding config.yaml or metrics.json is refused unless resume_from_checkpoint is true or auto; auto with other settings also starts afresh there).")
     run_dir: str = _f("", "infer: the trained run's output_dir.")
     query: str = _f("", "infer: a query to answer (or use query_file).")
     query_file: str = _f("", "infer: a text file with one query per line (or JSONL with a 'query' field).")

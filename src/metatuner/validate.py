@@ -65,7 +65,7 @@ RANGES = [
     (("select.budget",), lambda v: v >= 1, "a number >= 1 (average samples per test query)"),
 ]
 
-NOT_EMPTY = ("method", "output_dir", "model.name", "task.name", "lora.target_modules", "dpo.loss_type",
+NOT_EMPTY = ("method", "model.name", "task.name", "lora.target_modules", "dpo.loss_type",
              "select.n_values")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda|xpu|npu)(:\d+)?$")
 SLICE = re.compile(r"^\s*-?\d*\s*:\s*-?\d*\s*(:\s*-?\d*\s*)?$")
