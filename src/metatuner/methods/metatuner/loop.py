@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from metatuner.checkpoints import save_checkpoint_config
 from metatuner.config import Config
 from metatuner.errors import MetatunerError
 from metatuner.training import TrainLog, check_finite, list_checkpoints, make_scheduler
@@ -243,6 +244,7 @@ class JointLoop:
         acc.save_state(str(tmp))  # optimizer, scheduler, loop state, every process's RNG
         if acc.is_main_process:
             self.system.save(tmp)
+            save_checkpoint_config(self.cfg, tmp)  # resume_from_checkpoint=auto compares these settings
             (tmp / "trainer_state.json").write_text(json.dumps(
                 {"step": step, "method": self.cfg.method, "world_size": acc.num_processes}))
             (tmp / "COMPLETE").write_text(str(step))

@@ -9,12 +9,13 @@ import shutil
 import time
 from pathlib import Path
 
+from metatuner.checkpoints import find_resume_checkpoint
 from metatuner.config import Config, save_config
 from metatuner.errors import MetatunerError
 from metatuner.io import atomic_path, write_json, write_jsonl
 from metatuner.sapo import maybe_select
 from metatuner.tasks import Task
-from metatuner.training import TrainLog, list_checkpoints, newest_checkpoint
+from metatuner.training import TrainLog, list_checkpoints
 
 from .gumbel import check_gumbel_vocab
 from .loop import JointLoop, Runner
@@ -47,18 +48,6 @@ def load_generator(cfg: Config):
                       cfg.generator.trust_remote_code)
 
 
-def resume_checkpoint(cfg: Config) -> Path | None:
-    """The checkpoint to resume from (resume_from_checkpoint: false / true / auto)."""
-    try:
-        from metatuner.checkpoints import find_resume_checkpoint
-    except ImportError:  # TODO(merge): metatuner.checkpoints lands with the run-safety work
-        if cfg.resume_from_checkpoint in (True, "true"):
-            ck = newest_checkpoint(cfg.output_dir)
-            return ck
-        return None
-    return find_resume_checkpoint(cfg)
-
-
 def prepare(cfg: Config, task: Task) -> tuple[MetaTunerSystem, JointLoop, dict]:
     """Everything before the joint phase: models, actor warm-up, the system, generator warm-up
     (or the state of the checkpoint to resume)."""
@@ -75,7 +64,7 @@ def prepare(cfg: Config, task: Task) -> tuple[MetaTunerSystem, JointLoop, dict]:
     gen, gtok = load_generator(cfg)
     if cfg.method == "metatuner_gumbel":
         check_gumbel_vocab(tok, gtok, actor, gen)
-    resume_ck = resume_checkpoint(cfg)
+    resume_ck = find_resume_checkpoint(cfg)
     if resume_ck is None and state.is_main_process:
         # a fresh run: checkpoints of an earlier run here would be mixed with this run's
         for old in list_checkpoints(out):
