@@ -32,6 +32,8 @@ class GeneratorConfig:
     trust_remote_code: bool = _f(False, "Allow the generator repository to run its own code.")
     share_ratio: float = _f(0.25, "Split depth k = round(share_ratio * K): layers [0,k) form the shared meta encoder, [k,K) the prompt decoder. Paper best: 0.25 (7B), 0.75 (3B).")
     share_encoder: bool = _f(True, "Share the meta encoder between prompt and parameter decoders (false = ablation w/o S: F gets its own encoder copy).")
+    prompt_space: str = _f("free", "What the prompt decoder outputs: free (it writes the prompt, the paper's setting; for strong generators), pool (its distribution restricted to the candidate pool of prompts.*: each candidate scored by its length-normalised log-likelihood given (p~, x), sampled from phi_p' at generator.pool_temperature in training, argmax at test; for weak generators that cannot write better prompts but can learn to choose), mixed (the pool plus rollout.n free samples).")
+    pool_temperature: float = _f(1.0, "Temperature of the pool distribution the task-loss prompt is sampled from in training (prompt_space=pool|mixed).")
     max_prompt_tokens: int = _f(48, "Maximum new tokens of a rewritten prompt.")
     lora_rank: int = _f(16, "Train phi_s and phi_p as LoRA of this rank on every linear of G (0 = full fine-tuning). LoRA keeps a 7B generator and its frozen copy phi_p' in memory and makes a step cheaper.")
     lora_targets: List[str] = _f(["q_proj", "v_proj"], "Linears of every generator layer that get LoRA (empty = all).")
@@ -80,6 +82,15 @@ class SelectConfig:
     val_examples: int = _f(64, "Validation examples the selection samples on.")
     budget: float = _f(2.0, "Adaptive budget: average samples per test query (total = budget x test queries).")
     max_per_query: int = _f(8, "Adaptive budget: at most this many samples for one query.")
+
+
+@dataclass
+class PromptsConfig:
+    candidates: list = _f([], "Candidate prompts of the pool (besides p~), e.g. hand-written instructions. The pool serves MetaTuner's generator.prompt_space=pool|mixed and the baselines that choose among prompts.")
+    candidates_file: str = _f("", "A text file with one candidate prompt per line, added after prompts.candidates.")
+    paraphrases: int = _f(0, "Generator paraphrases of p~ added to the pool (SAPO's paraphrase instruction, sapo.temperature).")
+    demos: int = _f(0, "Add one candidate made of p~ followed by this many training demonstrations (question and reference answer); 0 = none.")
+    pool_size: int = _f(8, "At most this many candidates in the pool: p~ first, then prompts.candidates, the file, paraphrases, demos (duplicates dropped).")
 
 
 @dataclass
@@ -217,6 +228,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Main training stage."})
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "Rollouts that build D2."})
     prompt_selection: str = _f("none", "Training-prompt selection: none or sapo (lowest pre-update loss among paraphrases of p~) for sft, continual and metatuner_*.")
+    prompts: PromptsConfig = field(default_factory=PromptsConfig, metadata={"help": "The candidate prompt pool."})
     sapo: SapoConfig = field(default_factory=SapoConfig, metadata={"help": "SAPO training-prompt selection."})
     select: SelectConfig = field(default_factory=SelectConfig, metadata={"help": "Joint (prompt, N) selection and adaptive budget (method=inference_select)."})
     continual: ContinualConfig = field(default_factory=ContinualConfig, metadata={"help": "Tasks in sequence (method=continual)."})

@@ -61,6 +61,10 @@ def load_system(run_dir: str | Path) -> MetaTunerSystem:
         actor = PeftModel.from_pretrained(actor, str(final / "actor_adapter")).merge_and_unload()
     system = MetaTunerSystem(cfg, actor, tok, gen, gtok, task)
     system.load(final)
+    if (final / "pool.json").is_file():
+        import json
+
+        system.pool = json.loads((final / "pool.json").read_text())["pool"]
     system.gen.model.eval()
     system.decoder.eval()
     return system
@@ -102,10 +106,18 @@ def evaluate_system(cfg: Config, system: MetaTunerSystem, extra: dict) -> dict:
     from metatuner.run import eval_examples, final_eval
 
     examples = eval_examples(cfg, system.task)
+    with torch.no_grad():
+        chosen = test_prompts(system, examples)
+    from collections import Counter
+
+    counts = Counter(chosen)
+    extra = {**extra, "prompts_rewritten": sum(p != system.p_tilde for p in chosen) / max(1, len(chosen)),
+             "prompt_counts": dict(counts.most_common(10))}
+    if cfg.generator.prompt_space != "free":
+        extra["pool"] = system.pool
 
     def prompts(exs):
-        with torch.no_grad():
-            return test_prompts(system, exs)
+        return chosen if len(exs) == len(examples) else [chosen[examples.index(e)] for e in exs]
 
     def ctx(idx):
         return system.with_factors([examples[i] for i in idx])

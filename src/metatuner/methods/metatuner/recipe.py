@@ -80,6 +80,7 @@ def prepare(cfg: Config, task: Task) -> tuple[MetaTunerSystem, JointLoop, dict]:
     actor, adapter = warmup_actor(cfg, actor, tok, task, out, state, lambda: load_actor(cfg)[0])
     system = MetaTunerSystem(cfg, actor, tok, gen, gtok, task)
     system.actor_adapter = adapter
+    system.pool = prompt_pool(cfg, task, gen, gtok, out, state, resume_ck is not None)
     runner = Runner(system)
     log = TrainLog(out, cfg.train.report_to, enabled=state.is_main_process, append=resume_ck is not None)
     stats = {"warmup_actor_steps": cfg.warmup.max_steps}
@@ -99,6 +100,30 @@ def prepare(cfg: Config, task: Task) -> tuple[MetaTunerSystem, JointLoop, dict]:
     return system, loop, stats
 
 
+def prompt_pool(cfg: Config, task: Task, gen, gtok, out: Path, state, resuming: bool) -> list[str]:
+    """The candidate pool (generator.prompt_space=pool|mixed): built once by the main process, shared
+    with the others, written to output_dir/pool.json (a resumed run reads it back)."""
+    from accelerate.utils import broadcast_object_list
+
+    from metatuner.pool import build_pool
+
+    if cfg.generator.prompt_space == "free":
+        return [task.prompt]
+    path = out / "pool.json"
+    pool = [None]
+    if state.is_main_process:
+        if resuming and path.is_file():
+            pool = [json.loads(path.read_text())["pool"]]
+        else:
+            pool = [build_pool(cfg, task, gen, gtok)]
+            write_json(path, {"pool": pool[0]})
+    if state.num_processes > 1:
+        broadcast_object_list(pool)
+    if state.is_main_process:
+        print(f"prompt pool ({len(pool[0])} candidates): " + " | ".join(p[:60] for p in pool[0]))
+    return pool[0]
+
+
 def write_final(cfg: Config, loop: JointLoop) -> Path:
     """final/: generator.safetensors (G's trained tensors, phi_p', F), hypernet.json, generator_adapter/
     (G's LoRA in PEFT format), actor_adapter/, d2.jsonl."""
@@ -113,6 +138,8 @@ def write_final(cfg: Config, loop: JointLoop) -> Path:
                 save_generator_adapter(system, tmp / "generator_adapter")
             if system.actor_adapter is not None:
                 shutil.copytree(system.actor_adapter, tmp / "actor_adapter")
+            if cfg.generator.prompt_space != "free":
+                write_json(tmp / "pool.json", {"pool": system.pool})
             d2 = loop.state["d2"]
             write_jsonl(tmp / "d2.jsonl", [{"index": int(k), "query": task.train[int(k)].query, "best_prompt": v}
                                            for k, v in sorted(d2.items(), key=lambda kv: int(kv[0]))])

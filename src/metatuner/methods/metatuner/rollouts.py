@@ -1,12 +1,20 @@
-"""Prompts from the generator and D2: sample candidates from phi_p' (or the live phi_p), score them
-with the actor, keep each query's best (correct first, then lower NLL of the reference; p~ always
-competes)."""
+"""Prompts from the generator and D2: candidates from phi_p' (or the live phi_p), scored by the actor;
+each query keeps its best (correct first, then lower NLL of the reference; p~ always competes).
+
+generator.prompt_space: `free` samples rollout.n prompts per query from the decoder; `pool` restricts
+the decoder to the candidate pool (pool.py): every candidate is scored by its length-normalised
+log-likelihood given (p~, x) in one teacher-forced pass, the task-loss prompt is sampled from phi_p'
+over the pool at generator.pool_temperature, the test prompt is the live decoder's argmax; `mixed`
+puts rollout.n free samples beside the pool."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from metatuner.rewrite import clean_prompt
+from metatuner.pool import candidate_logprobs
+from metatuner.rewrite import clean_prompt, rewrite_messages
 from metatuner.tasks import Example
 
 
@@ -33,11 +41,35 @@ def sample_prompts(system, examples: list[Example], n: int, live: bool = False, 
     return out
 
 
+def choose(system, examples: list[Example], candidates: list[list[str]], frozen: bool, sample: bool) -> list[str]:
+    """One candidate per query from the decoder's distribution restricted to that query's candidates:
+    phi_p' (frozen) or the live phi_p; sampled at generator.pool_temperature, or the argmax."""
+    cfg = system.cfg
+    ctx = system.gen.frozen_decoder() if frozen else contextlib.nullcontext()
+    with ctx:
+        scores = candidate_logprobs(system.gen.model, system.gen_tok,
+                                    [rewrite_messages(system.p_tilde, ex.query) for ex in examples], candidates,
+                                    cfg.rollout.batch_size, cfg.train.max_length, cfg.train.bf16)
+    if sample:
+        probs = torch.softmax(scores / cfg.generator.pool_temperature, dim=-1)
+        pick = torch.multinomial(probs, 1).squeeze(1)
+    else:
+        pick = scores.argmax(-1)
+    return [c[int(j)] for c, j in zip(candidates, pick)]
+
+
 def test_prompts(system, examples: list[Example]) -> list[str]:
-    """Rewritten prompt per query at test time (greedy, live G); p~ in the w/o P ablation."""
+    """The prompt each query gets at test time (live G): the greedy rewrite (free), the argmax over the
+    pool (pool), or over the pool and the greedy rewrite (mixed); p~ in the w/o P ablation."""
     if not system.use_p:
         return [system.p_tilde] * len(examples)
-    return [c[0] for c in sample_prompts(system, examples, 1, live=True, greedy=True)]
+    space = system.cfg.generator.prompt_space
+    if space == "pool":
+        return choose(system, examples, [list(system.pool)] * len(examples), frozen=False, sample=False)
+    free = [c[0] for c in sample_prompts(system, examples, 1, live=True, greedy=True)]
+    if space == "mixed":
+        return choose(system, examples, [list(system.pool) + [f] for f in free], frozen=False, sample=False)
+    return free
 
 
 @torch.no_grad()
@@ -55,15 +87,25 @@ def score_candidates(system, examples: list[Example], candidates: list[list[str]
 
 
 def d2_rollout(system, examples: list[Example], live: bool = False) -> tuple[list[str], list[str], dict]:
-    """Sample rollout.n prompts per query, score them; -> (best prompts, task prompts, stats)."""
-    n = system.cfg.rollout.n
-    if n > 0 and system.use_p:
-        cands = sample_prompts(system, examples, n, live=live)
-        best = score_candidates(system, examples, cands)
-    else:  # nothing to choose from (w/o P: the actor never sees a rewrite): D2 holds p~
-        cands = [[] for _ in examples]
+    """Candidates per query (rollout.n samples and/or the pool), scored by the actor;
+    -> (best prompts, task prompts, stats)."""
+    cfg = system.cfg
+    n, space = cfg.rollout.n, cfg.generator.prompt_space
+    if not system.use_p:  # nothing to choose from (w/o P: the actor never sees a rewrite): D2 holds p~
         best = [(system.p_tilde, False, 0.0)] * len(examples)
-    task_prompts = [c[0] if (c and system.use_p) else system.p_tilde for c in cands]
+        return [b[0] for b in best], [system.p_tilde] * len(examples), {"d2_correct": 0.0, "d2_rewritten": 0.0}
+    free = sample_prompts(system, examples, n, live=live) if (space != "pool" and n > 0) else [[] for _ in examples]
+    if space == "free":
+        cands = free
+        task_prompts = [c[0] if c else system.p_tilde for c in cands]
+    else:
+        cands = [list(system.pool) + [p for p in f if p not in system.pool] for f in free]
+        width = max(len(c) for c in cands)
+        padded = [c + [c[0]] * (width - len(c)) for c in cands]  # the same count per query for one batched pass
+        task_prompts = choose(system, examples, padded, frozen=not live, sample=True)
+    best = score_candidates(system, examples, cands) if any(cands) else [(system.p_tilde, False, 0.0)] * len(examples)
     stats = {"d2_correct": sum(b[1] for b in best) / max(1, len(best)),
              "d2_rewritten": sum(b[0] != system.p_tilde for b in best) / max(1, len(best))}
+    if space != "free":
+        stats["d2_pool_counts"] = [sum(b[0] == c for b in best) for c in system.pool]
     return [b[0] for b in best], task_prompts, stats

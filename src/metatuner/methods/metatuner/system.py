@@ -46,6 +46,7 @@ class MetaTunerSystem:
         self.actor, self.tok = actor, actor_tok
         self.gen_tok = gen_tok
         self.p_tilde = task.prompt
+        self.pool = [task.prompt]  # the candidate prompt pool (generator.prompt_space=pool|mixed); set by the recipe
         if cfg.generator.lora_rank > 0:
             add_generator_lora(gen_model, cfg.generator.lora_rank, list(cfg.generator.lora_targets))
         self.gen = SplitGenerator(gen_model, cfg.generator.share_ratio, cfg.generator.share_encoder)

@@ -1,0 +1,83 @@
+"""The candidate prompt pool, and a generator's distribution restricted to it.
+
+The pool: p~ first, then the user's candidates (prompts.candidates, prompts.candidates_file), the
+generator's paraphrases of p~ (prompts.paraphrases), and p~ with a few training demonstrations
+(prompts.demos); duplicates dropped, at most prompts.pool_size. MetaTuner's prompt decoder in
+generator.prompt_space=pool|mixed chooses among them per query; the baselines that can choose among
+prompts get the same pool, so a win is not just "more prompts".
+
+`candidate_logprobs` scores every (query, candidate) pair in one batched teacher-forced pass of the
+generator: the mean log-probability of the candidate's tokens (length-normalised) given the
+generator's input for the query.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from metatuner.config import Config
+from metatuner.errors import MetatunerError
+from metatuner.tasks import Task
+from metatuner.training import autocast, completion_text, forward_nll, lm_batch
+
+
+def read_candidates_file(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise MetatunerError(f"prompts.candidates_file: {p} not found")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise MetatunerError(f"prompts.candidates_file: {p} is not UTF-8 text (byte {e.start})") from None
+    return [ln.strip() for ln in lines if ln.strip()]
+
+
+def demo_prompt(task: Task, k: int) -> str:
+    """p~ followed by the first k training examples as worked demonstrations."""
+    lines = [task.prompt, "", "Examples:"]
+    for ex in task.train[:k]:
+        lines += [f"Question: {ex.query}", f"Answer: {ex.answer}", ""]
+    return "\n".join(lines).rstrip()
+
+
+def build_pool(cfg: Config, task: Task, gen=None, gtok=None) -> list[str]:
+    """p~, the user's candidates, paraphrases, demonstrations: deduplicated, at most prompts.pool_size."""
+    pc = cfg.prompts
+    pool = [task.prompt, *[str(c).strip() for c in pc.candidates if str(c).strip()]]
+    if pc.candidates_file:
+        pool += read_candidates_file(pc.candidates_file)
+    if pc.paraphrases > 0:
+        if gen is None:
+            raise MetatunerError("prompts.paraphrases needs a generator to write them")
+        from metatuner.sapo import paraphrases
+
+        pool += paraphrases(gen, gtok, task.prompt, pc.paraphrases, cfg.sapo.temperature, cfg.sapo.max_new_tokens)
+    if pc.demos > 0:
+        pool.append(demo_prompt(task, pc.demos))
+    return list(dict.fromkeys(pool))[: pc.pool_size]
+
+
+@torch.no_grad()
+def candidate_logprobs(model, tok, messages: list[list[dict]], candidates: list[list[str]], batch_size: int = 16,
+                       max_length: int = 512, bf16: bool = True) -> torch.Tensor:
+    """[queries, C] mean token log-probability of each query's C candidates as the model's reply to that
+    query's chat `messages`, teacher-forced in batches of `batch_size` rows (no generation)."""
+    from metatuner.evaluate import chat_text
+
+    C = len(candidates[0]) if candidates else 0
+    if any(len(c) != C for c in candidates):
+        raise MetatunerError("candidate_logprobs: every query needs the same number of candidates")
+    prefixes = [chat_text(tok, m) for m in messages]
+    rows = [(i, c) for i in range(len(messages)) for c in range(C)]
+    out = torch.empty(len(rows))
+    dev = model.device
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s : s + batch_size]
+        pre = [prefixes[i] for i, _ in chunk]
+        com = [completion_text(tok, messages[i], candidates[i][c])[1] for i, c in chunk]
+        with autocast(bf16, dev):
+            batch = lm_batch(tok, pre, com, max_length, dev)
+            out[s : s + len(chunk)] = -forward_nll(model, batch)[0].float().cpu()
+    return out.view(len(messages), C)

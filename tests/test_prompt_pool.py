@@ -1,0 +1,112 @@
+"""The candidate prompt pool and MetaTuner's pool / mixed prompt spaces on a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from metatuner.config import load_config
+from metatuner.errors import MetatunerError
+from metatuner.methods import metatuner as M
+from metatuner.pool import build_pool, candidate_logprobs, demo_prompt
+from metatuner.run import start_run
+from metatuner.testing import char_tokenizer, tiny_llama
+
+SMALL = ["task.name=chain_sum", "task.train_size=16", "task.test_size=4", "eval.limit=3", "eval.batch_size=2",
+         "train.batch_size=2", "train.max_steps=3", "warmup.max_steps=0", "warmup.generator_steps=1",
+         "warmup.queries=4", "rollout.n=2", "rollout.batch_size=8", "train.sync_steps=2",
+         "generator.max_prompt_tokens=6", "task.max_new_tokens=4", "rollout.criterion=nll", "lora.rank=2",
+         "hypernet.hidden=16", "hypernet.embed_dim=8", "generator.lora_rank=4"]
+CANDS = ["Add the numbers.", "Compute the sum and reply 'Answer: N'."]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from metatuner.testing import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("pool_tiny") / "model")
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("METATUNER_CACHE", str(tmp_path_factory.getbasetemp() / "pool_cache"))
+
+
+def make_cfg(model_dir, out, *overrides):
+    return load_config(None, [f"model.name={model_dir}", f"output_dir={out}", *SMALL,
+                              f"prompts.candidates=[{','.join(json.dumps(c) for c in CANDS)}]", *overrides])
+
+
+def test_candidate_logprobs_equal_a_row_by_row_reference():
+    tok = char_tokenizer()
+    model = tiny_llama(seed=1).eval()
+    msgs = [[{"role": "user", "content": "what is 1+2"}], [{"role": "user", "content": "and 30 + 4?"}]]
+    cands = [["abc", "a longer one", "x"], ["abc", "q", "zz top"]]
+    got = candidate_logprobs(model, tok, msgs, cands, batch_size=4, bf16=False)
+    from metatuner.evaluate import chat_text
+    from metatuner.training import completion_text
+
+    for i in range(2):
+        for c in range(3):
+            pre = tok(chat_text(tok, msgs[i]), add_special_tokens=False)["input_ids"]
+            com = tok(completion_text(tok, msgs[i], cands[i][c])[1], add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([pre + com])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+            want = torch.stack([logp[len(pre) - 1 + j, t] for j, t in enumerate(com)]).mean()
+            assert got[i, c].item() == pytest.approx(want.item(), abs=1e-4)
+
+
+def test_pool_is_p_tilde_first_deduplicated_and_capped(model_dir, tmp_path):
+    f = tmp_path / "c.txt"
+    f.write_text("From the file.\n\nAdd the numbers.\n")
+    cfg = make_cfg(model_dir, tmp_path / "o", f"prompts.candidates_file={f}", "prompts.demos=2")
+    task = start_run(cfg)
+    pool = build_pool(cfg, task)
+    assert pool == [task.prompt, *CANDS, "From the file.", demo_prompt(task, 2)]
+    assert task.train[0].query in pool[-1]
+    cfg.prompts.pool_size = 2
+    assert build_pool(cfg, task) == [task.prompt, CANDS[0]]
+    cfg.prompts.candidates_file = str(tmp_path / "missing.txt")
+    with pytest.raises(MetatunerError, match="prompts.candidates_file: .*missing.txt not found"):
+        build_pool(cfg, task)
+
+
+def test_choose_takes_the_argmax_at_test_and_samples_in_training(model_dir, tmp_path, monkeypatch):
+    cfg = make_cfg(model_dir, tmp_path / "c", "method=metatuner_j", "generator.prompt_space=pool",
+                   "generator.pool_temperature=0.01")
+    system, loop, _ = M.prepare(cfg, start_run(cfg))
+    import metatuner.methods.metatuner.rollouts as R
+
+    scores = torch.tensor([[0.0, -1.0, 2.0], [3.0, -1.0, 0.0]])
+    monkeypatch.setattr(R, "candidate_logprobs", lambda *a, **k: scores)
+    exs = system.task.train[:2]
+    cands = [list(system.pool)] * 2
+    assert R.choose(system, exs, cands, frozen=False, sample=False) == [cands[0][2], cands[1][0]]
+    assert R.choose(system, exs, cands, frozen=True, sample=True) == [cands[0][2], cands[1][0]]  # T = 0.01
+
+
+@pytest.mark.parametrize("space", ["pool", "mixed"])
+def test_pool_spaces_train_end_to_end(model_dir, tmp_path, space):
+    out = tmp_path / space
+    cfg = make_cfg(model_dir, out, "method=metatuner_j", f"generator.prompt_space={space}")
+    metrics = M.run(cfg)
+    pool = json.loads((out / "final" / "pool.json").read_text())["pool"]
+    assert pool == json.loads((out / "pool.json").read_text())["pool"] and len(pool) == 3
+    preds = [json.loads(ln) for ln in (out / "predictions.jsonl").read_text().splitlines()]
+    d2 = [json.loads(ln)["best_prompt"] for ln in (out / "final" / "d2.jsonl").read_text().splitlines()]
+    if space == "pool":
+        assert all(r["prompt"] in pool for r in preds), "pool mode: every test prompt is a pool candidate"
+        assert all(p in pool for p in d2)
+        rows = [json.loads(ln) for ln in (out / "train_log.jsonl").read_text().splitlines()]
+        assert any("d2_pool_counts" in r for r in rows if r["stage"] == "rollout")
+    assert metrics["pool"] == pool and sum(metrics["prompt_counts"].values()) == len(preds)
+    # a finished pool run answers new queries with a pool prompt
+    system = M.load_system(out)
+    assert system.pool == pool
+    ans = M.answer(system, ["What is 2 + 3?"])
+    if space == "pool":
+        assert ans[0]["prompt"] in pool
