@@ -397,6 +397,13 @@ def test_infer_prints_prompt_and_answer(model_dir, tmp_path, capsys, finished_ru
     text = capsys.readouterr().out
     assert text.count("query: ") == 2 and text.count("answer: ") == 2 and "What is 4 + 5?" in text
 
+    exp = tmp_path / "exported"
+    assert main(["export", f"run_dir={run_dir}", "query=What is 2 + 3?", f"export_dir={exp}"]) == 0
+    assert "prompt for this query: " in capsys.readouterr().out
+    assert (exp / "adapter_config.json").is_file() and (exp / "adapter_model.safetensors").is_file()
+    assert main(["export", f"run_dir={run_dir}", "query=x"]) == 2
+    assert "export needs" in capsys.readouterr().err
+
     assert main(["infer", f"run_dir={tmp_path / 'nothing'}", "query=x"]) == 2
     assert "not a folder" in capsys.readouterr().err  # infer.run_config: run_dir must be a run folder
 

@@ -28,7 +28,7 @@ import yaml
 
 from metatuner.errors import MetatunerError, MetatunerWarning
 
-IGNORED_KEYS = ("output_dir", "resume_from_checkpoint", "overwrite", "run_dir", "query", "query_file")
+IGNORED_KEYS = ("output_dir", "resume_from_checkpoint", "overwrite", "run_dir", "query", "query_file", "export_dir")
 CHECKPOINT_RE = re.compile(r"^(?:step_|checkpoint-)(\d+)$")
 ORPHAN_RE = re.compile(r"^\.step_\d+\..+")
 CONFIG_NAME = "config.yaml"

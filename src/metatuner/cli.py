@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "train": "Train with `method=...` (metatuner_j, metatuner_i, metatuner_gumbel, sft, ...), then evaluate on the test split.",
     "compare": "Run several methods on the same task, splits and seeds (--config configs/compare/NAME.yaml); write results.json/.md/.png.",
     "infer": "Answer new queries with a finished run (any method): run_dir=DIR query='...' (or query_file=FILE).",
+    "export": "Write the LoRA a MetaTuner run generates for one query as a PEFT adapter: run_dir=DIR query='...' export_dir=DIR.",
 }
 
 
@@ -76,6 +77,24 @@ def run_infer(cfg: Config) -> list[dict]:
         raise MetatunerError("infer needs run_dir=DIR (the output_dir of a finished run)")
     queries = read_queries(cfg)
     return infer(cfg.run_dir, queries)
+
+
+def run_export(cfg: Config) -> None:
+    """One query's generated LoRA as a PEFT adapter of the warmed-up actor, and the prompt it gets."""
+    from metatuner.methods.metatuner import export_query_adapter, load_system, test_prompts
+    from metatuner.tasks import Example
+
+    if not (cfg.run_dir and cfg.query and cfg.export_dir):
+        raise MetatunerError("export needs run_dir=DIR (a finished MetaTuner run), query='...' and export_dir=DIR")
+    system = load_system(cfg.run_dir)
+    path = export_query_adapter(system, cfg.query, cfg.export_dir)
+    prompt = test_prompts(system, [Example(query=cfg.query, answer="", target="")])[0]
+    from pathlib import Path
+
+    merged = (Path(cfg.run_dir) / "final" / "actor_adapter").is_dir()
+    print(f"wrote {path}: PEFT adapter for {system.cfg.model.name}"
+          + (f" with {cfg.run_dir}/final/actor_adapter merged first" if merged else "")
+          + f"\nprompt for this query: {prompt}")
 
 
 PERCENT_COLUMNS = ("accuracy", "em", "f1", "score")
@@ -186,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "infer":
             for r in run_infer(cfg):
                 print(f"query:  {r['query']}\nprompt: {r['prompt']}\nanswer: {r['answer']}\n  (generation: {r['generation']!r})")
+        elif args.command == "export":
+            run_export(cfg)
     except MetatunerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

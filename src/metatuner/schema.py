@@ -241,3 +241,4 @@ class Config:
     run_dir: str = _f("", "infer: the trained run's output_dir.")
     query: str = _f("", "infer: a query to answer (or use query_file).")
     query_file: str = _f("", "infer: a text file with one query per line (or JSONL with a 'query' field).")
+    export_dir: str = _f("", "export: the folder the query's generated LoRA is written to (PEFT adapter format).")
