@@ -118,7 +118,9 @@ def cost_table(results: dict) -> list[str]:
         if "accuracy" not in r:
             lines.append(f"| {r['name']} | " + " | ".join("-" for _ in cols[1:]) + " |")
             continue
-        gen = (f"{r['tokens_generated']:.0f} ({r['tokens_generated_train']:.0f} + {r['tokens_generated_eval']:.0f})")
+        train_gen = r.get("tokens_generated_train")
+        gen = (f"{r['tokens_generated']:.0f} ({train_gen:.0f} + {r['tokens_generated_eval']:.0f})" if train_gen
+               is not None else f"{r['tokens_generated_eval']:.0f} (- + {r['tokens_generated_eval']:.0f})")
         cells = [r["name"], _num(r, "train_steps"), _num(r, "train_examples"), _num(r, "train_tokens"), gen,
                  _num(r, "generation_calls"), _num(r, "wall_seconds"), _num(r, "peak_memory_mb"),
                  r.get("notes") or "-"]

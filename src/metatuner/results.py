@@ -88,8 +88,8 @@ def method_row(m: dict, runs: dict, failed: list[tuple[int, dict]], multi_seed: 
             row[key] = _mean(rs, key)
     row["train_tokens"] = _mean(rs, "train_tokens") or 0
     row["tokens_generated_eval"] = _mean(rs, "tokens_generated") or 0
-    row["tokens_generated_train"] = _mean(rs, "train_tokens_generated") or 0
-    row["tokens_generated"] = row["tokens_generated_eval"] + row["tokens_generated_train"]
+    row["tokens_generated_train"] = _mean(rs, "train_tokens_generated")  # None: the method does not count them
+    row["tokens_generated"] = row["tokens_generated_eval"] + (row["tokens_generated_train"] or 0)
     walls = [r["wall"] for r in rs if r["wall"] is not None]
     row["wall_seconds"] = statistics.mean(walls) if walls else None
     row["inference"] = f"{first.get('strategy', 'greedy')}@{first.get('samples_per_query', 1)}"
