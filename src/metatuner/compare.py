@@ -180,7 +180,8 @@ def run_one(cfg, run_dir: Path) -> dict:
     t0 = time.time()
     with open(run_dir / "stdout.log", "w") as out, open(run_dir / "stderr.log", "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "metatuner.cli", "train", "--config",
-                                 str(run_dir / "requested.yaml")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                 str(run_dir / "requested.yaml")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # the child's lines as they come
         pumps = [threading.Thread(target=_pump, args=(proc.stdout, [out, sys.stdout])),
                  threading.Thread(target=_pump, args=(proc.stderr, [err, sys.stderr]))]
         for th in pumps:
@@ -225,7 +226,8 @@ def run_compare(path: str, overrides: list[str]) -> dict:
             statuses[(m["name"], seed)] = {"status": "complete"}
             print(f"{tag}: already complete with these settings, skipped", flush=True)
             continue
-        print(f"{tag}: running (method={cfg.method}) -> {run_dir}", flush=True)
+        print(f"{tag}: running (method={cfg.method}; compare elapsed {_clock(time.time() - t0)}) -> {run_dir}",
+              flush=True)
         st = run_one(cfg, run_dir)
         statuses[(m["name"], seed)] = st
         print(f"{tag}: {st['status']} in {_clock(st['wall_seconds'])} (compare elapsed {_clock(time.time() - t0)})"
