@@ -4,6 +4,7 @@ accuracy against training compute (training tokens) with the Pareto front marked
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from metatuner.io import atomic_path
@@ -37,7 +38,7 @@ def plot(results: dict, path: Path) -> None:
                    hatch="//" if r["status"] != "complete" else None)
             ax.text(i, hi + 1, f"{acc:.1f}", ha="center", va="bottom", fontsize=8)
         if r["status"] != "complete":
-            err = (r.get("error") or "").removeprefix("error: ")
+            err = re.sub(r"^(seed \d+: )?(error: )?", "", r.get("error") or "")
             err = err if len(err) <= 45 else err[:42] + "..."
             ax.text(i, 2, f"{r['status'].upper()}\n{err}", ha="center", va="bottom", rotation=90, fontsize=7,
                     color="#C44E52")
@@ -67,7 +68,11 @@ def plot(results: dict, path: Path) -> None:
         ax2.legend(loc="lower right", fontsize=8, frameon=False)
     smallest = min([c for c, _ in pts if c > 0], default=10.0)
     ax2.set_xscale("symlog", linthresh=10 ** max(0, math.floor(math.log10(smallest))))
-    ax2.margins(x=0.15, y=0.1)
+    ax2.margins(x=0.15)
+    if pts:
+        lo, hi = min(a for _, a in pts), max(a for _, a in pts)
+        pad = max(2.0, 0.15 * (hi - lo))
+        ax2.set_ylim(max(-2.0, lo - pad), min(102.0, hi + pad))
     gone = [r["name"] for r in rows if r["status"] != "complete"]
     if gone:
         ax2.text(0.02, 0.02, "not shown (failed): " + ", ".join(gone), transform=ax2.transAxes, fontsize=7,
