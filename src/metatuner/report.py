@@ -154,7 +154,8 @@ def diagnostics_table(results: dict) -> list[str]:
         distinct = (f"{r['distinct_answers']:.0f} / {r['distinct_references']:.0f}"
                     if r.get("distinct_answers") is not None and r.get("distinct_references") is not None else "-")
         top = (f"{str(r.get('top_answer'))[:20]!r} ({100 * r['top_answer_share']:.0f} / "
-               f"{100 * r.get('top_reference_share', 0):.0f})" if r.get("top_answer_share") is not None else "-")
+               f"{100 * r.get('top_reference_share', 0):.0f})" if r.get("top_answer") is not None
+               and r.get("top_answer_share") is not None else "-")
         cells = [r["name"], f"{100 * r['accuracy']:.1f}", floor, _num(r, "no_answer_rate", "{:.1%}").replace("%", ""),
                  distinct, top]
         if mc:
