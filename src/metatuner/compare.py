@@ -43,7 +43,7 @@ from metatuner.results import summarize
 COMPARE_KEYS = {"output_dir", "seeds", "base", "methods", "title"}
 METHOD_KEYS = {"name", "method", "overrides"}
 # settings that say where and how a run writes, not what it computes: ignored when comparing configs
-RUN_PLUMBING = ("output_dir", "resume_from_checkpoint", "overwrite")
+RUN_PLUMBING = ("output_dir", "resume_from_checkpoint", "overwrite", "run_dir", "query", "query_file")
 
 
 def load_compare(path: str, overrides: list[str]) -> dict:
@@ -171,11 +171,8 @@ def _pump(src, sinks) -> None:
 def run_one(cfg, run_dir: Path) -> dict:
     """Run `metatuner train` in a child process, its output shown and logged; -> status dict."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    earlier = any((run_dir / f).exists() for f in ("config.yaml", "metrics.json"))
     for f in ("metrics.json", "predictions.jsonl", "compare.json"):  # results of other settings must not
         (run_dir / f).unlink(missing_ok=True)                         # pass for this run's if it fails
-    if earlier and "overwrite" in to_dict(cfg):
-        set_key(cfg, "overwrite", True, where="compare")  # compare owns this folder; resume=auto still resumes
     save_config(cfg, run_dir / "requested.yaml")
     t0 = time.time()
     with open(run_dir / "stdout.log", "w") as out, open(run_dir / "stderr.log", "w") as err:
