@@ -35,7 +35,7 @@ def main() -> None:
 
     from metatuner.config import load_config
     from metatuner.lora import static_lora
-    from metatuner.methods.metatuner import MetaTunerSystem
+    from metatuner.methods.metatuner import MetaTunerSystem, sample_prompts
     from metatuner.models import load_model
     from metatuner.tasks import load_task
     from metatuner.training import actor_batch, autocast, forward_nll
@@ -50,8 +50,8 @@ def main() -> None:
     actor, tok = load_model(cfg.model.name, device=args.device)
     gen, gtok = load_model(cfg.model.name, device=args.device)
     system = MetaTunerSystem(cfg, actor, tok, gen, gtok, task)
-    params = [p for g in system.trainable_groups("metatuner_j") for p in g["params"]]
-    opt = torch.optim.AdamW(system.trainable_groups("metatuner_j"))
+    params = [p for g in system.trainable_groups() for p in g["params"]]
+    opt = torch.optim.AdamW(system.trainable_groups())
     system.gen.model.train()
     prompts = [task.prompt] * len(exs)
     best = [task.prompt] * len(exs)
@@ -97,7 +97,7 @@ def main() -> None:
     system.gen.model.eval()
     rex = task.train[: args.rollout_prompts]
     t = time.perf_counter()
-    system.sample_prompts(rex, 1)
+    sample_prompts(system, rex, 1)
     rollout_rate = len(rex) / (time.perf_counter() - t)
 
     gen_len = len(gtok(system.gen_prefixes(exs[:1]), add_special_tokens=False)["input_ids"][0])

@@ -1,8 +1,9 @@
 """Shared fixtures: a tiny random model on disk, hand-made tasks, the shared benchmark folder.
 
 Tests never reach the network: the hub is switched off before anything imports transformers.
-Tests marked `slow` (the real embedded model) run only when selected with `-m slow` / `-m ci_slow`
-(or any other `-m` expression that selects them); a plain `pytest` skips them.
+Tests marked `slow` use the real embedded model. A plain `pytest` (`make test-all`) runs every test;
+`make test` deselects them with `-m "not slow or ci_slow"` (pytest's own marker selection: the few
+`ci_slow` ones still run).
 """
 
 from __future__ import annotations
@@ -32,15 +33,6 @@ def _torch_threads():
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def pytest_collection_modifyitems(config, items):
-    if config.option.markexpr:  # the user chose what to run
-        return
-    skip = pytest.mark.skip(reason="slow: runs the real embedded model; select with -m slow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from metatuner.cli import main
-from metatuner.config import Config, all_keys, load_config, save_config, to_dict
+from metatuner.config import Config, all_keys, load_config, save_config, set_key, to_dict
 from metatuner.errors import MetatunerError
 
 
@@ -17,18 +17,42 @@ def write(path, text):
     return path
 
 
-def test_defaults():
+def test_defaults_are_the_documented_values():
     cfg = load_config()
-    assert cfg == Config()
     assert cfg.method == "zero_shot"
     assert cfg.seed == 0
     assert cfg.model.name == "smollm2-135m-instruct"
     assert cfg.task.name == "chain_sum"
     assert cfg.task.params == {}
     assert cfg.eval.batch_size == 16 and cfg.eval.limit == 0 and cfg.eval.split == "test"
-    assert cfg.inference.strategy == "greedy"
+    assert cfg.inference.strategy == "greedy" and cfg.inference.trust_verifier is False
     assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert isinstance(cfg.lora.alpha, float)
+    assert cfg.train.max_steps == 60 and cfg.warmup.max_steps == 30 and cfg.dpo.sft_steps == -1
+    assert cfg.resume_from_checkpoint is False and cfg.overwrite is False
+    assert not hasattr(cfg.dpo, "max_steps")
+
+
+def test_defaults_round_trip_through_a_file_and_an_override_changes_them(tmp_path):
+    """The resolved defaults written and read back give the same settings, key for key; one override
+    changes exactly that key (so the comparison can fail)."""
+    save_config(load_config(), tmp_path / "defaults.yaml")
+    again = load_config(tmp_path / "defaults.yaml")
+    assert to_dict(again) == to_dict(Config())
+    changed = load_config(tmp_path / "defaults.yaml", ["train.max_steps=7"])
+    a, b = _flat(to_dict(changed)), _flat(to_dict(again))
+    assert {k for k in a if a[k] != b[k]} == {"train.max_steps"}
+    assert changed.train.max_steps == 7
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not k.startswith("params"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def test_mutable_defaults_are_not_shared():
@@ -46,6 +70,9 @@ def test_every_key_has_help_and_a_default_of_its_type():
     for key, tp, default, help in keys:
         assert help.strip(), key
         origin = getattr(tp, "__origin__", tp)
+        if key == "resume_from_checkpoint":  # false, true or auto: typed Any, checked by validate
+            assert default is False
+            continue
         assert isinstance(default, origin), (key, tp, default)
 
 
@@ -213,7 +240,7 @@ def test_top_level_must_be_mapping(tmp_path):
 
 
 def test_empty_yaml_is_defaults(tmp_path):
-    assert load_config(write(tmp_path / "c.yaml", "")) == Config()
+    assert to_dict(load_config(write(tmp_path / "c.yaml", ""))) == to_dict(Config())
 
 
 def test_resolved_config_saves_and_reloads_equal(tmp_path):
@@ -262,3 +289,90 @@ def test_params_by_task_nests_per_task(tmp_path):
     assert cfg.task.params_by_task == {"basic_arithmetic": {"max_digits": 2, "operators": ["+", "-"], "min_terms": 2},
                                        "products": {"max_digits": 1}}
     assert cfg.task.params == {}
+
+
+# ----------------------------------------------------------------------------- OmegaConf parsing
+
+
+def test_yaml_floats_without_a_dot_and_typed_lists(tmp_path):
+    """YAML 1.1 reads `1e-4` as a string; OmegaConf's loader reads it as a float. List items are typed."""
+    p = write(tmp_path / "c.yaml", "train:\n  lr: 1e-4\nselect:\n  n_values: [1, 3]\n")
+    cfg = load_config(p, ["hypernet.lr=2e-5"])
+    assert cfg.train.lr == 1e-4 and type(cfg.train.lr) is float
+    assert cfg.hypernet.lr == 2e-5
+    assert cfg.select.n_values == [1, 3]
+    with pytest.raises(MetatunerError, match=r"'select.n_values' expects list\[int\]"):
+        load_config(None, ["select.n_values=[1, many]"])
+
+
+def test_interpolation_resolves_and_is_saved_resolved(tmp_path):
+    p = write(tmp_path / "c.yaml", "task:\n  name: gsm8k\noutput_dir: runs/${task.name}-${seed}\n")
+    cfg = load_config(p, ["seed=3"])
+    assert cfg.output_dir == "runs/gsm8k-3"
+    save_config(cfg, tmp_path / "out.yaml")
+    assert "runs/gsm8k-3" in (tmp_path / "out.yaml").read_text()
+    with pytest.raises(MetatunerError, match="output_dir"):
+        load_config(None, ["output_dir=runs/${task.nmae}"])
+
+
+def test_dict_override_replaces_and_dotted_key_merges(tmp_path):
+    p = write(tmp_path / "c.yaml", "task:\n  params: {min_terms: 2, max_terms: 3}\n")
+    assert load_config(p, ["task.params={max_digits: 1}"]).task.params == {"max_digits": 1}
+    assert load_config(p, ["task.params.max_digits=1"]).task.params == {"min_terms": 2, "max_terms": 3, "max_digits": 1}
+
+
+def test_duplicate_yaml_key_names_file_and_line(tmp_path):
+    p = write(tmp_path / "c.yaml", "seed: 1\ntask:\n  name: a\n  name: b\n")
+    with pytest.raises(MetatunerError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and "line 4" in str(e.value) and "duplicate" in str(e.value)
+
+
+def test_yaml_that_is_not_utf8(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_bytes("task:\n  prompt: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(MetatunerError, match="not UTF-8"):
+        load_config(p)
+
+
+def test_removed_key_says_what_replaced_it(tmp_path):
+    with pytest.raises(MetatunerError, match=r"'dpo.max_steps' was removed: .*train.max_steps - dpo.sft_steps"):
+        load_config(None, ["dpo.max_steps=20"])
+    p = write(tmp_path / "c.yaml", "dpo:\n  max_steps: 20\n")
+    with pytest.raises(MetatunerError, match=str(p)):
+        load_config(p)
+
+
+@pytest.mark.parametrize("text, expected", [("false", False), ("true", True), ("auto", "auto"), ("no", False)])
+def test_resume_from_checkpoint_values(text, expected, tmp_path):
+    cfg = load_config(None, [f"resume_from_checkpoint={text}"])
+    assert cfg.resume_from_checkpoint == expected and type(cfg.resume_from_checkpoint) is type(expected)
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml").resume_from_checkpoint == expected
+
+
+def test_set_key_checks_types_and_keys():
+    """compare builds run configs with set_key: same parsing and errors as load_config."""
+    cfg = Config()
+    set_key(cfg, "train.max_steps", 5)
+    set_key(cfg, "lora.target_modules", "q_proj,v_proj")
+    set_key(cfg, "task.params_by_task.products.max_digits", 2)
+    set_key(cfg, "task.params_by_task.products.min_digits", "1", raw=True)
+    set_key(cfg, "task", {"name": "gsm8k", "test_size": 9})
+    assert (cfg.train.max_steps, cfg.lora.target_modules) == (5, ["q_proj", "v_proj"])
+    assert cfg.task.params_by_task == {"products": {"max_digits": 2, "min_digits": 1}}
+    assert (cfg.task.name, cfg.task.test_size) == ("gsm8k", 9)
+    with pytest.raises(MetatunerError, match="c.yaml base: key 'train.max_steps' expects int, got 'x'"):
+        set_key(cfg, "train.max_steps", "x", where="c.yaml base")
+    with pytest.raises(MetatunerError, match="close valid keys: train.max_steps"):
+        set_key(cfg, "train.max_stesp", 3)
+    assert cfg.train.max_steps == 5
+
+
+def test_help_shows_types_and_budget_meaning(capsys):
+    out = _help_output(["--help"], capsys)
+    assert "  resume_from_checkpoint (false|true|auto, default False)" in out
+    assert "  lora.target_modules (list[str]," in out
+    assert "  inference.trust_verifier (bool, default False)" in out
+    assert "dpo.max_steps" not in out
+    assert "TOTAL optimizer steps" in out

@@ -112,12 +112,52 @@ def test_sample_prompts_uses_frozen_copy_until_sync():
     assert not torch.equal(live, before)
     assert torch.equal(gen.sample_prompts(ids, mask, **GREEDY), before)
     gen.sync_frozen()
-    layers = gen.model.model.layers
-    for dst, src in zip(gen.frozen["layers"], layers[gen.k:]):
-        assert all(torch.equal(a, b) for a, b in zip(dst.state_dict().values(), src.state_dict().values()))
-    assert torch.equal(gen.frozen["lm_head"].weight, gen.model.lm_head.weight)
+    frozen, live_state = gen.frozen_state(), gen.live_decoder_state()
+    assert frozen.keys() == live_state.keys() and "lm_head.weight" in frozen
+    assert all(torch.equal(frozen[k], live_state[k]) and frozen[k].data_ptr() != live_state[k].data_ptr() for k in frozen)
     assert all(not p.requires_grad for p in gen.frozen.parameters())
     assert torch.equal(gen.sample_prompts(ids, mask, **GREEDY), live)
+
+
+def lora_gen(seed=1, rank=4):
+    from metatuner.methods.metatuner.system import add_generator_lora
+
+    model = tiny_llama(seed=seed)
+    add_generator_lora(model, rank, ["q_proj", "v_proj"])
+    with torch.no_grad():  # as after training: B != 0
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    return SplitGenerator(model, share_ratio=0.5)
+
+
+def test_lora_generator_keeps_only_adapter_tensors_in_frozen_copy_and_checkpoint(tmp_path):
+    gen = lora_gen()
+    frozen = gen.frozen_state()
+    assert frozen and all("lora_" in k for k in frozen), "phi_p' holds G's LoRA factors of layers [k, K) only"
+    assert all(int(k.split(".")[2]) >= gen.k for k in frozen)
+    n_frozen = sum(t.numel() for t in frozen.values())
+    n_base = sum(p.numel() for n, p in gen.model.named_parameters() if "lora_" not in n)
+    assert n_frozen < n_base / 10
+    ids, mask = batch()
+    before = gen.sample_prompts(ids, mask, **GREEDY)
+    with torch.no_grad():  # a training step on phi_p's adapter
+        for k, p in gen.live_decoder_state().items():
+            p.add_(torch.randn_like(p))
+    assert torch.equal(gen.sample_prompts(ids, mask, **GREEDY), before), "sampling must use phi_p'"
+    assert not torch.equal(gen.generate_live(ids, mask, **GREEDY), before)
+    gen.save(tmp_path / "g.safetensors")
+    from safetensors.torch import load_file
+
+    keys = load_file(tmp_path / "g.safetensors").keys()
+    assert keys and all("lora_" in k for k in keys), [k for k in keys if "lora_" not in k][:3]
+    other = lora_gen(seed=1)  # same base weights, other adapter values
+    with torch.no_grad():
+        for p in other.live_decoder_state().values():
+            p.zero_()
+    other.load(tmp_path / "g.safetensors")
+    assert torch.equal(other.sample_prompts(ids, mask, **GREEDY), before)
+    assert torch.equal(other.generate_live(ids, mask, **GREEDY), gen.generate_live(ids, mask, **GREEDY))
 
 
 def test_sample_prompts_reads_the_live_encoder():

@@ -27,7 +27,7 @@ from metatuner.run import start_run
 from metatuner.training import actor_batch, forward_nll, newest_checkpoint
 
 SMALL = ["task.name=chain_sum", "task.train_size=16", "task.test_size=4", "eval.limit=2", "eval.batch_size=2",
-         "train.batch_size=2", "train.max_steps=4", "warmup.max_steps=1", "warmup.generator_steps=1",
+         "train.batch_size=2", "train.max_steps=5", "warmup.max_steps=1", "warmup.generator_steps=1",
          "warmup.queries=4", "rollout.n=2", "rollout.batch_size=8", "train.sync_steps=2",
          "generator.max_prompt_tokens=6", "task.max_new_tokens=4", "rollout.criterion=nll", "lora.rank=2",
          "hypernet.hidden=16", "hypernet.embed_dim=8", "generator.lora_rank=4", "train.generator_lr=1e-3"]
@@ -54,6 +54,12 @@ def model_dir(tmp_path_factory) -> Path:
     return tiny_model_dir(tmp_path_factory.mktemp("mt_tiny") / "model")
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    """The actor warm-up cache of these tests lives in a temporary folder, shared by the module."""
+    monkeypatch.setenv("METATUNER_CACHE", str(tmp_path_factory.getbasetemp() / "mt_cache"))
+
+
 @pytest.fixture(scope="module")
 def finished_runs() -> dict:
     """Output dirs of the variant runs, by variant name (the infer test reuses metatuner_j's)."""
@@ -73,11 +79,13 @@ def snap(module_or_params) -> dict[str, torch.Tensor]:
 
 
 def live_phi_p(gen: SplitGenerator) -> dict[str, torch.Tensor]:
-    """phi_p of the live G in the key layout of the frozen copy phi_p'."""
-    layers = decoder_layers(gen.model)[1]
-    view = nn.ModuleDict({"layers": nn.ModuleList(layers[gen.k:]), "norm": gen.model.base_model.norm,
-                          "lm_head": gen.model.get_output_embeddings()})
-    return snap(view)
+    """The trainable tensors of phi_p of the live G, by the names phi_p' uses."""
+    return {k: v.detach().clone() for k, v in gen.live_decoder_state().items()}
+
+
+def frozen_snap(gen: SplitGenerator) -> dict[str, torch.Tensor]:
+    """phi_p' (only what trains in phi_p: G's LoRA factors of layers [k, K))."""
+    return {k: v.detach().clone() for k, v in gen.frozen_state().items()}
 
 
 def gen_trainable(system) -> dict[str, torch.Tensor]:
@@ -106,22 +114,22 @@ def test_variant_runs_and_trains_only_its_parameters(variant, model_dir, tmp_pat
     def run(loop):
         s = loop.system
         seen["before"] = {"actor": snap(s.actor), "decoder": snap(s.decoder), "gen": gen_trainable(s),
-                          "frozen": snap(s.gen.frozen),
+                          "frozen": frozen_snap(s.gen),
                           "param_encoder": snap(s.gen.param_encoder) if s.gen.param_encoder is not None else {}}
         seen["system"] = s
         seen["joint"] = True
         history = real_run(loop)
         seen["history"] = history
         seen["after"] = {"actor": snap(s.actor), "decoder": snap(s.decoder), "gen": gen_trainable(s),
-                         "frozen": snap(s.gen.frozen), "live_phi_p": live_phi_p(s.gen),
+                         "frozen": frozen_snap(s.gen), "live_phi_p": live_phi_p(s.gen),
                          "param_encoder": snap(s.gen.param_encoder) if s.gen.param_encoder is not None else {}}
         return history
 
     def sync(gen):
-        before = snap(gen.frozen)
+        before = frozen_snap(gen)
         real_sync(gen)
         if seen.get("joint"):  # the warm-up ends with a sync too
-            seen["syncs"].append((before, snap(gen.frozen), live_phi_p(gen)))
+            seen["syncs"].append((before, frozen_snap(gen), live_phi_p(gen)))
 
     monkeypatch.setattr(M.JointLoop, "run", run)
     monkeypatch.setattr(SplitGenerator, "sync_frozen", sync)
@@ -160,7 +168,17 @@ def test_variant_runs_and_trains_only_its_parameters(variant, model_dir, tmp_pat
         assert same(after_i, live_i)
         assert same(before_next, after_i), "phi_p' changed between syncs"
     assert same(syncs[-1][1], syncs[-1][2]) and same(a["frozen"], syncs[-1][1])
-    assert not same(a["frozen"], a["live_phi_p"]), "phi_p trains after the last sync, phi_p' must not follow"
+    if variant == "wo_P":  # no prompt branch: phi_p never trains, phi_s trains only through F
+        assert same(a["frozen"], a["live_phi_p"]) and same(b["frozen"], a["live_phi_p"])
+        k = seen["system"].gen.k
+        assert all(int(key.split(".")[2]) < k for key in changed_keys(b["gen"], a["gen"]))
+        preds = [json.loads(ln) for ln in (out / "predictions.jsonl").read_text().splitlines()]
+        assert {r["prompt"] for r in preds} == {seen["system"].p_tilde}, "w/o P: the actor sees p~ at test"
+        assert all(r["reg"] == 0 for r in joint)
+    else:
+        assert not same(a["frozen"], a["live_phi_p"]), "phi_p trains after the last sync, phi_p' must not follow"
+    if variant in ("metatuner_j", "wo_S", "share_0.75"):
+        assert all(r["loss"] == pytest.approx(r["task_loss"] + cfg.train.alpha * r["reg"], rel=1e-5) for r in joint)
     finished_runs[variant] = out
 
 
@@ -169,10 +187,10 @@ def test_frozen_copy_keeps_its_warmup_value_without_sync(model_dir, tmp_path):
                    "warmup.max_steps=0")
     task = start_run(cfg)
     system, loop, _ = M.prepare(cfg, task)
-    frozen0, live0 = snap(system.gen.frozen), live_phi_p(system.gen)
+    frozen0, live0 = frozen_snap(system.gen), live_phi_p(system.gen)
     assert same(frozen0, live0), "the warm-up ends with phi_p' <- phi_p"
     loop.run()
-    assert same(snap(system.gen.frozen), frozen0)
+    assert same(frozen_snap(system.gen), frozen0)
     assert not same(live_phi_p(system.gen), live0)
 
 
@@ -190,7 +208,7 @@ def test_grad_accum_matches_one_batch(model_dir, tmp_path):
         bad = {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.allclose(a[k], b[k], atol=3e-4, rtol=1e-4)}
         assert not bad, sorted(bad.items(), key=lambda kv: -kv[1])[:5]
     assert [h["loss"] for h in h1] == pytest.approx([h["loss"] for h in h2], abs=1e-4)
-    with pytest.raises(MetatunerError, match="train.grad_accum=3 must divide train.batch_size=4"):
+    with pytest.raises(MetatunerError, match="train.grad_accum = 3: expected a divisor of train.batch_size"):
         cfg = make_cfg(model_dir, tmp_path / "acc3", "warmup.max_steps=0", "warmup.generator_steps=0",
                        "method=metatuner_j", "train.batch_size=4", "train.grad_accum=3")
         M.prepare(cfg, start_run(cfg))
@@ -240,14 +258,14 @@ def test_d2_best_is_never_worse_than_p_tilde(scoring_system):
     system = scoring_system
     exs = system.task.train[:4]
     torch.manual_seed(1)
-    cands = system.sample_prompts(exs, 4)
-    alone = system.score_candidates(exs, [[] for _ in exs])  # p~ only
-    best = system.score_candidates(exs, cands)
+    cands = M.sample_prompts(system, exs, 4)
+    alone = M.score_candidates(system, exs, [[] for _ in exs])  # p~ only
+    best = M.score_candidates(system, exs, cands)
     for (p0, c0, n0), (p, c, n), cs in zip(alone, best, cands):
         assert p0 == system.p_tilde
         assert p in cs or p == system.p_tilde
         assert (not c, n) <= (not c0, n0 + 1e-5)
-    prompts, task_prompts, stats = system.d2_rollout(exs)
+    prompts, task_prompts, stats = M.d2_rollout(system, exs)
     assert len(prompts) == len(task_prompts) == 4 and 0 <= stats["d2_rewritten"] <= 1
 
 
@@ -262,10 +280,10 @@ def test_d2_picks_the_strictly_lower_nll_candidate(scoring_system):
     higher = sorted((n, c) for c, n in nlls.items() if n > base + 1e-4)
     assert lower and higher, "the pool should hold candidates on both sides of p~"
     best_c = lower[0][1]
-    got, correct, nll = system.score_candidates([ex], [[higher[-1][1], best_c] + [c for _, c in lower[1:]]])[0]
+    got, correct, nll = M.score_candidates(system, [ex], [[higher[-1][1], best_c] + [c for _, c in lower[1:]]])[0]
     assert got == best_c and not correct and nll == pytest.approx(nlls[best_c], abs=1e-5)
     # nothing better than p~: p~ stays
-    got, _, nll = system.score_candidates([ex], [[c for _, c in higher]])[0]
+    got, _, nll = M.score_candidates(system, [ex], [[c for _, c in higher]])[0]
     assert got == system.p_tilde and nll == pytest.approx(base, abs=1e-5)
 
 
@@ -287,7 +305,7 @@ def test_d2_ranks_correct_answers_before_nll(scoring_system, monkeypatch):
     monkeypatch.setattr(system.cfg.rollout, "criterion", "answer")
     monkeypatch.setattr(system.task, "extract", lambda g: g)
     monkeypatch.setattr(system.task, "score_fn", lambda pred, e: {"correct": pred == "RIGHT"})
-    got, correct, _ = system.score_candidates([ex], [[plain, worst_magic]])[0]
+    got, correct, _ = M.score_candidates(system, [ex], [[plain, worst_magic]])[0]
     assert got == worst_magic and correct
 
 
@@ -427,8 +445,7 @@ def test_two_processes_match_one_process_with_twice_the_batch(model_dir, tmp_pat
     assert [r["step"] for r in rows if r["stage"] == "joint"] == [1, 2, 3, 4]
     d2_one = (one / "final" / "d2.jsonl").read_text()
     assert (two / "final" / "d2.jsonl").read_text() == d2_one and len(d2_one.splitlines()) > 8
-    assert {p.name for p in (two / "step_2").glob("*_rank*")} == {
-        "rng_rank0.pt", "rng_rank1.pt", "state_rank0.json", "state_rank1.json"}
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in (two / "step_2").iterdir()}
     assert not list(two.glob(".*rank*")), "temporary per-process files left behind"
     assert len((two / "predictions.jsonl").read_text().splitlines()) == 2
     adapter = "final/actor_adapter/adapter_model.safetensors"
@@ -453,3 +470,154 @@ def test_gumbel_refuses_generator_with_another_vocabulary(model_dir, tmp_path):
     with pytest.raises(MetatunerError, match="metatuner_gumbel needs the generator and actor to share one vocabulary"):
         M.train(cfg, start_run(cfg))
     assert not (out / "warmup").exists(), "must refuse before any training"
+
+
+# ----------------------------------------------------------------------------- 9: what checkpoints hold
+
+
+def test_checkpoints_and_final_hold_no_base_weights_and_export_a_query_adapter(model_dir, tmp_path):
+    """step_N/ and final/ hold G's LoRA, phi_p', F and the resume state, never a base weight; G's adapter
+    loads with PEFT; one query's generated LoRA exports as a PEFT adapter that reproduces the actor."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from metatuner.models import load_model
+
+    out = tmp_path / "ck"
+    cfg = make_cfg(model_dir, out, "method=metatuner_j", "train.save_steps=2", "train.bf16=false")
+    system, _ = M.train(cfg, start_run(cfg))
+    base_numel = sum(p.numel() for p in load_model(str(model_dir), "float32", "cpu")[0].parameters())
+    for folder in (out / "step_2", out / "final"):
+        t = load_file(folder / "generator.safetensors")
+        assert all(k.split(".")[0] in ("generator", "frozen", "hypernet") for k in t), folder
+        assert all("lora_" in k for k in t if not k.startswith("hypernet.")), folder
+        assert sum(v.numel() for k, v in t.items() if not k.startswith("hypernet.")) < base_numel / 4
+    assert {"optimizer.bin", "trainer_state.json", "COMPLETE"} <= {p.name for p in (out / "step_2").iterdir()}
+
+    # G's adapter in PEFT format reproduces the live G
+    gen_base, _ = load_model(str(model_dir), "float32", "cpu")
+    peft_gen = PeftModel.from_pretrained(gen_base, str(out / "final" / "generator_adapter")).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(peft_gen(ids).logits, system.gen.model(ids).logits, atol=1e-5, rtol=1e-4)
+
+    # one query's LoRA as a static PEFT adapter of the warmed-up actor
+    ex = system.task.test[0]
+    with torch.no_grad():
+        for p in system.decoder.parameters():  # F as after more training: a visible LoRA
+            p.add_(0.05 * torch.randn_like(p))
+    path = M.export_query_adapter(system, ex.query, tmp_path / "q_adapter")
+    batch = actor_batch(system.tok, system.task, [system.p_tilde], [ex], 512, "cpu")
+    with torch.no_grad():
+        with system.with_factors([ex]):
+            want = system.actor(input_ids=batch["input_ids"]).logits
+        plain = system.actor(input_ids=batch["input_ids"]).logits
+        got = PeftModel.from_pretrained(system.actor, str(path))(input_ids=batch["input_ids"]).logits
+    assert not torch.allclose(want, plain, atol=1e-4)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------- 10: variants do what their names say
+
+
+def _step_changes(system, loop) -> dict[str, bool]:
+    """Which parts move in one optimizer step: F, phi_s (G's trained tensors in layers < k), phi_p."""
+    k = system.gen.k
+
+    def parts():
+        g = gen_trainable(system)
+        return {"F": snap(system.decoder), "phi_s": {n: v for n, v in g.items() if ".layers." in n and int(n.split(".")[2]) < k},
+                "phi_p": {n: v for n, v in g.items() if ".layers." in n and int(n.split(".")[2]) >= k}}
+
+    before = parts()
+    loop.step()
+    after = parts()
+    return {name: not same(before[name], after[name]) for name in before}
+
+
+def test_metatuner_i_moves_the_right_parameters_on_each_kind_of_step(model_dir, tmp_path):
+    cfg = make_cfg(model_dir, tmp_path / "i", "method=metatuner_i", "warmup.max_steps=0", "train.bf16=false",
+                   "train.alternate_steps=1", "rollout.n=1")
+    system, loop, _ = M.prepare(cfg, start_run(cfg))
+    with torch.no_grad():  # as after some training: generated LoRA != 0, so the task loss reaches F's A side and phi_s
+        for p in system.decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    system.gen.model.train()
+    assert _step_changes(system, loop) == {"F": True, "phi_s": True, "phi_p": False}, "task step"
+    assert _step_changes(system, loop) == {"F": False, "phi_s": True, "phi_p": True}, "regularization step"
+
+    cfg = make_cfg(model_dir, tmp_path / "i_wo_f", "method=metatuner_i", "warmup.max_steps=0", "train.bf16=false",
+                   "train.param_decoder=false", "rollout.n=1")
+    system, loop, _ = M.prepare(cfg, start_run(cfg))
+    system.gen.model.train()
+    for _ in range(2):  # w/o F: every step is a regularization step that moves G
+        ch = _step_changes(system, loop)
+        assert ch["phi_s"] and ch["phi_p"] and not ch["F"]
+
+
+def test_gumbel_task_loss_reaches_phi_p_and_stops_at_eos(model_dir, tmp_path, monkeypatch):
+    cfg = make_cfg(model_dir, tmp_path / "g", "method=metatuner_gumbel", "warmup.max_steps=0", "train.bf16=false")
+    system, loop, _ = M.prepare(cfg, start_run(cfg))
+    exs = system.task.train[:2]
+    loss = M.gumbel_task_loss(system, exs)
+    loss.backward()
+    grads = [p.grad for p in system.gen.decoder_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+
+    # the relaxed prompt ends at G's EOS, as test-time prompts do: a generator that always says EOS gives
+    # the same loss whatever generator.max_prompt_tokens is; one that never does, a longer prompt each time
+    import torch.nn.functional as F_
+
+    def constant(token):
+        return lambda logits, tau, hard: F_.one_hot(torch.full(logits.shape[:1], token), logits.shape[-1]).float()
+
+    def loss_with(token, max_tokens):
+        monkeypatch.setattr(F_, "gumbel_softmax", constant(token))
+        system.cfg.generator.max_prompt_tokens = max_tokens
+        with torch.no_grad():
+            return M.gumbel_task_loss(system, exs).item()
+
+    eos, other = system.gen_tok.eos_token_id, 10
+    assert loss_with(eos, 1) == pytest.approx(loss_with(eos, 6), abs=1e-6)
+    assert loss_with(other, 1) != pytest.approx(loss_with(other, 6), abs=1e-4)
+
+
+def test_h_i_at_training_equals_h_i_at_test(scoring_system):
+    """F reads the same pooled state for a query inside the right-padded joint pass and the left-padded test pass."""
+    from metatuner.generator import position_ids
+    from metatuner.hypernet import pool
+    from metatuner.rewrite import rewrite_messages
+    from metatuner.training import completion_text, lm_batch
+
+    system = scoring_system
+    exs = system.task.train[:3]
+    with torch.no_grad():
+        enc = system.gen_encode(exs)
+        h_test = pool(system.gen.param_encode(enc["input_ids"], enc["attention_mask"]), enc["attention_mask"])
+        comps = [completion_text(system.gen_tok, rewrite_messages(system.p_tilde, ex.query), p)[1]
+                 for ex, p in zip(exs, ["a", "a much longer prompt than that", "b"])]
+        gb = lm_batch(system.gen_tok, system.gen_prefixes(exs), comps, 512, "cpu")
+        out = system.gen.model(input_ids=gb["input_ids"], attention_mask=gb["attention_mask"],
+                               position_ids=position_ids(gb["attention_mask"]), output_hidden_states=True)
+        h_train = pool(out.hidden_states[system.gen.k], gb["prefix_mask"])
+    torch.testing.assert_close(h_train, h_test, atol=1e-5, rtol=1e-4)
+
+
+def test_answer_criterion_inside_the_real_loop(model_dir, tmp_path, monkeypatch):
+    """rollout.criterion=answer: D2 candidates are scored by generating answers inside the joint loop."""
+    import metatuner.prompts
+
+    calls = []
+    real = metatuner.prompts.rank_prompts
+
+    def spy(*a, **k):
+        calls.append(a[5])
+        return real(*a, **k)
+
+    monkeypatch.setattr(metatuner.prompts, "rank_prompts", spy)
+    cfg = make_cfg(model_dir, tmp_path / "ans", "method=metatuner_j", "warmup.max_steps=0",
+                   "warmup.generator_steps=0", "rollout.criterion=answer")
+    system, loop, _ = M.prepare(cfg, start_run(cfg))
+    loop.run()
+    assert calls and set(calls) == {"answer"}
+    assert system.counts["generation_calls"] > 0

@@ -125,7 +125,9 @@ def _quiet() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    epilog = "config keys (set in --config YAML or as key=value):" + help_text()
+    epilog = ("config keys, set in the --config YAML or as dotted key=value (lists as [a,b] or a,b; entries of a\n"
+              "mapping as task.params.NAME=VALUE; ${other.key} refers to another key). Every value is checked\n"
+              "before any work starts:" + help_text())
     parser = argparse.ArgumentParser(
         prog="metatuner",
         description="Prompt and parameter co-optimization for LLMs (MetaTuner) with fair baselines.",

@@ -1,7 +1,9 @@
 """Typed run configuration: one YAML per run plus dotted `key=value` overrides.
 
 Every setting is a dataclass field with help text; the dataclasses are the single source for
-`--help`, for validation and for the resolved `config.yaml` written next to a run's outputs.
+`--help`, for type checking and for the resolved `config.yaml` written next to a run's outputs.
+OmegaConf (structured configs, as torchtune) merges the YAML and the overrides against them and
+converts back to the dataclasses; `metatuner.validate` then checks ranges and combinations.
 
     cfg = load_config("configs/chain_sum/metatuner_j.yaml", ["train.max_steps=20", "seed=1"])
 """
@@ -10,243 +12,47 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from metatuner.errors import MetatunerError
+from metatuner.schema import (  # noqa: F401 - re-exported: `from metatuner.config import TaskConfig`
+    ModelConfig,
+    GeneratorConfig,
+    TaskConfig,
+    EvalConfig,
+    InferenceConfig,
+    SelectConfig,
+    SapoConfig,
+    ContinualConfig,
+    LoRAConfig,
+    HypernetConfig,
+    WarmupConfig,
+    TrainConfig,
+    RolloutConfig,
+    OproConfig,
+    BpoConfig,
+    DpoConfig,
+    BetterTogetherConfig,
+    Config,
+)
 
 
-def _f(default, help: str):
-    """A dataclass field with help text (mutable defaults are copied per instance)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+# ----------------------------------------------------------------------------- keys and types
+
+REMOVED = {
+    "dpo.max_steps": "DPO now takes train.max_steps - dpo.sft_steps steps (train.max_steps is the total)",
+}
 
 
-@dataclass
-class ModelConfig:
-    name: str = _f("smollm2-135m-instruct", "Model: 'smollm2-135m-instruct' (embedded GGUF), a Hugging Face id, or a local directory.")
-    dtype: str = _f("auto", "Weights dtype: auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16.")
-    device: str = _f("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
-    trust_remote_code: bool = _f(False, "Allow model repositories to run their own code (off by default).")
-
-
-@dataclass
-class GeneratorConfig:
-    name: str = _f("", "Generator model (prompt rewriter). Empty: the same checkpoint as model.name.")
-    dtype: str = _f("auto", "Generator dtype: auto, float32, bfloat16, float16.")
-    trust_remote_code: bool = _f(False, "Allow the generator repository to run its own code.")
-    share_ratio: float = _f(0.25, "Split depth k = round(share_ratio * K): layers [0,k) form the shared meta encoder, [k,K) the prompt decoder. Paper best: 0.25 (7B), 0.75 (3B).")
-    share_encoder: bool = _f(True, "Share the meta encoder between prompt and parameter decoders (false = ablation w/o S: F gets its own encoder copy).")
-    max_prompt_tokens: int = _f(48, "Maximum new tokens of a rewritten prompt.")
-    lora_rank: int = _f(16, "Train phi_s and phi_p as LoRA of this rank on every linear of G (0 = full fine-tuning). LoRA keeps a 7B generator and its frozen copy phi_p' in memory and makes a step cheaper.")
-    lora_targets: list = _f(["q_proj", "v_proj"], "Linears of every generator layer that get LoRA (empty = all).")
-
-
-@dataclass
-class TaskConfig:
-    name: str = _f("chain_sum", "Task: gsm8k, math, hotpotqa, cosmosqa, jsonl (generic file), or any reasoning-gym dataset name.")
-    path: str = _f("", "Local file or folder in the task's original schema (instead of the default location).")
-    params: dict = _f({}, "Task parameters: reasoning-gym dataset kwargs (e.g. task.params.min_terms=2), or for the generic task query_column/answer_column/target_column.")
-    prompt: str = _f("", "Initial hand-written prompt p~. Empty: the task's default.")
-    train_size: int = _f(1000, "Training examples (at most; procedural tasks generate exactly this many).")
-    val_size: int = _f(100, "Validation examples.")
-    test_size: int = _f(200, "Test examples (at most).")
-    max_new_tokens: int = _f(0, "Generation budget for answers; 0 = the task's default.")
-    train_tasks: list = _f([], "Train on these tasks' train/validation splits (mixed, train_size and val_size split evenly) and test on task.name: the generalization experiment (e.g. [math,hotpotqa,cosmosqa] with task.name=gsm8k). Empty = train on task.name.")
-    params_by_task: dict = _f({}, "Parameters of the other tasks named in task.train_tasks or continual.tasks, by task name, e.g. {basic_arithmetic: {max_digits: 2}} (task.params applies to task.name only).")
-    split_seed: int = _f(-1, "Seed of the data splits; -1 = the run's seed. `metatuner compare` fixes it to the first seed so every seed sees the same test set.")
-
-
-@dataclass
-class EvalConfig:
-    limit: int = _f(0, "Evaluate only the first N test examples (0 = all).")
-    batch_size: int = _f(16, "Generation batch size.")
-    split: str = _f("test", "Split to evaluate: test, validation or train.")
-
-
-@dataclass
-class InferenceConfig:
-    strategy: str = _f("greedy", "greedy, best_of_n or majority.")
-    n: int = _f(1, "Samples per query for best_of_n / majority.")
-    temperature: float = _f(0.7, "Sampling temperature (best_of_n / majority).")
-    top_p: float = _f(1.0, "Nucleus sampling top-p (best_of_n / majority).")
-    verifier: str = _f("", "best_of_n scorer: empty = the actor's mean token log-probability; 'module:function' = your verifier fn(generation, example) -> float; 'oracle' = the task's scorer against the reference (an upper bound, for analysis only).")
-
-
-@dataclass
-class SelectConfig:
-    n_values: list = _f([1, 2, 4, 8], "Sample counts N to consider; samples are drawn once at the largest N.")
-    prompts: list = _f([], "Extra candidate prompts (besides p~, OPRO's and the generator's).")
-    opro_prompts: int = _f(2, "Best OPRO instructions added as candidates (0 = none; uses the opro.* budget).")
-    rewrites: int = _f(2, "Generator paraphrases of p~ added as candidates.")
-    cost_weight: float = _f(0.005, "Objective: accuracy - cost_weight * N.")
-    subsets: int = _f(200, "Random subsets per (prompt, N) for the estimate (all subsets when fewer exist).")
-    val_examples: int = _f(64, "Validation examples the selection samples on.")
-    budget: float = _f(2.0, "Adaptive budget: average samples per test query (total = budget x test queries).")
-    max_per_query: int = _f(8, "Adaptive budget: at most this many samples for one query.")
-
-
-@dataclass
-class SapoConfig:
-    candidates: int = _f(4, "Paraphrases of the training prompt generated by the generator (M).")
-    temperature: float = _f(0.6, "Sampling temperature of the paraphrases.")
-    prompts: list = _f([], "User-provided candidate prompts (added to p~ and the paraphrases).")
-    subset: int = _f(32, "Training examples each candidate's pre-update loss is measured on.")
-    reselect_steps: int = _f(0, "Re-select the prompt every N training steps (0 = once per stage/task).")
-    max_new_tokens: int = _f(64, "Maximum tokens of a paraphrase.")
-
-
-@dataclass
-class ContinualConfig:
-    tasks: list = _f(["chain_sum", "basic_arithmetic"], "Tasks trained in sequence (method=continual); each stage is LoRA SFT for train.max_steps.")
-
-
-@dataclass
-class LoRAConfig:
-    rank: int = _f(8, "LoRA rank r (static LoRA of the baselines and generated LoRA of MetaTuner).")
-    alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / rank.")
-    dropout: float = _f(0.0, "LoRA dropout (static PEFT LoRA only).")
-    target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Module names (last path component) that get LoRA.")
-    layers: str = _f("", "Layer range 'start:end' (python slice over decoder layers) that get LoRA; empty = all.")
-
-
-@dataclass
-class HypernetConfig:
-    hidden: int = _f(64, "Hidden width of the parameter decoder MLPs (MM(ReLU(MM(W_d, h)), W_u)).")
-    pooling: str = _f("mean", "How h_i pools the meta encoder's states over (p~, x): mean (masked) or last.")
-    heads: str = _f("shared", "shared: one trunk + learned (layer, module) embeddings; per_target: one MLP per target.")
-    embed_dim: int = _f(32, "Size of the layer and module embeddings (shared heads).")
-    lr: float = _f(1e-4, "Learning rate of the parameter decoder phi_q. Each weight of F's output layer moves every generated factor entry, so F needs a much lower rate than a static LoRA (1e-3 made the actor's loss jump in the joint phase).")
-
-
-@dataclass
-class WarmupConfig:
-    max_steps: int = _f(30, "Actor warm-up: LoRA SFT steps on the training split with p~ (0 = skip). The adapter is merged into the actor.")
-    lr: float = _f(1e-3, "Learning rate of the actor warm-up LoRA.")
-    generator_steps: int = _f(10, "Generator warm-up: SFT steps on the initial D2, so rewrites are well-formed prompts (0 = skip).")
-    generator_lr: float = _f(5e-4, "Learning rate of the generator warm-up (LoRA of G; use ~2e-5 with generator.lora_rank=0).")
-    queries: int = _f(32, "Training queries whose rollouts build the initial D2 for the generator warm-up.")
-
-
-@dataclass
-class TrainConfig:
-    max_steps: int = _f(30, "Optimizer steps of the main phase (MetaTuner: the joint phase; SFT/DPO: all of training).")
-    batch_size: int = _f(8, "Training examples per optimizer step (per process).")
-    grad_accum: int = _f(1, "Gradient accumulation micro-steps per optimizer step (batch_size is split across them).")
-    lr: float = _f(1e-3, "Learning rate of the LoRA (sft, dpo, bettertogether's w step). MetaTuner: hypernet.lr and train.generator_lr.")
-    generator_lr: float = _f(2e-4, "Learning rate of the generator's meta encoder phi_s and prompt decoder phi_p (LoRA of G; use ~1e-5 with generator.lora_rank=0).")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    scheduler: str = _f("constant", "Learning-rate schedule: constant, linear or cosine (after lr_warmup_ratio).")
-    lr_warmup_ratio: float = _f(0.0, "Fraction of max_steps with a linear learning-rate ramp.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
-    alpha: float = _f(1.0, "Weight of the supervised regularization (generator NLL of the D2 best prompt).")
-    sync_steps: int = _f(10, "Every T steps phi_p' <- phi_p and D2 is refreshed for the next T steps' queries.")
-    alternate_steps: int = _f(1, "MetaTuner-I: steps per term before switching between task loss and regularization.")
-    param_decoder: bool = _f(True, "Use the parameter decoder F (false = ablation w/o F: prompt branch only).")
-    prompt_rewrite: bool = _f(True, "Feed rewritten prompts to the actor (false = ablation w/o P: the actor sees p~).")
-    gumbel_tau: float = _f(1.0, "Gumbel-softmax temperature (method=metatuner_gumbel).")
-    max_length: int = _f(512, "Maximum tokens of a training sequence (longer ones are truncated from the left of the prompt).")
-    bf16: bool = _f(True, "Train under bf16 autocast (CPU and GPU).")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (TRL-based trainers: sft, dpo, bpo, warm-up).")
-    save_steps: int = _f(0, "Write a resumable checkpoint step_N/ every N steps (0 = only final/).")
-    save_total_limit: int = _f(2, "Keep at most this many step_N/ checkpoints.")
-    log_steps: int = _f(1, "Log every N steps to train_log.jsonl.")
-    report_to: str = _f("jsonl", "Logging: jsonl (always written) or tensorboard (also).")
-
-
-@dataclass
-class RolloutConfig:
-    n: int = _f(4, "Candidate prompts sampled per query when building D2 (p~ is always a candidate too).")
-    temperature: float = _f(1.0, "Sampling temperature of candidate prompts.")
-    top_p: float = _f(0.95, "Top-p of candidate prompts.")
-    criterion: str = _f("answer", "How candidates are ranked: answer (correct first, then lower NLL of the reference) or nll (NLL only, no generation).")
-    batch_size: int = _f(16, "Batch size of rollout generation and scoring.")
-
-
-@dataclass
-class OproConfig:
-    steps: int = _f(3, "Optimization steps (the paper's OPRO runs 200).")
-    candidates: int = _f(4, "New instructions sampled from the optimizer LLM (the generator) per step.")
-    subset: int = _f(32, "Training examples each instruction is scored on (accuracy of the actor).")
-    top_k: int = _f(20, "Best previous instructions shown in the meta-prompt (ascending score).")
-    exemplars: int = _f(3, "Training problems shown in the meta-prompt, redrawn each step.")
-    temperature: float = _f(1.0, "Sampling temperature of the optimizer LLM.")
-    max_new_tokens: int = _f(64, "Maximum tokens of a proposed instruction.")
-    max_chars: int = _f(500, "Proposed instructions longer than this are dropped.")
-
-
-@dataclass
-class BpoConfig:
-    queries: int = _f(64, "Training queries whose rollouts build (prompt, better prompt) pairs.")
-    max_steps: int = _f(30, "SFT steps of the rewriter on the pairs.")
-    lr: float = _f(2e-4, "Learning rate of the rewriter's LoRA SFT.")
-
-
-@dataclass
-class DpoConfig:
-    sft_steps: int = _f(-1, "SFT steps before DPO (-1 = train.max_steps); the SFT adapter is DPO's start and reference.")
-    queries: int = _f(64, "Training queries sampled for preference pairs.")
-    k: int = _f(4, "Samples per query from the SFT policy.")
-    temperature: float = _f(1.0, "Sampling temperature for the pairs.")
-    pairs_per_query: int = _f(2, "At most this many (correct, incorrect) pairs per query.")
-    max_steps: int = _f(20, "DPO optimizer steps.")
-    lr: float = _f(5e-5, "DPO learning rate (LoRA).")
-    beta: float = _f(0.1, "DPO beta.")
-    loss_type: list = _f(["sigmoid"], "TRL DPO loss types; [sigmoid, sft] adds the NLL term of the chosen answer (the RPO recipe).")
-
-
-@dataclass
-class BetterTogetherConfig:
-    strategy: str = _f("p -> w -> p", "Sequence of steps: p = prompt optimization (instruction + bootstrapped demos, picked on validation), w = LoRA SFT on the actor's own correct traces.")
-    instructions: int = _f(3, "New instructions proposed per p step (besides the current one).")
-    demo_sets: int = _f(3, "Random sets of bootstrapped demonstrations tried per p step (besides none).")
-    max_demos: int = _f(3, "At most this many demonstrations in a prompt.")
-    queries: int = _f(64, "Training queries run to bootstrap traces (demos and w-step data).")
-    val_examples: int = _f(32, "Validation examples each candidate program is scored on.")
-
-
-@dataclass
-class Config:
-    method: str = _f("zero_shot", "What to run: zero_shot, sft, dpo, opro, bpo, bettertogether, metatuner_j, metatuner_i, metatuner_gumbel.")
-    seed: int = _f(0, "Random seed (data splits, sampling, initialisation).")
-    output_dir: str = _f("runs/default", "Where outputs go (config.yaml, metrics.json, predictions.jsonl, checkpoints).")
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The actor model M."})
-    generator: GeneratorConfig = field(default_factory=GeneratorConfig, metadata={"help": "The generator G (meta encoder + prompt decoder)."})
-    task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "The task and its splits."})
-    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation harness."})
-    inference: InferenceConfig = field(default_factory=InferenceConfig, metadata={"help": "Inference strategy at evaluation."})
-    lora: LoRAConfig = field(default_factory=LoRAConfig, metadata={"help": "LoRA targets and sizes."})
-    hypernet: HypernetConfig = field(default_factory=HypernetConfig, metadata={"help": "Parameter decoder F."})
-    warmup: WarmupConfig = field(default_factory=WarmupConfig, metadata={"help": "Warm-up stage."})
-    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Main training stage."})
-    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "Rollouts that build D2."})
-    prompt_selection: str = _f("none", "Training-prompt selection: none or sapo (lowest pre-update loss among paraphrases of p~) for sft, continual and metatuner_*.")
-    sapo: SapoConfig = field(default_factory=SapoConfig, metadata={"help": "SAPO training-prompt selection."})
-    select: SelectConfig = field(default_factory=SelectConfig, metadata={"help": "Joint (prompt, N) selection and adaptive budget (method=inference_select)."})
-    continual: ContinualConfig = field(default_factory=ContinualConfig, metadata={"help": "Tasks in sequence (method=continual)."})
-    opro: OproConfig = field(default_factory=OproConfig, metadata={"help": "OPRO baseline."})
-    bpo: BpoConfig = field(default_factory=BpoConfig, metadata={"help": "BPO baseline."})
-    dpo: DpoConfig = field(default_factory=DpoConfig, metadata={"help": "DPO baseline."})
-    bettertogether: BetterTogetherConfig = field(default_factory=BetterTogetherConfig, metadata={"help": "BetterTogether baseline."})
-    resume_from_checkpoint: bool = _f(False, "Continue from the newest complete step_N/ checkpoint in output_dir (without it, a MetaTuner run removes step_N/ left there by an earlier run).")
-    run_dir: str = _f("", "infer: the trained run's output_dir.")
-    query: str = _f("", "infer: a query to answer (or use query_file).")
-    query_file: str = _f("", "infer: a text file with one query per line (or JSONL with a 'query' field).")
-
-
-# ----------------------------------------------------------------------------- key handling
-
-
-def _is_section(tp) -> bool:
-    return dataclasses.is_dataclass(tp)
-
-
+@functools.cache
 def _hints(cls) -> dict:
     return typing.get_type_hints(cls)
 
@@ -259,138 +65,224 @@ def all_keys(cls=Config, prefix: str = "") -> list[tuple[str, Any, Any, str]]:
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         key = prefix + f.name
-        if _is_section(tp):
+        if dataclasses.is_dataclass(tp):
             out.extend(all_keys(tp, key + "."))
         else:
             out.append((key, tp, getattr(inst, f.name), f.metadata.get("help", "")))
     return out
 
 
-def _coerce(value: Any, tp, key: str, where: str) -> Any:
-    """Turn a YAML/CLI value into the field's type, or fail naming the key."""
-    origin = typing.get_origin(tp) or tp
-    try:
-        if origin is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return value.lower() in ("true", "1", "yes")
-            if isinstance(value, int) and value in (0, 1):
-                return bool(value)
-            raise ValueError
-        if origin is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if origin is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if origin is str:
-            return "" if value is None else str(value)
-        if origin is list:
-            if isinstance(value, str):
-                return [v.strip() for v in value.split(",") if v.strip()]
-            if isinstance(value, (list, tuple)):
-                return list(value)
-            raise ValueError
-        if origin is dict:
-            if isinstance(value, dict):
-                return dict(value)
-            raise ValueError
-    except (TypeError, ValueError):
-        pass
-    else:
-        return value
-    name = getattr(origin, "__name__", str(origin))
-    raise MetatunerError(f"{where}: key '{key}' expects {name}, got {value!r}")
+def _type_name(tp, key: str = "") -> str:
+    if tp is Any:
+        return _TYPE_NOTES.get(key, "any")
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"list[{typing.get_args(tp)[0].__name__}]"
+    if origin is dict:
+        return "dict"
+    return getattr(tp, "__name__", str(tp))
+
+
+_TYPE_NOTES = {f.name: f.metadata["type"] for f in dataclasses.fields(Config) if "type" in f.metadata}
+
+
+def _lookup(key: str) -> tuple[str, Any] | None:
+    """What a dotted key names: ('section', cls), ('leaf', type), ('dict', type) for a dict-typed key,
+    ('in_dict', type) for a key inside one (task.params.x, task.params_by_task.t.x); None if unknown."""
+    cls = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        hints = _hints(cls)
+        if part not in hints:
+            return None
+        tp, last = hints[part], i == len(parts) - 1
+        if dataclasses.is_dataclass(tp):
+            if last:
+                return "section", tp
+            cls = tp
+            continue
+        if typing.get_origin(tp) is dict:
+            return ("dict", tp) if last else ("in_dict", tp)
+        return ("leaf", tp) if last else None
+    return None
 
 
 def _unknown(key: str, where: str) -> MetatunerError:
+    for old, why in REMOVED.items():
+        if key == old or key.startswith(old + "."):
+            return MetatunerError(f"{where}: config key '{key}' was removed: {why}")
     keys = [k for k, *_ in all_keys()]
     close = difflib.get_close_matches(key, keys, n=4, cutoff=0.5)
     hint = f"; close valid keys: {', '.join(close)}" if close else "; see `metatuner --help` for all keys"
     return MetatunerError(f"{where}: unknown config key '{key}'{hint}")
 
 
-def set_key(cfg: Config, key: str, value: Any, where: str = "override", raw: bool = False) -> None:
-    """Set a dotted key. `raw=True` means value is a command-line string to be parsed as YAML."""
-    parts = key.split(".")
-    obj = cfg
-    for i, part in enumerate(parts):
-        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
-            raise _unknown(key, where)
-        tp = _hints(type(obj))[part]
-        if _is_section(tp):
-            if i == len(parts) - 1:
-                if not isinstance(value, dict):
-                    raise MetatunerError(f"{where}: key '{key}' is a section; set its keys ({key}.<name>=...)")
-                for k, v in value.items():
-                    set_key(cfg, f"{key}.{k}", v, where)
-                return
-            obj = getattr(obj, part)
-            continue
-        origin = typing.get_origin(tp) or tp
-        if raw:
-            value = value if origin is str else _parse_scalar(value)
-        if origin is dict and i < len(parts) - 1:
-            sub = getattr(obj, part)
-            if raw and isinstance(value, str):
-                value = _parse_scalar(value)
-            for name in parts[i + 1 : -1]:  # task.params_by_task.<task>.<param>: one mapping per level
-                if not isinstance(sub.get(name), dict):
-                    sub[name] = {}
-                sub = sub[name]
-            sub[parts[-1]] = value
-            return
-        if i != len(parts) - 1:
-            raise _unknown(key, where)
-        setattr(obj, part, _coerce(value, tp, key, where))
-        return
-
-
-def _parse_scalar(text: str) -> Any:
+def _parse_value(text: str) -> Any:
+    """A command-line value parsed as YAML the way OmegaConf parses dotlists ('1e-3' -> 0.001)."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
+    except Exception:  # noqa: BLE001 - anything OmegaConf cannot parse stays a string
         return text
 
 
+def _bad_type(key: str, tp, value: Any, where: str) -> MetatunerError:
+    return MetatunerError(f"{where}: key '{key}' expects {_type_name(tp, key)}, got {value!r}")
+
+
+def _prepare_leaf(key: str, tp, value: Any, where: str) -> Any:
+    """The few conversions beyond OmegaConf's: None -> '' for strings, 'a,b' -> [a, b] for lists,
+    integral floats for ints; bools only from true/false/yes/no/on/off/1/0."""
+    origin = typing.get_origin(tp) or tp
+    if origin is str and value is None:
+        return ""
+    if origin is list and isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if origin is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if origin is bool and not isinstance(value, bool):
+        words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+        if str(value).strip().lower() not in words or isinstance(value, float):
+            raise _bad_type(key, tp, value, where)
+        return words[str(value).strip().lower()]
+    if origin in (int, float) and isinstance(value, bool):
+        raise _bad_type(key, tp, value, where)
+    return value
+
+
+def _apply(conf: DictConfig, key: str, value: Any, where: str, raw: bool = False) -> None:
+    """Set one dotted key on an OmegaConf structured Config, failing in one line naming the key."""
+    kind, tp, value = _resolve(key, value, where, raw)
+    if kind == "section":
+        for k, v in value.items():
+            _apply(conf, f"{key}.{k}", v, where)
+    else:
+        _update(conf, key, key, kind, tp, value, where)
+
+
+def _resolve(key: str, value: Any, where: str, raw: bool) -> tuple[str, Any, Any]:
+    """(kind, type, value parsed from the command line when raw) of a dotted key; unknown keys fail."""
+    found = _lookup(key)
+    if found is None:
+        raise _unknown(key, where)
+    kind, tp = found
+    if raw and not (kind == "leaf" and tp is str):
+        value = _parse_value(value)
+    if kind == "section" and not isinstance(value, dict):
+        raise MetatunerError(f"{where}: key '{key}' is a section; set its keys ({key}.<name>=...), got {value!r}")
+    return kind, tp, value
+
+
+def _update(conf: DictConfig, path: str, key: str, kind: str, tp, value: Any, where: str) -> None:
+    """OmegaConf.update of `path` in conf (the setting `key`): a dict assigned as a whole replaces the
+    old one, a key inside a dict merges into it."""
+    if kind == "leaf":
+        value = _prepare_leaf(key, tp, value, where)
+    if kind == "dict" and not isinstance(value, dict):
+        raise _bad_type(key, tp, value, where)
+    try:
+        OmegaConf.update(conf, path, value, merge=kind == "in_dict")
+    except OmegaConfBaseException as e:
+        if isinstance(e, ConfigKeyError):
+            raise _unknown(key, where) from None
+        raise _bad_type(key, tp, value, where) from None
+
+
+def _to_object(conf: DictConfig, where: str):
+    try:
+        return OmegaConf.to_object(conf)
+    except OmegaConfBaseException as e:
+        msg = str(e).splitlines()[0]
+        raise MetatunerError(f"{where}: key '{getattr(e, 'full_key', '')}': {msg}") from None
+
+
 def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """YAML mapping -> (dotted key, value), stopping at sections' leaves and at dict-typed keys."""
     out = []
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and key.split(".")[-1] != "params" and not key.endswith(".params"):
+        found = _lookup(key)
+        if isinstance(v, dict) and (found is None or found[0] == "section"):
             out.extend(_flatten(v, key + "."))
         else:
             out.append((key, v))
     return out
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, base: Config | None = None) -> Config:
-    """Defaults <- YAML file <- `key=value` overrides, validated against the dataclasses."""
-    cfg = base if base is not None else Config()
+def _read_yaml(p: Path) -> dict:
+    if not p.is_file():
+        raise MetatunerError(f"config file not found: {p}")
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(p), resolve=False)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+        raise MetatunerError(f"{p}{line}: invalid YAML ({problem})") from None
+    except UnicodeDecodeError as e:
+        raise MetatunerError(f"{p}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
+    if not isinstance(data, dict):
+        raise MetatunerError(f"{p}: expected a mapping of config keys at the top level")
+    return data
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def set_key(cfg: Config, key: str, value: Any, where: str = "override", raw: bool = False) -> None:
+    """Set a dotted key on a Config in place, type-checked by OmegaConf on that one setting (compare
+    sets many keys on many configs). `raw=True`: value is a command-line string, parsed as YAML unless
+    the key is a string."""
+    kind, tp, value = _resolve(key, value, where, raw)
+    if kind == "section":
+        for k, v in value.items():
+            set_key(cfg, f"{key}.{k}", v, where)
+        return
+    owner = key if kind != "in_dict" else next(p for p in _prefixes(key) if _lookup(p)[0] == "dict")
+    *parents, name = owner.split(".")
+    obj = cfg
+    for part in parents:
+        obj = getattr(obj, part)
+    conf = OmegaConf.structured(_one_field(type(obj), name)(getattr(obj, name)))
+    _update(conf, "v" + key[len(owner):], key, kind, tp, value, where)
+    setattr(obj, name, _to_object(conf, where).v)
+
+
+def _prefixes(key: str) -> list[str]:
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+@functools.cache
+def _one_field(cls, name: str):
+    """A dataclass with one field `v` of the type of `cls.name`."""
+    return dataclasses.make_dataclass(f"_{name}", [("v", _hints(cls)[name])])
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                base: Config | None = None) -> Config:
+    """Defaults (or `base`) <- YAML file <- `key=value` overrides, merged by OmegaConf against the
+    dataclasses, then every setting validated (metatuner.validate.validate)."""
+    from metatuner.validate import validate
+
+    if not path and not overrides and base is None:
+        cfg = Config()  # typed by construction: skip the OmegaConf round trip (compare starts many runs here)
+        validate(cfg)
+        return cfg
+    conf = OmegaConf.structured(base if base is not None else Config())
+    where = "override"
     if path:
         p = Path(path)
-        if not p.is_file():
-            raise MetatunerError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark else ""
-            raise MetatunerError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(data, dict):
-            raise MetatunerError(f"{p}: expected a mapping of config keys at the top level")
-        for key, value in _flatten(data):
-            set_key(cfg, key, value, where=str(p))
+        where = str(p)
+        for key, value in _flatten(_read_yaml(p)):
+            _apply(conf, key, value, where=str(p))
     for item in overrides or []:
         if "=" not in item:
             raise MetatunerError(f"override '{item}': expected key=value")
         key, value = item.split("=", 1)
-        set_key(cfg, key.strip(), value, where="override", raw=True)
+        _apply(conf, key.strip(), value, where="override", raw=True)
+        where = "override"
+    cfg = _to_object(conf, where)
+    validate(cfg)
     return cfg
 
 
@@ -412,6 +304,5 @@ def help_text() -> str:
         if sec != section:
             section = sec
             lines.append(f"\n  [{sec or 'run'}]")
-        tname = getattr(typing.get_origin(tp) or tp, "__name__", str(tp))
-        lines.append(f"  {key} ({tname}, default {default!r})\n      {help}")
+        lines.append(f"  {key} ({_type_name(tp, key)}, default {default!r})\n      {help}")
     return "\n".join(lines)

@@ -1,38 +1,41 @@
-"""Generator G split at depth k: meta encoder (phi_s) + prompt decoder (phi_p), and a frozen copy phi_p'.
+"""Generator G split at depth k: meta encoder (phi_s) + prompt decoder (phi_p), and phi_p'.
 
 For a causal LM with K decoder layers:
 - meta encoder, phi_s: token embeddings + layers [0, k);
 - prompt decoder, phi_p: layers [k, K) + final norm + LM head;
-- frozen prompt decoder, phi_p': a copy of phi_p (no gradients) that samples the prompts of the
-  task loss; `sync_frozen()` overwrites it with phi_p every T steps.
+- phi_p': a frozen copy of what TRAINS in phi_p (G's LoRA factors of layers [k, K) when G is trained
+  as LoRA; the whole upper stack when generator.lora_rank=0), kept as buffers, never the frozen base
+  weights. It samples the prompts of the task loss: `sample_prompts` swaps these tensors into the
+  live model for the call (no copy: the storage is exchanged) and back. `sync_frozen()` copies
+  phi_p into it every T steps.
 
     gen = SplitGenerator(model, share_ratio=0.25)
     loss, logits, h_k = gen(ids, mask, labels)      # one pass: LM loss (regulariser) and layer-k states
     h_k = gen.param_encode(ids, mask)               # states that feed F (own encoder copy if share_encoder=False)
-    prompts = gen.sample_prompts(ids, mask, do_sample=True, max_new_tokens=96)   # layers [0,k) live, [k,K) frozen
+    prompts = gen.sample_prompts(ids, mask, do_sample=True, max_new_tokens=96)   # phi_s live, phi_p' frozen
 
-Models with tied input/output embeddings (e.g. SmolLM2): the tied matrix is counted in the meta
-encoder's parameters (it is the embedding table) and not again in the prompt decoder's; the
-frozen copy holds its own untied copy of the LM head.
+Checkpoints (`save`/`load`) hold only trained tensors: G's trainable parameters (LoRA factors, or all
+of G with lora_rank=0), phi_p', F's own encoder copy (w/o S; its trainable part) and `extra` modules
+(F). The base weights come from the base checkpoint at load time.
 
-Generation and `encode` run on "shells": causal-LM objects built on the meta device whose
-submodules are the live (or frozen) modules themselves, so nothing is copied and no weights are
-allocated twice. Shells are not registered as submodules (no duplicate state-dict entries).
+Models with tied input/output embeddings (e.g. SmolLM2): the tied matrix counts as the embedding
+table (meta encoder), not as part of the prompt decoder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from metatuner.errors import MetatunerError
+from metatuner.io import atomic_path
 from metatuner.lora import decoder_layers
 
 
@@ -70,25 +73,19 @@ def save_state(modules: dict[str, nn.Module], path: str | os.PathLike, metadata:
             seen[id(t)] = full
             tensors[full] = t.detach().cpu().contiguous().clone()
     meta = {"aliases": json.dumps(aliases), "user": json.dumps(metadata or {})}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def read_state_metadata(path: str | os.PathLike) -> dict:
     """The `metadata` dict given to `save_state`."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads((f.metadata() or {}).get("user", "{}"))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("user", "{}"))
+    except Exception as e:
+        raise MetatunerError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0][:120]})") from None
 
 
 def load_state(modules: dict[str, nn.Module], path: str | os.PathLike) -> None:
@@ -100,9 +97,15 @@ def load_state(modules: dict[str, nn.Module], path: str | os.PathLike) -> None:
         raise MetatunerError(f"checkpoint not found: {path}")
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-    flat = load_file(str(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    except Exception as e:
+        raise MetatunerError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0][:120]})") from None
+    try:
+        flat = load_file(str(path))
+    except Exception as e:  # a truncated or corrupt file
+        raise MetatunerError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0][:120]})") from None
     for alias, original in aliases.items():
         flat[alias] = flat[original]
     for name, module in modules.items():
@@ -120,11 +123,10 @@ def load_state(modules: dict[str, nn.Module], path: str | os.PathLike) -> None:
 # ----------------------------------------------------------------------------- the split generator
 
 
-def _shell(model: nn.Module, base_only: bool) -> nn.Module:
-    """An empty (meta-device) copy of `model`'s class: a causal LM, or its base model if base_only."""
-    cls = type(model.base_model) if base_only else type(model)
+def _shell(model: nn.Module) -> nn.Module:
+    """An empty (meta-device) base model of `model`'s class."""
     with torch.device("meta"):
-        return cls(model.config)
+        return type(model.base_model)(model.config)
 
 
 def _check_no_meta(shell: nn.Module) -> None:
@@ -139,12 +141,16 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def _buffer_name(param_name: str) -> str:
+    return param_name.replace(".", "__")
+
+
 class SplitGenerator(nn.Module):
     """A Hugging Face causal LM (Llama/Qwen2/Mistral layout) split into meta encoder and prompt decoder.
 
-    Registered parts (what `state_modules()` saves): `model` (the live G: phi_s and phi_p),
-    `frozen` (phi_p': layers [k, K), norm, lm_head, no grad) and, with share_encoder=False,
-    `param_encoder` (F's own copy of embeddings + layers [0, k), trainable).
+    Registered parts: `model` (the live G: phi_s and phi_p), `frozen` (phi_p': buffers, one per
+    trainable tensor of phi_p) and, with share_encoder=False, `param_encoder` (F's own copy of
+    embeddings + layers [0, k); its trainable tensors train with F).
     """
 
     def __init__(self, model: nn.Module, share_ratio: float = 0.25, share_encoder: bool = True):
@@ -159,13 +165,12 @@ class SplitGenerator(nn.Module):
         self.num_layers = len(layers)
         self.k = split_depth(self.num_layers, share_ratio)
         self.share_encoder = bool(share_encoder)
-
-        self.frozen = nn.ModuleDict({
-            "layers": copy.deepcopy(nn.ModuleList(layers[self.k:])),
-            "norm": copy.deepcopy(base.norm),
-            "lm_head": copy.deepcopy(model.get_output_embeddings()),
-        })
-        self.frozen.requires_grad_(False)
+        dec = {id(p) for p in self.decoder_parameters()}
+        self._decoder_names = [n for n, p in model.named_parameters() if id(p) in dec and p.requires_grad]
+        self.frozen = nn.Module()
+        params = dict(model.named_parameters())
+        for n in self._decoder_names:
+            self.frozen.register_buffer(_buffer_name(n), params[n].detach().clone())
         if not self.share_encoder:
             self.param_encoder = nn.ModuleDict({
                 "embed_tokens": copy.deepcopy(base.embed_tokens),
@@ -178,32 +183,15 @@ class SplitGenerator(nn.Module):
         if not self.share_encoder:
             self._shells["param_encoder"] = self._encoder_shell(
                 self.param_encoder["embed_tokens"], self.param_encoder["layers"])
-        self._shells["frozen_lm"] = self._frozen_lm_shell()
-
-    # -- shells
 
     def _encoder_shell(self, embed: nn.Module, layers) -> nn.Module:
         """Base model over `layers` only, without final norm: its last_hidden_state is h_k."""
-        shell = _shell(self.model, base_only=True)
-        base = self.model.base_model
-        for name, child in base.named_children():
+        shell = _shell(self.model)
+        for name, child in self.model.base_model.named_children():
             setattr(shell, name, child)
         shell.embed_tokens = embed
         shell.layers = nn.ModuleList(layers)
         shell.norm = nn.Identity()
-        _check_no_meta(shell)
-        return shell
-
-    def _frozen_lm_shell(self) -> nn.Module:
-        """Causal LM with live embeddings + layers [0, k) and frozen layers [k, K) + norm + head."""
-        shell = _shell(self.model, base_only=False)
-        base = self.model.base_model
-        for name, child in base.named_children():
-            setattr(shell.base_model, name, child)
-        live_layers = decoder_layers(self.model)[1]
-        shell.base_model.layers = nn.ModuleList(list(live_layers[: self.k]) + list(self.frozen["layers"]))
-        shell.base_model.norm = self.frozen["norm"]
-        shell.set_output_embeddings(self.frozen["lm_head"])
         _check_no_meta(shell)
         return shell
 
@@ -232,23 +220,34 @@ class SplitGenerator(nn.Module):
         """F's own encoder copy (share_encoder=False); empty when the encoder is shared."""
         return [] if self.param_encoder is None else list(self.param_encoder.parameters())
 
-    def state_modules(self) -> dict[str, nn.Module]:
-        """The parts a checkpoint holds, by name (for save_state / load_state)."""
-        parts = {"generator": self.model, "frozen": self.frozen}
+    def frozen_state(self) -> dict[str, torch.Tensor]:
+        """phi_p' by parameter name of the live model."""
+        return {n: getattr(self.frozen, _buffer_name(n)) for n in self._decoder_names}
+
+    def live_decoder_state(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors of phi_p, by the same names as `frozen_state`."""
+        params = dict(self.model.named_parameters())
+        return {n: params[n] for n in self._decoder_names}
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """Everything a checkpoint holds of G: trainable tensors of G, phi_p', trainable tensors of
+        F's own encoder copy. Never a frozen base weight."""
+        out = {f"generator.{n}": p for n, p in self.model.named_parameters() if p.requires_grad}
+        out.update({f"frozen.{n}": t for n, t in self.frozen.named_buffers()})
         if self.param_encoder is not None:
-            parts["param_encoder"] = self.param_encoder
-        return parts
+            out.update({f"param_encoder.{n}": p for n, p in self.param_encoder.named_parameters() if p.requires_grad})
+        return out
 
     # -- forward passes
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
         """One pass of the live G.  -> (loss or None, logits [B, T, V], hidden_k [B, T, d]).
 
-        hidden_k is the state after layer k (hidden_states[k]); only that one is kept. Positions
-        count real tokens only (see `position_ids`), here and in `encode`.
+        hidden_k is the state after layer k (hidden_states[k]). Positions count real tokens only
+        (see `position_ids`), here and in `encode`.
         """
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                         position_ids=position_ids(attention_mask), output_hidden_states=self.k, use_cache=False)
+                         position_ids=position_ids(attention_mask), output_hidden_states=True, use_cache=False)
         return out.loss, out.logits, out.hidden_states[self.k]
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -264,15 +263,27 @@ class SplitGenerator(nn.Module):
                                              position_ids=position_ids(attention_mask),
                                              use_cache=False).last_hidden_state
 
+    @contextlib.contextmanager
+    def frozen_decoder(self):
+        """Inside the block the live model computes with phi_p' in place of phi_p (storage swapped, no copy)."""
+        live, frozen = self.live_decoder_state(), self.frozen_state()
+        swapped = []
+        try:
+            with torch.no_grad():
+                for n in self._decoder_names:
+                    live[n].data, frozen[n].data = frozen[n].data, live[n].data
+                    swapped.append(n)
+            yield
+        finally:
+            with torch.no_grad():
+                for n in swapped:
+                    live[n].data, frozen[n].data = frozen[n].data, live[n].data
+
     @torch.no_grad()
     def sample_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **generate_kwargs) -> torch.Tensor:
-        """Generate with layers [0, k) of the live encoder and the frozen prompt decoder phi_p'.
-
-        Returns what `generate` returns (by default [B*n, T + new] token ids).
-        """
-        shell = self._shells["frozen_lm"]
-        shell.generation_config = self.model.generation_config  # follow the live model's settings
-        return shell.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        """Generate with the live meta encoder and the frozen prompt decoder phi_p' ([B*n, T + new] ids)."""
+        with self.frozen_decoder():
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
 
     @torch.no_grad()
     def generate_live(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **generate_kwargs) -> torch.Tensor:
@@ -281,25 +292,31 @@ class SplitGenerator(nn.Module):
 
     @torch.no_grad()
     def sync_frozen(self) -> None:
-        """phi_p' <- phi_p, exactly."""
-        base = self.model.base_model
-        layers = decoder_layers(self.model)[1]
-        for dst, src in zip(self.frozen["layers"], layers[self.k:]):
-            dst.load_state_dict(src.state_dict())
-        self.frozen["norm"].load_state_dict(base.norm.state_dict())
-        self.frozen["lm_head"].load_state_dict(self.model.get_output_embeddings().state_dict())
+        """phi_p' <- phi_p, exactly (copies only the trained tensors)."""
+        frozen = self.frozen_state()
+        for n, p in self.live_decoder_state().items():
+            frozen[n].copy_(p.detach())
 
     # -- checkpoints
 
     def save(self, path: str | os.PathLike, extra: dict[str, nn.Module] | None = None, metadata: dict | None = None) -> None:
-        """All trainable parts (generator, frozen copy, separate encoder) plus `extra` modules
-        (e.g. {"hypernet": decoder}) into one safetensors file, atomically."""
+        """The trained state (see `trained_state`) plus `extra` modules (e.g. {"hypernet": F}) into
+        one safetensors file, atomically."""
+        from safetensors.torch import save_file
+
         meta = {"k": self.k, "num_layers": self.num_layers, "share_encoder": self.share_encoder, **(metadata or {})}
-        save_state({**self.state_modules(), **(extra or {})}, path, meta)
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.trained_state().items()}
+        for name, module in (extra or {}).items():
+            tensors.update({f"{name}.{k}": v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()})
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"user": json.dumps(meta), "aliases": "{}"})
 
     def load(self, path: str | os.PathLike, extra: dict[str, nn.Module] | None = None) -> dict:
-        """Load a `save` file into this generator (and `extra`); returns its metadata."""
-        if not Path(path).is_file():
+        """Load a `save` file into this generator (and `extra`), strictly; returns its metadata."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_file():
             raise MetatunerError(f"checkpoint not found: {path}")
         meta = read_state_metadata(path)
         mine = {"k": self.k, "num_layers": self.num_layers, "share_encoder": self.share_encoder}
@@ -307,12 +324,33 @@ class SplitGenerator(nn.Module):
             if key in meta and meta[key] != value:
                 raise MetatunerError(f"{path}: saved with {key}={meta[key]}, this generator has {key}={value} "
                                      f"(check generator.share_ratio / generator.share_encoder)")
-        load_state({**self.state_modules(), **(extra or {})}, path)
+        try:
+            flat = load_file(str(path))
+        except Exception as e:
+            raise MetatunerError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0][:120]})") from None
+        want = self.trained_state()
+        extra = extra or {}
+        mine_keys = {k for k in flat if k.split(".")[0] not in extra}
+        if mine_keys != set(want):
+            miss, unexp = sorted(set(want) - mine_keys), sorted(mine_keys - set(want))
+            raise MetatunerError(f"{path}: does not match this generator (missing {miss[:3]}, unexpected {unexp[:3]}; "
+                                 "check generator.lora_rank / lora_targets / share_ratio)")
+        with torch.no_grad():
+            for k, t in want.items():
+                if t.shape != flat[k].shape:
+                    raise MetatunerError(f"{path}: {k} has shape {tuple(flat[k].shape)}, expected {tuple(t.shape)}")
+                t.copy_(flat[k])
+        for name, module in extra.items():
+            sub = {k[len(name) + 1:]: v for k, v in flat.items() if k.startswith(name + ".")}
+            try:
+                module.load_state_dict(sub, strict=True)
+            except RuntimeError as e:
+                raise MetatunerError(f"{path}: part {name!r} does not match this model ({str(e).splitlines()[0]})") from None
         return meta
 
 
 def save_metatuner(out_dir: str | os.PathLike, generator: SplitGenerator, decoder: nn.Module) -> Path:
-    """Write generator.safetensors (G, phi_p', separate encoder, F) and hypernet.json (F's config)."""
+    """Write generator.safetensors (G's trained tensors, phi_p', F) and hypernet.json (F's config)."""
     from metatuner.io import write_json
 
     out = Path(out_dir)

@@ -102,6 +102,24 @@ def resolve_path(name: str) -> str:
     return name
 
 
+def model_config(name: str, trust_remote_code: bool = False, key: str = "model.name"):
+    """The model's transformers config, read without loading weights (an embedded model not converted
+    yet: from its GGUF file's metadata)."""
+    path = name
+    try:
+        if name in EMBEDDED:
+            path = cache_dir() / "models" / name
+            if not (path / "config.json").is_file():
+                package, filename = EMBEDDED[name]
+                spec = importlib.util.find_spec(package)
+                if spec is None or not spec.submodule_search_locations:
+                    raise MetatunerError(f"{key}={name!r} needs the PyPI package '{package.replace('_', '-')}'")
+                return AutoConfig.from_pretrained(list(spec.submodule_search_locations)[0], gguf_file=filename)
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise MetatunerError(f"{key}={name!r}: cannot read its config ({str(e).splitlines()[0]})") from None
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False):
     path = resolve_path(name)
     try:

@@ -1,0 +1,162 @@
+"""The MetaTuner recipe, top to bottom: models -> (SAPO) -> actor warm-up -> system -> generator
+warm-up -> joint phase -> final/ -> test evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from metatuner.config import Config, save_config
+from metatuner.errors import MetatunerError
+from metatuner.io import atomic_path, write_json, write_jsonl
+from metatuner.sapo import maybe_select
+from metatuner.tasks import Task
+from metatuner.training import TrainLog, list_checkpoints, newest_checkpoint
+
+from .gumbel import check_gumbel_vocab
+from .loop import JointLoop, Runner
+from .system import MetaTunerSystem
+from .warmup import warmup_actor, warmup_generator
+
+METHODS = ("metatuner_j", "metatuner_i", "metatuner_gumbel")
+
+
+def device_of(cfg: Config) -> str:
+    import torch
+
+    if cfg.model.device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return cfg.model.device
+
+
+def load_actor(cfg: Config):
+    """(actor, tokenizer) as model.* says, freshly loaded."""
+    from metatuner.models import load_model
+
+    return load_model(cfg.model.name, cfg.model.dtype, device_of(cfg), cfg.model.trust_remote_code)
+
+
+def load_generator(cfg: Config):
+    """(generator model, tokenizer): its own copy, even when it is the actor's checkpoint."""
+    from metatuner.models import load_model
+
+    return load_model(cfg.generator.name or cfg.model.name, cfg.generator.dtype, device_of(cfg),
+                      cfg.generator.trust_remote_code)
+
+
+def resume_checkpoint(cfg: Config) -> Path | None:
+    """The checkpoint to resume from (resume_from_checkpoint: false / true / auto)."""
+    try:
+        from metatuner.checkpoints import find_resume_checkpoint
+    except ImportError:  # TODO(merge): metatuner.checkpoints lands with the run-safety work
+        if cfg.resume_from_checkpoint in (True, "true"):
+            ck = newest_checkpoint(cfg.output_dir)
+            return ck
+        return None
+    return find_resume_checkpoint(cfg)
+
+
+def prepare(cfg: Config, task: Task) -> tuple[MetaTunerSystem, JointLoop, dict]:
+    """Everything before the joint phase: models, actor warm-up, the system, generator warm-up
+    (or the state of the checkpoint to resume)."""
+    from accelerate import PartialState
+
+    if cfg.method not in METHODS:
+        raise MetatunerError(f"method: expected one of {METHODS}, got {cfg.method!r}")
+    if cfg.warmup.max_steps > cfg.train.max_steps:
+        raise MetatunerError(f"warmup.max_steps={cfg.warmup.max_steps} exceeds train.max_steps={cfg.train.max_steps} "
+                             "(train.max_steps counts the actor warm-up plus the joint steps)")
+    state = PartialState(cpu=not __import__("torch").cuda.is_available())
+    out = Path(cfg.output_dir)
+    actor, tok = load_actor(cfg)
+    gen, gtok = load_generator(cfg)
+    if cfg.method == "metatuner_gumbel":
+        check_gumbel_vocab(tok, gtok, actor, gen)
+    resume_ck = resume_checkpoint(cfg)
+    if resume_ck is None and state.is_main_process:
+        # a fresh run: checkpoints of an earlier run here would be mixed with this run's
+        for old in list_checkpoints(out):
+            print(f"removing {old} of an earlier run (fresh start)")
+            shutil.rmtree(old)
+    state.wait_for_everyone()
+    sel = maybe_select(cfg, actor, tok, task, gen, gtok)  # SAPO: choose p~ by pre-update loss
+    if sel is not None:
+        cfg.task.prompt = task.prompt  # recorded, so resume and `infer` use the same p~
+        if state.is_main_process:
+            save_config(cfg, out / "config.yaml")
+            write_json(out / "sapo.json", sel)
+    actor, adapter = warmup_actor(cfg, actor, tok, task, out, state, lambda: load_actor(cfg)[0])
+    system = MetaTunerSystem(cfg, actor, tok, gen, gtok, task)
+    system.actor_adapter = adapter
+    runner = Runner(system)
+    log = TrainLog(out, cfg.train.report_to, enabled=state.is_main_process, append=resume_ck is not None)
+    stats = {"warmup_actor_steps": cfg.warmup.max_steps}
+    gen_warm = out / "warmup" / "generator"
+    if resume_ck is None:
+        stats.update(warmup_generator(cfg, system, runner, log))
+        if state.is_main_process:
+            system.save(gen_warm)
+    state.wait_for_everyone()
+    loop = JointLoop(cfg, system, runner, log)
+    if resume_ck is not None:
+        loop.resume(resume_ck)
+        step = loop.state["step"]
+        # drop what the interrupted run logged after its checkpoint; those steps run again
+        log.keep(lambda r: r.get("stage") not in ("joint", "rollout") or r["step"] < step
+                 or (r["step"] == step and r["stage"] == "joint"))
+    return system, loop, stats
+
+
+def write_final(cfg: Config, loop: JointLoop) -> Path:
+    """final/: generator.safetensors (G's trained tensors, phi_p', F), hypernet.json, generator_adapter/
+    (G's LoRA in PEFT format), actor_adapter/, d2.jsonl."""
+    system, acc, task = loop.system, loop.acc, loop.task
+    final = Path(cfg.output_dir) / "final"
+    if acc.is_main_process:
+        with atomic_path(final, directory=True) as tmp:
+            system.save(tmp)
+            if cfg.generator.lora_rank > 0:
+                from .inference import save_generator_adapter
+
+                save_generator_adapter(system, tmp / "generator_adapter")
+            if system.actor_adapter is not None:
+                shutil.copytree(system.actor_adapter, tmp / "actor_adapter")
+            d2 = loop.state["d2"]
+            write_jsonl(tmp / "d2.jsonl", [{"index": int(k), "query": task.train[int(k)].query, "best_prompt": v}
+                                           for k, v in sorted(d2.items(), key=lambda kv: int(kv[0]))])
+    acc.wait_for_everyone()
+    return final
+
+
+def train(cfg: Config, task: Task) -> tuple[MetaTunerSystem, dict]:
+    """Warm-up + joint training + final/; returns the trained system and training stats."""
+    t_start = time.time()
+    system, loop, stats = prepare(cfg, task)
+    loop.run()
+    loop.log.close()
+    world = loop.acc.num_processes
+    warm = Path(cfg.output_dir) / "warmup" / "stats.json"
+    warm = json.loads(warm.read_text()) if warm.is_file() else {}
+    d2 = loop.state["d2"]
+    stats.update({"train_steps": cfg.train.max_steps, "joint_steps": loop.joint_steps,
+                  "generator_warmup_steps": cfg.warmup.generator_steps,
+                  "train_examples": cfg.train.max_steps * cfg.train.batch_size * world,
+                  "train_tokens": warm.get("train_tokens", 0) + system.counts["train_tokens"] * world,
+                  "generation_calls": system.counts["generation_calls"] * world,
+                  "rollout_seconds": round(loop.rollout_seconds, 1), "train_seconds": round(time.time() - t_start, 1),
+                  "d2_rewritten": sum(v != system.p_tilde for v in d2.values()) / max(1, len(d2))})
+    write_final(cfg, loop)
+    return system, stats
+
+
+def run(cfg: Config) -> dict:
+    from metatuner.run import start_run
+
+    from .inference import evaluate_system
+
+    task = start_run(cfg)
+    system, stats = train(cfg, task)
+    return evaluate_system(cfg, system, {**stats, "p_tilde": task.prompt})

@@ -1,0 +1,152 @@
+"""The MetaTuner system: generator G split at depth k, parameter decoder F, actor M with per-query LoRA,
+and the two losses of one training step."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from metatuner.config import Config
+from metatuner.errors import MetatunerError
+from metatuner.evaluate import chat_text
+from metatuner.generator import SplitGenerator
+from metatuner.hypernet import ParameterDecoder, pool
+from metatuner.lora import attach_per_query_lora, find_targets
+from metatuner.rewrite import rewrite_messages
+from metatuner.tasks import Example, Task
+from metatuner.training import actor_batch, autocast, completion_text, forward_nll, lm_batch
+
+
+def add_generator_lora(gen_model, rank: int, targets: list[str] | None = None) -> None:
+    """LoRA (PEFT layers injected in place, model class unchanged) on the named linears of every
+    layer of G (all of them when `targets` is empty); the base weights are frozen, so phi_s and
+    phi_p train as LoRA factors."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    present = sorted({n.split(".")[-1] for n, m in gen_model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and ".layers." in n})
+    names = list(targets) if targets else present
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise MetatunerError(f"generator.lora_targets: {missing} not in the generator; available: {', '.join(present)}")
+    gen_model.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=names, lora_dropout=0.0), gen_model)
+
+
+class MetaTunerSystem:
+    """G (phi_s, phi_p, phi_p'), F (phi_q) and the actor with batched per-query LoRA hooks.
+
+    The actor's own weights never train (the warm-up adapter is merged before the system is built);
+    what trains is G (LoRA factors, or all of G with generator.lora_rank=0) and F.
+    """
+
+    def __init__(self, cfg: Config, actor, actor_tok, gen_model, gen_tok, task: Task):
+        self.cfg, self.task = cfg, task
+        self.actor, self.tok = actor, actor_tok
+        self.gen_tok = gen_tok
+        self.p_tilde = task.prompt
+        if cfg.generator.lora_rank > 0:
+            add_generator_lora(gen_model, cfg.generator.lora_rank, list(cfg.generator.lora_targets))
+        self.gen = SplitGenerator(gen_model, cfg.generator.share_ratio, cfg.generator.share_encoder)
+        self.targets = find_targets(actor, list(cfg.lora.target_modules), cfg.lora.layers)
+        self.lora = attach_per_query_lora(actor, self.targets, cfg.lora.rank, cfg.lora.alpha)
+        self.decoder = ParameterDecoder(gen_model.config.hidden_size, self.targets, cfg.lora.rank, cfg.lora.alpha,
+                                        cfg.hypernet.hidden, cfg.hypernet.heads, cfg.hypernet.embed_dim)
+        self.decoder.to(gen_model.device)
+        self.use_f = cfg.train.param_decoder
+        self.use_p = cfg.train.prompt_rewrite
+        self.actor_adapter = None  # the warm-up adapter merged into the actor (copied to final/)
+        self.counts = {"generation_calls": 0, "train_tokens": 0}  # costs, for the comparison report
+        actor.requires_grad_(False)
+
+    @property
+    def device(self):
+        return self.gen.model.device
+
+    # -- generator inputs
+
+    def gen_prefixes(self, examples: list[Example]) -> list[str]:
+        return [chat_text(self.gen_tok, rewrite_messages(self.p_tilde, ex.query)) for ex in examples]
+
+    def gen_encode(self, examples: list[Example]) -> dict:
+        """Left-padded generator inputs (p~, x) for generation and for F at test time."""
+        tok = self.gen_tok
+        tok.padding_side = "left"
+        enc = tok(self.gen_prefixes(examples), return_tensors="pt", padding=True, add_special_tokens=False)
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def factors(self, examples: list[Example], hidden_k=None, mask=None) -> dict | None:
+        """F(pool(h_k)) for these queries; None in the w/o F ablation. Positions count real tokens
+        only, so h_i of a query is the same left-padded (here) or right-padded (in the joint pass)."""
+        if not self.use_f:
+            return None
+        if hidden_k is None or not self.gen.share_encoder:
+            enc = self.gen_encode(examples)
+            hidden_k, mask = self.gen.param_encode(enc["input_ids"], enc["attention_mask"]), enc["attention_mask"]
+        return self.decoder(pool(hidden_k, mask, self.cfg.hypernet.pooling))
+
+    def with_factors(self, examples: list[Example]):
+        """Context in which the actor runs with these queries' generated LoRA (nothing in w/o F)."""
+        f = self.factors(examples)
+        return self.lora.use_factors(f) if f is not None else contextlib.nullcontext()
+
+    # -- losses
+
+    def joint_losses(self, examples: list[Example], task_prompts: list[str], best_prompts: list[str],
+                     need_task: bool = True, need_reg: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(task loss, regularization loss), from one generator pass over (p~, x, p*) and one actor pass."""
+        cfg = self.cfg
+        dev = self.device
+        zero = torch.zeros((), device=dev)
+        with autocast(cfg.train.bf16, dev):
+            prefixes = self.gen_prefixes(examples)
+            comps = [completion_text(self.gen_tok, rewrite_messages(self.p_tilde, ex.query), p)[1]
+                     for ex, p in zip(examples, best_prompts)]
+            gb = lm_batch(self.gen_tok, prefixes, comps, cfg.train.max_length, dev)
+            run_gen = need_reg or (need_task and self.use_f)
+            reg, hidden_k = zero, None
+            if run_gen:
+                # one pass of G over (p~, x, p*): layer-k states of the prefix feed F, logits of p* give reg
+                from metatuner.generator import position_ids
+
+                rows, out = forward_nll(self.gen.model, gb, output_hidden_states=True,
+                                        position_ids=position_ids(gb["attention_mask"]))
+                if torch.is_grad_enabled():
+                    self.counts["train_tokens"] += int(gb["attention_mask"].sum())
+                hidden_k = out.hidden_states[self.gen.k]
+                if need_reg:
+                    reg = rows.mean()
+            task = zero
+            if need_task:
+                f = self.factors(examples, hidden_k, gb["prefix_mask"]) if self.use_f else None
+                ab = actor_batch(self.tok, self.task, task_prompts, examples, cfg.train.max_length, self.actor.device)
+                with self.lora.use_factors(f) if f is not None else contextlib.nullcontext():
+                    task = forward_nll(self.actor, ab)[0].mean()
+                if torch.is_grad_enabled():
+                    self.counts["train_tokens"] += int(ab["attention_mask"].sum())
+        return task, reg
+
+    # -- parameters, saving
+
+    def generator_parameters(self) -> list:
+        """Trainable phi_s + phi_p (LoRA factors when generator.lora_rank > 0)."""
+        return [p for p in self.gen.encoder_parameters() + self.gen.decoder_parameters() if p.requires_grad]
+
+    def trainable_groups(self) -> list[dict]:
+        cfg = self.cfg
+        groups = [{"params": self.generator_parameters(), "lr": cfg.train.generator_lr}]
+        if self.use_f:
+            enc_copy = [p for p in self.gen.param_encoder_parameters() if p.requires_grad]
+            groups.append({"params": list(self.decoder.parameters()) + enc_copy, "lr": cfg.hypernet.lr})
+        return groups
+
+    def save(self, out_dir) -> None:
+        from metatuner.generator import save_metatuner
+
+        save_metatuner(out_dir, self.gen, self.decoder)
+
+    def load(self, out_dir) -> None:
+        from metatuner.generator import load_metatuner
+
+        load_metatuner(out_dir, self.gen, self.decoder)

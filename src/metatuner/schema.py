@@ -1,0 +1,231 @@
+"""The run settings: one dataclass per section, every field with its default and help text.
+
+These dataclasses are the single source of the config schema (`metatuner --help`, type checking,
+the resolved `config.yaml`). Parsing lives in `metatuner.config`, range checks in `metatuner.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+
+def _f(default, help: str):
+    """A dataclass field with help text (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("smollm2-135m-instruct", "Model: 'smollm2-135m-instruct' (embedded GGUF), a Hugging Face id, or a local directory.")
+    dtype: str = _f("auto", "Weights dtype: auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16.")
+    device: str = _f("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
+    trust_remote_code: bool = _f(False, "Allow model repositories to run their own code (off by default).")
+
+
+@dataclass
+class GeneratorConfig:
+    name: str = _f("", "Generator model (prompt rewriter). Empty: the same checkpoint as model.name.")
+    dtype: str = _f("auto", "Generator dtype: auto, float32, bfloat16, float16.")
+    trust_remote_code: bool = _f(False, "Allow the generator repository to run its own code.")
+    share_ratio: float = _f(0.25, "Split depth k = round(share_ratio * K): layers [0,k) form the shared meta encoder, [k,K) the prompt decoder. Paper best: 0.25 (7B), 0.75 (3B).")
+    share_encoder: bool = _f(True, "Share the meta encoder between prompt and parameter decoders (false = ablation w/o S: F gets its own encoder copy).")
+    max_prompt_tokens: int = _f(48, "Maximum new tokens of a rewritten prompt.")
+    lora_rank: int = _f(16, "Train phi_s and phi_p as LoRA of this rank on every linear of G (0 = full fine-tuning). LoRA keeps a 7B generator and its frozen copy phi_p' in memory and makes a step cheaper.")
+    lora_targets: List[str] = _f(["q_proj", "v_proj"], "Linears of every generator layer that get LoRA (empty = all).")
+
+
+@dataclass
+class TaskConfig:
+    name: str = _f("chain_sum", "Task: gsm8k, math, hotpotqa, cosmosqa, jsonl (generic file), or any reasoning-gym dataset name.")
+    path: str = _f("", "Local file or folder in the task's original schema (instead of the default location).")
+    params: Dict[str, Any] = _f({}, "Task parameters: reasoning-gym dataset kwargs (e.g. task.params.min_terms=2), or for the generic task query_column/answer_column/target_column.")
+    prompt: str = _f("", "Initial hand-written prompt p~. Empty: the task's default.")
+    train_size: int = _f(1000, "Training examples (at most; procedural tasks generate exactly this many).")
+    val_size: int = _f(100, "Validation examples.")
+    test_size: int = _f(200, "Test examples (at most).")
+    max_new_tokens: int = _f(0, "Generation budget for answers; 0 = the task's default.")
+    train_tasks: List[str] = _f([], "Train on these tasks' train/validation splits (mixed, train_size and val_size split evenly) and test on task.name: the generalization experiment (e.g. [math,hotpotqa,cosmosqa] with task.name=gsm8k). Empty = train on task.name.")
+    params_by_task: Dict[str, Any] = _f({}, "Parameters of the other tasks named in task.train_tasks or continual.tasks, by task name, e.g. {basic_arithmetic: {max_digits: 2}} (task.params applies to task.name only).")
+    split_seed: int = _f(-1, "Seed of the data splits; -1 = the run's seed. `metatuner compare` fixes it to the first seed so every seed sees the same test set.")
+
+
+@dataclass
+class EvalConfig:
+    limit: int = _f(0, "Evaluate only the first N test examples (0 = all).")
+    batch_size: int = _f(16, "Generation batch size.")
+    split: str = _f("test", "Split to evaluate: test, validation or train.")
+
+
+@dataclass
+class InferenceConfig:
+    strategy: str = _f("greedy", "greedy, best_of_n or majority.")
+    n: int = _f(1, "Samples per query for best_of_n / majority.")
+    temperature: float = _f(0.7, "Sampling temperature (best_of_n / majority).")
+    top_p: float = _f(1.0, "Nucleus sampling top-p (best_of_n / majority).")
+    verifier: str = _f("", "best_of_n scorer: empty = the actor's mean token log-probability; 'module:function' = your verifier fn(generation, example) -> float (imports that module: needs inference.trust_verifier=true); 'oracle' = the task's scorer against the reference (an upper bound, for analysis only).")
+    trust_verifier: bool = _f(False, "Allow inference.verifier='module:function' to import and run that module's code (off by default, like model.trust_remote_code).")
+
+
+@dataclass
+class SelectConfig:
+    n_values: List[int] = _f([1, 2, 4, 8], "Sample counts N to consider; samples are drawn once at the largest N.")
+    prompts: List[str] = _f([], "Extra candidate prompts (besides p~, OPRO's and the generator's).")
+    opro_prompts: int = _f(2, "Best OPRO instructions added as candidates (0 = none; uses the opro.* budget).")
+    rewrites: int = _f(2, "Generator paraphrases of p~ added as candidates.")
+    cost_weight: float = _f(0.005, "Objective: accuracy - cost_weight * N.")
+    subsets: int = _f(200, "Random subsets per (prompt, N) for the estimate (all subsets when fewer exist).")
+    val_examples: int = _f(64, "Validation examples the selection samples on.")
+    budget: float = _f(2.0, "Adaptive budget: average samples per test query (total = budget x test queries).")
+    max_per_query: int = _f(8, "Adaptive budget: at most this many samples for one query.")
+
+
+@dataclass
+class SapoConfig:
+    candidates: int = _f(4, "Paraphrases of the training prompt generated by the generator (M).")
+    temperature: float = _f(0.6, "Sampling temperature of the paraphrases.")
+    prompts: List[str] = _f([], "User-provided candidate prompts (added to p~ and the paraphrases).")
+    subset: int = _f(32, "Training examples each candidate's pre-update loss is measured on.")
+    reselect_steps: int = _f(0, "Re-select the prompt every N training steps (0 = once per stage/task).")
+    max_new_tokens: int = _f(64, "Maximum tokens of a paraphrase.")
+
+
+@dataclass
+class ContinualConfig:
+    tasks: List[str] = _f(["chain_sum", "basic_arithmetic"], "Tasks trained in sequence (method=continual); each stage is LoRA SFT for an equal share of train.max_steps.")
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = _f(8, "LoRA rank r (static LoRA of the baselines and generated LoRA of MetaTuner).")
+    alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = _f(0.0, "LoRA dropout (static PEFT LoRA only).")
+    target_modules: List[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "Module names (last path component) that get LoRA.")
+    layers: str = _f("", "Layer range 'start:end' (python slice over decoder layers) that get LoRA; empty = all.")
+
+
+@dataclass
+class HypernetConfig:
+    hidden: int = _f(64, "Hidden width of the parameter decoder MLPs (MM(ReLU(MM(W_d, h)), W_u)).")
+    pooling: str = _f("mean", "How h_i pools the meta encoder's states over (p~, x): mean (masked) or last.")
+    heads: str = _f("shared", "shared: one trunk + learned (layer, module) embeddings; per_target: one MLP per target.")
+    embed_dim: int = _f(32, "Size of the layer and module embeddings (shared heads).")
+    lr: float = _f(1e-4, "Learning rate of the parameter decoder phi_q. Each weight of F's output layer moves every generated factor entry, so F needs a much lower rate than a static LoRA (1e-3 made the actor's loss jump in the joint phase).")
+
+
+@dataclass
+class WarmupConfig:
+    max_steps: int = _f(30, "MetaTuner: how many of train.max_steps are the actor warm-up (LoRA SFT on the training split with p~, merged into the actor; 0 = skip); the rest are joint steps. Must be <= train.max_steps.")
+    lr: float = _f(1e-3, "Learning rate of the actor warm-up LoRA.")
+    generator_steps: int = _f(10, "Generator warm-up: SFT steps on the initial D2, so rewrites are well-formed prompts (0 = skip).")
+    generator_lr: float = _f(5e-4, "Learning rate of the generator warm-up (LoRA of G; use ~2e-5 with generator.lora_rank=0).")
+    queries: int = _f(32, "Training queries whose rollouts build the initial D2 for the generator warm-up.")
+    cache: bool = _f(True, "Reuse an actor warm-up adapter trained with identical settings ($METATUNER_CACHE/warmup/<key>/); the key hashes the model files, task, prompt, seed, LoRA, warm-up budget and optimiser, process count and library versions.")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(60, "TOTAL optimizer steps that update the actor side, over the whole method (all phases and stages): sft all of them; dpo dpo.sft_steps SFT then the rest DPO; bettertogether split evenly across its w steps; continual split evenly across its stages; metatuner_* warmup.max_steps warm-up then the rest joint.")
+    batch_size: int = _f(8, "Training examples per optimizer step (per process).")
+    grad_accum: int = _f(1, "Gradient accumulation micro-steps per optimizer step (batch_size is split across them).")
+    lr: float = _f(1e-3, "Learning rate of the LoRA (sft, dpo, bettertogether's w step). MetaTuner: hypernet.lr and train.generator_lr.")
+    generator_lr: float = _f(2e-4, "Learning rate of the generator's meta encoder phi_s and prompt decoder phi_p (LoRA of G; use ~1e-5 with generator.lora_rank=0).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    scheduler: str = _f("constant", "Learning-rate schedule: constant, linear or cosine (after lr_warmup_ratio).")
+    lr_warmup_ratio: float = _f(0.0, "Fraction of max_steps with a linear learning-rate ramp.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+    alpha: float = _f(1.0, "Weight of the supervised regularization (generator NLL of the D2 best prompt).")
+    sync_steps: int = _f(10, "Every T steps phi_p' <- phi_p and D2 is refreshed for the next T steps' queries.")
+    alternate_steps: int = _f(1, "MetaTuner-I: steps per term before switching between task loss and regularization.")
+    param_decoder: bool = _f(True, "Use the parameter decoder F (false = ablation w/o F: prompt branch only).")
+    prompt_rewrite: bool = _f(True, "Feed rewritten prompts to the actor (false = ablation w/o P: the actor sees p~).")
+    gumbel_tau: float = _f(1.0, "Gumbel-softmax temperature (method=metatuner_gumbel).")
+    max_length: int = _f(512, "Maximum tokens of a training sequence (longer ones are truncated from the left of the prompt).")
+    bf16: bool = _f(True, "Train under bf16 autocast (CPU and GPU).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (TRL-based trainers: sft, dpo, bpo, warm-up).")
+    save_steps: int = _f(0, "Write a resumable checkpoint step_N/ every N steps (0 = only final/).")
+    save_total_limit: int = _f(2, "Keep at most this many step_N/ checkpoints (0 = all).")
+    log_steps: int = _f(1, "Log every N steps to train_log.jsonl.")
+    report_to: str = _f("jsonl", "Logging: jsonl (always written) or tensorboard (also).")
+
+
+@dataclass
+class RolloutConfig:
+    n: int = _f(4, "Candidate prompts sampled per query when building D2 (p~ is always a candidate too).")
+    temperature: float = _f(1.0, "Sampling temperature of candidate prompts.")
+    top_p: float = _f(0.95, "Top-p of candidate prompts.")
+    criterion: str = _f("answer", "How candidates are ranked: answer (correct first, then lower NLL of the reference) or nll (NLL only, no generation).")
+    batch_size: int = _f(16, "Batch size of rollout generation and scoring.")
+
+
+@dataclass
+class OproConfig:
+    steps: int = _f(3, "Optimization steps (the paper's OPRO runs 200).")
+    candidates: int = _f(4, "New instructions sampled from the optimizer LLM (the generator) per step.")
+    subset: int = _f(32, "Training examples each instruction is scored on (accuracy of the actor).")
+    top_k: int = _f(20, "Best previous instructions shown in the meta-prompt (ascending score).")
+    exemplars: int = _f(3, "Training problems shown in the meta-prompt, redrawn each step.")
+    temperature: float = _f(1.0, "Sampling temperature of the optimizer LLM.")
+    max_new_tokens: int = _f(64, "Maximum tokens of a proposed instruction.")
+    max_chars: int = _f(500, "Proposed instructions longer than this are dropped.")
+
+
+@dataclass
+class BpoConfig:
+    queries: int = _f(64, "Training queries whose rollouts build (prompt, better prompt) pairs.")
+    max_steps: int = _f(30, "SFT steps of the rewriter on the pairs (prompt side: not part of train.max_steps).")
+    lr: float = _f(2e-4, "Learning rate of the rewriter's LoRA SFT.")
+
+
+@dataclass
+class DpoConfig:
+    sft_steps: int = _f(-1, "How many of train.max_steps are SFT before DPO (-1 = round(2/3 of train.max_steps)); the rest are DPO steps. The SFT adapter is DPO's start and reference.")
+    queries: int = _f(64, "Training queries sampled for preference pairs.")
+    k: int = _f(4, "Samples per query from the SFT policy.")
+    temperature: float = _f(1.0, "Sampling temperature for the pairs.")
+    pairs_per_query: int = _f(2, "At most this many (correct, incorrect) pairs per query.")
+    lr: float = _f(5e-5, "DPO learning rate (LoRA).")
+    beta: float = _f(0.1, "DPO beta.")
+    loss_type: List[str] = _f(["sigmoid"], "TRL DPO loss types; [sigmoid, sft] adds the NLL term of the chosen answer (the RPO recipe).")
+
+
+@dataclass
+class BetterTogetherConfig:
+    strategy: str = _f("p -> w -> p", "Sequence of steps: p = prompt optimization (instruction + bootstrapped demos, picked on validation), w = LoRA SFT on the actor's own correct traces.")
+    instructions: int = _f(3, "New instructions proposed per p step (besides the current one).")
+    demo_sets: int = _f(3, "Random sets of bootstrapped demonstrations tried per p step (besides none).")
+    max_demos: int = _f(3, "At most this many demonstrations in a prompt.")
+    queries: int = _f(64, "Training queries run to bootstrap traces (demos and w-step data).")
+    val_examples: int = _f(32, "Validation examples each candidate program is scored on.")
+
+
+@dataclass
+class Config:
+    method: str = _f("zero_shot", "What to run: zero_shot, sft, dpo, opro, bpo, bettertogether, continual, inference_select, metatuner_j, metatuner_i, metatuner_gumbel.")
+    seed: int = _f(0, "Random seed (data splits, sampling, initialisation).")
+    output_dir: str = _f("runs/default", "Where outputs go (config.yaml, metrics.json, predictions.jsonl, checkpoints).")
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "The actor model M."})
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig, metadata={"help": "The generator G (meta encoder + prompt decoder)."})
+    task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "The task and its splits."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation harness."})
+    inference: InferenceConfig = field(default_factory=InferenceConfig, metadata={"help": "Inference strategy at evaluation."})
+    lora: LoRAConfig = field(default_factory=LoRAConfig, metadata={"help": "LoRA targets and sizes."})
+    hypernet: HypernetConfig = field(default_factory=HypernetConfig, metadata={"help": "Parameter decoder F."})
+    warmup: WarmupConfig = field(default_factory=WarmupConfig, metadata={"help": "Warm-up stage."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "Main training stage."})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "Rollouts that build D2."})
+    prompt_selection: str = _f("none", "Training-prompt selection: none or sapo (lowest pre-update loss among paraphrases of p~) for sft, continual and metatuner_*.")
+    sapo: SapoConfig = field(default_factory=SapoConfig, metadata={"help": "SAPO training-prompt selection."})
+    select: SelectConfig = field(default_factory=SelectConfig, metadata={"help": "Joint (prompt, N) selection and adaptive budget (method=inference_select)."})
+    continual: ContinualConfig = field(default_factory=ContinualConfig, metadata={"help": "Tasks in sequence (method=continual)."})
+    opro: OproConfig = field(default_factory=OproConfig, metadata={"help": "OPRO baseline."})
+    bpo: BpoConfig = field(default_factory=BpoConfig, metadata={"help": "BPO baseline."})
+    dpo: DpoConfig = field(default_factory=DpoConfig, metadata={"help": "DPO baseline."})
+    bettertogether: BetterTogetherConfig = field(default_factory=BetterTogetherConfig, metadata={"help": "BetterTogether baseline."})
+    resume_from_checkpoint: Any = field(default=False, metadata={"type": "false|true|auto", "help": "false: start fresh; true: continue from the newest complete checkpoint in output_dir (an error if there is none); auto: continue only if a complete checkpoint exists and its saved settings equal these (ignoring output_dir and the resume keys), else start fresh (what `metatuner compare` uses)."})
+    overwrite: bool = _f(False, "Allow a new run into an output_dir that holds a finished run (its outputs are replaced).")
+    run_dir: str = _f("", "infer: the trained run's output_dir.")
+    query: str = _f("", "infer: a query to answer (or use query_file).")
+    query_file: str = _f("", "infer: a text file with one query per line (or JSONL with a 'query' field).")
