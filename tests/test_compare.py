@@ -80,8 +80,12 @@ def test_compare_end_to_end_failure_skip_and_report(tiny_model_path, tmp_path, c
     assert by["broken"]["status"] == "failed"
     assert "lora.target_modules" in by["broken"]["error"] and "'nope'" in by["broken"]["error"]
     assert json.loads((out / "broken" / "seed_0" / "compare.json").read_text())["status"] == "failed"
-    assert json.loads((out / "sft" / "seed_0" / "compare.json").read_text())["wall_seconds"] > 0
+    sft_status = json.loads((out / "sft" / "seed_0" / "compare.json").read_text())
+    assert sft_status["wall_seconds"] > 0 and sft_status["peak_rss_mb"] > 50  # a torch process: tens of MB at least
+    assert by["sft"]["peak_rss_mb"] == sft_status["peak_rss_mb"]
+    assert by["sft"]["wall_seconds"] == sft_status["wall_seconds"]
     md = (out / "results.md").read_text()
+    assert table_rows(md, "Cost")["sft"][7] == f"- / {sft_status['peak_rss_mb']:.0f}"
     assert md.startswith("# tiny compare\n\n## Verdict")
     rows = table_rows(md)
     assert rows["broken"][-1].startswith("failed: ") and "lora.target_modules" in rows["broken"][-1]

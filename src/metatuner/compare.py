@@ -168,6 +168,16 @@ def _pump(src, sinks) -> None:
             sink.flush()
 
 
+def wait_with_peak_memory(proc: subprocess.Popen) -> tuple[int, float | None]:
+    """Wait for a child; -> (exit code, its peak resident memory in MB, None where the OS does not say)."""
+    if not hasattr(os, "wait4"):  # not on Windows
+        return proc.wait(), None
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2**20  # ru_maxrss: KiB on Linux, bytes on macOS
+    return proc.returncode, round(usage.ru_maxrss * scale, 1)
+
+
 def run_one(cfg, run_dir: Path) -> dict:
     """Run `metatuner train` in a child process, its output shown and logged; -> status dict."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -185,7 +195,7 @@ def run_one(cfg, run_dir: Path) -> dict:
             th.start()
         for th in pumps:
             th.join()
-        code = proc.wait()
+        code, peak_rss_mb = wait_with_peak_memory(proc)
     wall = round(time.time() - t0, 1)
     if code != 0 or not (run_dir / "metrics.json").is_file():
         lines = [ln.split("\r")[-1] for ln in (run_dir / "stderr.log").read_text().splitlines() if ln.strip()]
@@ -196,6 +206,8 @@ def run_one(cfg, run_dir: Path) -> dict:
         status = {"status": "failed", "error": errs[-1].strip()[:500], "wall_seconds": wall}
     else:
         status = {"status": "complete", "wall_seconds": wall}
+    if peak_rss_mb is not None:
+        status["peak_rss_mb"] = peak_rss_mb
     write_json(run_dir / "compare.json", status)
     return status
 
@@ -237,7 +249,8 @@ def run_compare(path: str, overrides: list[str]) -> dict:
     plot(results, out / "results.png")
     print(md)
     print(f"wrote {out}/results.json, results.md, results.png, gallery.md")
-    failed = [f"{name} seed {seed} ({st['error']})" for (name, seed), st in statuses.items() if st["status"] == "failed"]
+    failed = [f"{name} seed {seed} ({st['error']})" for (name, seed), st in statuses.items()
+              if st["status"] == "failed"]
     if failed:
         raise MetatunerError(f"{len(failed)} of {len(plan)} runs failed: {'; '.join(failed)}; the others are "
                              f"in {out}/results.md")

@@ -112,7 +112,7 @@ def _num(r: dict, key: str, fmt: str = "{:.0f}") -> str:
 
 def cost_table(results: dict) -> list[str]:
     cols = ["method", "train steps", "train examples", "train tokens", "gen tokens (train + eval)", "gen calls",
-            "wall s", "peak memory MB", "notes"]
+            "wall s", "peak MB (run / RSS)", "notes"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in results["methods"]:
         if "accuracy" not in r:
@@ -121,9 +121,9 @@ def cost_table(results: dict) -> list[str]:
         train_gen = r.get("tokens_generated_train")
         gen = (f"{r['tokens_generated']:.0f} ({train_gen:.0f} + {r['tokens_generated_eval']:.0f})" if train_gen
                is not None else f"{r['tokens_generated_eval']:.0f} (- + {r['tokens_generated_eval']:.0f})")
+        peak = f"{_num(r, 'peak_memory_mb')} / {_num(r, 'peak_rss_mb')}"
         cells = [r["name"], _num(r, "train_steps"), _num(r, "train_examples"), _num(r, "train_tokens"), gen,
-                 _num(r, "generation_calls"), _num(r, "wall_seconds"), _num(r, "peak_memory_mb"),
-                 r.get("notes") or "-"]
+                 _num(r, "generation_calls"), _num(r, "wall_seconds"), peak, r.get("notes") or "-"]
         lines.append("| " + " | ".join(cell(c) for c in cells) + " |")
     return lines
 
@@ -172,7 +172,8 @@ def markdown(results: dict) -> str:
             "that resamples examples, and an exact McNemar p-value. " + POWER_NOTE + ". "
             "\"at floor\": accuracy within the 95% interval of a trivial rule (always the training split's most "
             "frequent answer or letter); \"collapsed\": one answer takes far more of the predictions than of the "
-            "references, or few distinct answers.", ""]
+            "references, or few distinct answers. Peak memory: as the run reports it (`peak_memory_mb`) / the "
+            "run process's peak resident memory measured by compare.", ""]
     out += ["## Accuracy", ""] + accuracy_table(results) + [""]
     out += ["## Cost", ""] + cost_table(results) + [""]
     diag = diagnostics_table(results)

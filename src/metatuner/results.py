@@ -46,7 +46,8 @@ def load_run(run_dir: Path) -> dict | None:
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
     return {"metrics": metrics, "predictions": preds, "config": config,
             "outcomes": {int(p.get("index", i)): int(bool(p["correct"])) for i, p in enumerate(preds)},
-            "wall": status.get("wall_seconds", metrics.get("wall_seconds"))}
+            "wall": status.get("wall_seconds", metrics.get("wall_seconds")),
+            "peak_rss_mb": status.get("peak_rss_mb")}
 
 
 def _read_json(path: Path) -> dict:
@@ -92,6 +93,9 @@ def method_row(m: dict, runs: dict, failed: list[tuple[int, dict]], multi_seed: 
     row["tokens_generated"] = row["tokens_generated_eval"] + (row["tokens_generated_train"] or 0)
     walls = [r["wall"] for r in rs if r["wall"] is not None]
     row["wall_seconds"] = statistics.mean(walls) if walls else None
+    rss = [r["peak_rss_mb"] for r in rs if r.get("peak_rss_mb") is not None]
+    if rss:
+        row["peak_rss_mb"] = max(rss)  # the child process's peak resident memory, measured by compare
     row["inference"] = f"{first.get('strategy', 'greedy')}@{first.get('samples_per_query', 1)}"
     row.update(diagnostics(rs))
     p0 = first.get("p_tilde", p_tilde)
