@@ -1,10 +1,10 @@
-"""`metatuner compare`: a failing method is reported and the others complete, re-runs skip finished
-runs, the report matches results.json, config errors are one line, and the interval arithmetic."""
+"""`metatuner compare`: a failing method is reported and the others complete (exit non-zero), progress
+shows, re-runs skip finished runs with the same settings, the report matches results.json, config errors
+are one line. The statistics are in test_stats.py, the report on hand-made runs in test_report.py."""
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
@@ -12,8 +12,12 @@ import pytest
 import yaml
 
 from metatuner.cli import main
-from metatuner.compare import load_compare, summarize, t_interval, wilson
+from metatuner.compare import is_done, load_compare, method_config, run_one
+from metatuner.config import save_config
 from metatuner.errors import MetatunerError
+from metatuner.report import markdown
+from metatuner.results import summarize
+from metatuner.stats import t_interval, wilson
 
 BASE = {"task.name": "chain_sum", "task.train_size": 16, "task.val_size": 4, "task.test_size": 4, "eval.limit": 2,
         "eval.batch_size": 2, "task.max_new_tokens": 4, "train.max_steps": 2, "train.batch_size": 2, "lora.rank": 2}
@@ -40,9 +44,10 @@ def write_spec(path: Path, **spec) -> Path:
     return path
 
 
-def table_rows(md: str) -> dict[str, list[str]]:
+def table_rows(md: str, section: str = "Accuracy") -> dict[str, list[str]]:
+    """Rows by method name of one section's table of results.md."""
     rows = {}
-    for ln in md.splitlines():
+    for ln in md.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0].splitlines():
         if ln.startswith("| ") and not ln.startswith("| method ") and not ln.startswith("|---"):
             cells = [c.strip() for c in ln.strip().strip("|").split("|")]
             rows[cells[0]] = cells
@@ -56,22 +61,37 @@ def test_compare_end_to_end_failure_skip_and_report(tiny_model_path, tmp_path, c
                       methods=[{"name": "zero_shot", "method": "zero_shot"},
                                {"name": "sft", "method": "sft", "overrides": {"train.max_steps": 1}},
                                {"name": "broken", "method": "sft", "overrides": {"lora": {"target_modules": ["nope"]}}}])
-    assert main(["compare", "--config", str(spec)]) == 0
-    capsys.readouterr()
+    # (a) the failed method is reported with its error, the others complete, and compare exits non-zero
+    assert main(["compare", "--config", str(spec)]) == 2
+    cap = capsys.readouterr()
+    err_lines = [ln for ln in cap.err.splitlines() if ln.startswith("error: ")]
+    assert err_lines[-1].startswith("error: 1 of 3 runs failed: broken seed 0 (") and "results.md" in err_lines[-1]
+    # progress: which run of how many, its time and the compare's elapsed time; the child's output comes through
+    for i, name in enumerate(("zero_shot", "sft", "broken"), 1):
+        assert f"[{i}/3] {name} seed 0: running (method=" in cap.out
+    assert re.search(r"\[2/3\] sft seed 0: complete in \dm\d\ds \(compare elapsed \dm\d\ds\)", cap.out)
+    assert f"wrote {out / 'sft' / 'seed_0'}/" in cap.out  # printed by the child `metatuner train`
+    assert (out / "sft" / "seed_0" / "stdout.log").read_text().count("wrote ") == 1
 
-    # (a) the failed method is reported with its error; the others complete
     res = json.loads((out / "results.json").read_text())
     by = {r["name"]: r for r in res["methods"]}
     assert [r["name"] for r in res["methods"]] == ["zero_shot", "sft", "broken"]
     assert by["zero_shot"]["status"] == by["sft"]["status"] == "complete"
     assert by["broken"]["status"] == "failed"
     assert "lora.target_modules" in by["broken"]["error"] and "'nope'" in by["broken"]["error"]
-    assert not (out / "broken" / "seed_0" / "COMPLETE").exists()
+    assert json.loads((out / "broken" / "seed_0" / "compare.json").read_text())["status"] == "failed"
+    sft_status = json.loads((out / "sft" / "seed_0" / "compare.json").read_text())
+    assert sft_status["wall_seconds"] > 0 and sft_status["peak_rss_mb"] > 50  # a torch process: tens of MB at least
+    assert by["sft"]["peak_rss_mb"] == sft_status["peak_rss_mb"]
+    assert by["sft"]["wall_seconds"] == sft_status["wall_seconds"]
     md = (out / "results.md").read_text()
-    assert md.startswith("# tiny compare")
+    assert table_rows(md, "Cost")["sft"][7] == f"- / {sft_status['peak_rss_mb']:.0f}"
+    assert md.startswith("# tiny compare\n\n## Verdict")
     rows = table_rows(md)
     assert rows["broken"][-1].startswith("failed: ") and "lora.target_modules" in rows["broken"][-1]
     assert by["sft"]["train_steps"] == 1 and by["sft"]["train_examples"] == 2 and by["zero_shot"]["train_steps"] == 0
+    assert res["best_baseline"] in ("zero_shot", "sft") and res["sft"] == "sft"
+    assert res["provenance"]["run_configs"]["sft/seed_0"]["train"]["max_steps"] == 1
 
     # (c) the table matches results.json
     for name in ("zero_shot", "sft"):
@@ -81,7 +101,6 @@ def test_compare_end_to_end_failure_skip_and_report(tiny_model_path, tmp_path, c
         acc, lo, hi = (float(x) for x in m.groups())
         assert acc == pytest.approx(100 * r["accuracy"], abs=0.051)
         assert (lo, hi) == pytest.approx([100 * x for x in r["accuracy_ci95_examples"]], abs=0.051)
-        assert float(rows[name][3]) == pytest.approx(r["train_steps"], abs=0.5)
         assert rows[name][-1] == "complete"
         metrics = json.loads((out / name / "seed_0" / "metrics.json").read_text())
         assert r["accuracy"] == metrics["accuracy"] and r["n_test"] == 2
@@ -95,14 +114,14 @@ def test_compare_end_to_end_failure_skip_and_report(tiny_model_path, tmp_path, c
             assert repr(p["prompt"][:300]) in gallery
     assert "## broken" not in gallery
 
-    # (b) re-running skips completed runs (outputs untouched) and retries the failed one
+    # (b) re-running skips finished runs with the same settings (outputs untouched) and retries the failed one
     mtimes = {n: (out / n / "seed_0" / "metrics.json").stat().st_mtime_ns for n in ("zero_shot", "sft")}
-    assert main(["compare", "--config", str(spec)]) == 0
+    assert main(["compare", "--config", str(spec)]) == 2
     printed = capsys.readouterr().out
-    for n in ("zero_shot", "sft"):
-        assert f"[compare] {n} seed 0: already complete, skipped" in printed
+    for i, n in enumerate(("zero_shot", "sft"), 1):
+        assert f"[{i}/3] {n} seed 0: already complete with these settings, skipped" in printed
         assert (out / n / "seed_0" / "metrics.json").stat().st_mtime_ns == mtimes[n]
-    assert "[compare] broken seed 0: running" in printed
+    assert "[3/3] broken seed 0: running" in printed
     res2 = json.loads((out / "results.json").read_text())
     assert [r["status"] for r in res2["methods"]] == ["complete", "complete", "failed"]
     assert res2["methods"][1]["accuracy"] == by["sft"]["accuracy"]
@@ -111,16 +130,17 @@ def test_compare_end_to_end_failure_skip_and_report(tiny_model_path, tmp_path, c
 def _fake_run(root: Path, name: str, seed: int, correct: list[bool], method: str = "sft", **metrics) -> None:
     d = root / name / f"seed_{seed}"
     d.mkdir(parents=True)
-    preds = [{"query": f"q{i}", "prompt": "P~", "correct": c} for i, c in enumerate(correct)]
+    preds = [{"index": i, "query": f"q{i}", "prompt": "P~", "correct": c} for i, c in enumerate(correct)]
     (d / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
     m = {"n": len(correct), "accuracy": sum(correct) / len(correct), "tokens_generated": 10, "method": method,
          **metrics}
     (d / "metrics.json").write_text(json.dumps(m))
-    (d / "COMPLETE").write_text(json.dumps({"wall_seconds": 3.0}))
+    (d / "compare.json").write_text(json.dumps({"status": "complete", "wall_seconds": 3.0}))
 
 
 def test_summarize_over_seeds(tmp_path):
-    """seeds: [0, 1] -> mean accuracy, a t interval over seeds and a Wilson interval over all predictions."""
+    """seeds: [0, 1] -> mean accuracy, a t interval over seeds and a Wilson interval over all predictions;
+    a method with a failed seed is reported failed, with the seeds that did complete."""
     root = tmp_path / "cmp"
     _fake_run(root, "sft", 0, [True, True, False, False], train_steps=2, p_tilde="P~")
     _fake_run(root, "sft", 1, [True, True, True, False], train_steps=4, p_tilde="P~")
@@ -136,12 +156,11 @@ def test_summarize_over_seeds(tmp_path):
     assert lo < 0 and hi > 1  # two seeds: t = 12.7, so the interval is clipped to [0, 1]
     assert sft["accuracy_ci95_seeds"] == [0.0, 1.0]
     assert sft["accuracy_ci95_examples"] == pytest.approx(list(wilson(5, 8)))
-    assert sft["train_steps"] == 3 and sft["seeds_complete"] == [0, 1]
+    assert sft["train_steps"] == 3 and sft["seeds_complete"] == [0, 1] and sft["wall_seconds"] == 3.0
     assert zs["status"] == "failed" and zs["error"] == "seed 1: error: boom" and zs["seeds_complete"] == [0]
     assert bad["status"] == "failed"
-    from metatuner.compare import table
-
-    row = table_rows(table(res))["sft"]
+    assert res["best_baseline"] == "sft" and set(res["vs_best_baseline"]) == set()  # failed methods: no pairs
+    row = table_rows(markdown(res))["sft"]
     assert "seeds" in row[1]
 
 
@@ -185,60 +204,47 @@ def test_compare_missing_config_is_one_line(tmp_path, capsys):
     assert "--config" in one_line_error(capsys)
 
 
-def test_wilson_by_hand():
-    z = 1.96
-    for k, n in [(8, 10), (0, 10), (10, 10), (37, 100), (1, 1)]:
-        p = k / n
-        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-        half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-        lo, hi = wilson(k, n)
-        assert lo == pytest.approx(max(0.0, centre - half)) and hi == pytest.approx(min(1.0, centre + half))
-    assert wilson(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)  # textbook values
-    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
-    assert wilson(0, 0) == (0.0, 0.0)
-
-
-def test_t_interval_by_hand():
-    # two seeds: t(0.975, df=1) = 12.706; mean 0.6, sd 0.1414
-    lo, hi = t_interval([0.5, 0.7])
-    h = 12.706 * math.sqrt(0.02) / math.sqrt(2)
-    assert (lo, hi) == pytest.approx((0.6 - h, 0.6 + h))
-    # three seeds: df=2 -> 4.303; mean 0.4, sd 0.2
-    assert t_interval([0.2, 0.4, 0.6]) == pytest.approx((0.4 - 4.303 * 0.2 / math.sqrt(3), 0.4 + 4.303 * 0.2 / math.sqrt(3)))
-    # twelve seeds: df=11 -> 2.201 (not the normal 1.96 or a flat 2.0)
-    xs = [0.1 * (i % 4) for i in range(12)]
-    import statistics
-
-    m, s = statistics.mean(xs), statistics.stdev(xs)
-    assert t_interval(xs) == pytest.approx((m - 2.201 * s / math.sqrt(12), m + 2.201 * s / math.sqrt(12)))
-    assert t_interval([0.3]) == (0.3, 0.3) and t_interval([]) == (0.0, 0.0)
-    assert t_interval([0.5, 0.5]) == (0.5, 0.5)
-
-
-def test_completed_run_with_changed_settings_runs_again(tmp_path):
-    """A completed run is reused only when it was requested with the same settings."""
-    from metatuner.compare import _same_config, method_config
-    from metatuner.config import save_config
-
+def test_finished_run_with_same_settings_is_skipped(tmp_path):
+    """A run is skipped only when its metrics.json exists and its saved config.yaml has the settings now
+    resolved; where it writes and how it resumes do not count."""
     spec = load_compare(str(write_spec(tmp_path / "c.yaml", methods=[{"method": "sft", "overrides": {"train.max_steps": 3}}],
                                        base=BASE)), [])
     run_dir = tmp_path / "sft" / "seed_0"
     cfg = method_config(spec, spec["methods"][0], 0, run_dir)
+    assert cfg.resume_from_checkpoint == "auto"  # common decision 2: resume only a checkpoint of the same settings
     run_dir.mkdir(parents=True)
-    assert not _same_config(cfg, run_dir)  # no requested.yaml
-    save_config(cfg, run_dir / "requested.yaml")
-    assert _same_config(cfg, run_dir)
-    assert _same_config(method_config(spec, spec["methods"][0], 0, run_dir), run_dir)
+    save_config(cfg, run_dir / "config.yaml")
+    assert not is_done(cfg, run_dir)  # no metrics.json: the run did not finish
+    (run_dir / "metrics.json").write_text("{}")
+    assert is_done(cfg, run_dir)
+    moved = method_config(spec, spec["methods"][0], 0, tmp_path / "elsewhere")
+    assert is_done(moved, run_dir)
     spec["methods"][0]["overrides"]["train.max_steps"] = 4
-    assert not _same_config(method_config(spec, spec["methods"][0], 0, run_dir), run_dir)
-    assert not _same_config(method_config(load_compare(str(tmp_path / "c.yaml"), ["train.lr=0.5"]),
-                                          spec["methods"][0], 0, run_dir), run_dir)
+    assert not is_done(method_config(spec, spec["methods"][0], 0, run_dir), run_dir)
+    assert not is_done(method_config(load_compare(str(tmp_path / "c.yaml"), ["train.lr=0.5"]),
+                                     spec["methods"][0], 0, run_dir), run_dir)
+    (run_dir / "config.yaml").write_text("train:\n  max_stesp: 3\n")  # an older schema: not the same
+    assert not is_done(cfg, run_dir)
+
+
+def test_rerun_with_other_settings_drops_old_results(tmp_path):
+    """A run that runs again must not leave the earlier settings' metrics to pass for its own if it fails."""
+    spec = load_compare(str(write_spec(tmp_path / "c.yaml", methods=[{"method": "sft"}],
+                                       base={**BASE, "model.name": str(tmp_path / "no-model")})), [])
+    run_dir = tmp_path / "out" / "sft" / "seed_0"
+    cfg = method_config(spec, spec["methods"][0], 0, run_dir)
+    run_dir.mkdir(parents=True)
+    for f in ("metrics.json", "predictions.jsonl"):
+        (run_dir / f).write_text("{}\n")
+    st = run_one(cfg, run_dir)
+    assert st["status"] == "failed" and "no-model" in st["error"], st
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "predictions.jsonl").exists()
+    assert json.loads((run_dir / "compare.json").read_text()) == st
+    assert "no-model" in (run_dir / "stderr.log").read_text()
 
 
 def test_report_shows_inference_strategy_and_method_notes(tmp_path):
     """Issue 6 methods report in the same table: strategy@N, SAPO's prompt, forgetting, adaptive vs uniform."""
-    from metatuner.compare import table
-
     root = tmp_path / "cmp"
     _fake_run(root, "sft_sapo", 0, [True, False], prompt="Be brief | exact.", sapo_losses={"a": 1.0, "b": 0.5})
     _fake_run(root, "continual", 0, [True, True], method="continual", accuracy_matrix=[[0.4], [0.3, 0.5]],
@@ -250,11 +256,12 @@ def test_report_shows_inference_strategy_and_method_notes(tmp_path):
             "methods": [{"name": n, "method": n} for n in ("sft_sapo", "continual", "select")]}
     res = summarize(spec, {})
     by = {r["name"]: r for r in res["methods"]}
-    rows = table_rows(table(res))
-    assert by["sft_sapo"]["inference"] == rows["sft_sapo"][9] == "greedy@1"
-    assert by["select"]["inference"] == rows["select"][9] == "majority@4"
-    assert "SAPO prompt: 'Be brief / exact.'" in rows["sft_sapo"][10]
-    assert "after each stage: 40; 30/50" in rows["continual"][10] and "mean forgetting 10.0 pts" in rows["continual"][10]
-    assert "adaptive 35.0 vs uniform 30.0 at 200 samples" in rows["select"][10]
-    assert "best prompt changes with N: True" in rows["select"][10]
-    assert all(len(r) == 12 and r[-1] == "complete" for r in rows.values())
+    md = markdown(res)
+    acc, cost = table_rows(md), table_rows(md, "Cost")
+    assert by["sft_sapo"]["inference"] == acc["sft_sapo"][-3] == "greedy@1"
+    assert by["select"]["inference"] == acc["select"][-3] == "majority@4"
+    assert "SAPO prompt: 'Be brief / exact.'" in cost["sft_sapo"][-1]
+    assert "after each stage: 40; 30/50" in cost["continual"][-1] and "mean forgetting 10.0 pts" in cost["continual"][-1]
+    assert "adaptive 35.0 vs uniform 30.0 at 200 samples" in cost["select"][-1]
+    assert "best prompt changes with N: True" in cost["select"][-1]
+    assert all(r[-1] == "complete" for r in acc.values()) and all(len(r) == 9 for r in cost.values())

@@ -1,0 +1,213 @@
+"""The comparison report on hand-made run folders (metrics.json + predictions.jsonl + config.yaml): the
+verdict, the paired columns, floor and collapse marks, failed methods, costs, provenance and the plot."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from scipy.stats import binomtest
+
+from metatuner.config import Config, save_config
+from metatuner.plot import pareto_front, plot
+from metatuner.report import markdown
+from metatuner.results import summarize
+from metatuner.stats import holm, wilson
+
+
+def fake_run(root: Path, name: str, seed: int, correct: list[int], method: str | None = None, order=None,
+             **metrics) -> Path:
+    d = root / name / f"seed_{seed}"
+    d.mkdir(parents=True)
+    order = order or list(range(len(correct)))
+    preds = [{"index": i, "query": f"q{i}", "prompt": "P~", "correct": correct[i], "extracted": "x",
+              "reference": "y"} for i in order]
+    (d / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    m = {"n": len(correct), "accuracy": sum(correct) / len(correct), "tokens_generated": 100,
+         "method": method or name, **metrics}
+    (d / "metrics.json").write_text(json.dumps(m))
+    cfg = Config()
+    cfg.method, cfg.seed, cfg.output_dir = method or name, seed, str(d)
+    save_config(cfg, d / "config.yaml")
+    return d
+
+
+def spec_of(root: Path, names: list[str], seeds=(0,), methods: dict | None = None) -> dict:
+    methods = methods or {}
+    return {"path": "c.yaml", "title": "t", "output_dir": str(root), "seeds": list(seeds),
+            "methods": [{"name": n, "method": methods.get(n, n)} for n in names]}
+
+
+def outcomes(n: int, k: int, seed: int) -> list[int]:
+    xs = [1] * k + [0] * (n - k)
+    random.Random(seed).shuffle(xs)
+    return xs
+
+
+def verdict_line(md: str, question: str) -> str:
+    return next(ln for ln in md.splitlines() if ln.startswith(f"- **{question}**"))
+
+
+def test_verdict_conclusive_and_inconclusive(tmp_path):
+    """200 examples: MetaTuner right on every example SFT gets plus 60 more -> conclusive; against OPRO, which
+    differs from it on 4 examples each way -> inconclusive, with no size that would tell them apart."""
+    root, n = tmp_path / "cmp", 200
+    sft = [1] * 60 + [0] * 140
+    mt = [1] * 120 + [0] * 80
+    opro = [1] * 116 + [0] * 4 + [1] * 4 + [0] * 76  # same accuracy as mt, 4 discordant each way
+    zs = [1] * 30 + [0] * 170
+    fake_run(root, "zero_shot", 0, zs, train_tokens=0)
+    fake_run(root, "opro", 0, opro, train_tokens=0, train_tokens_generated=5000)
+    fake_run(root, "sft", 0, sft, train_tokens=1000, peak_memory_mb=512.0)
+    fake_run(root, "metatuner_j", 0, mt, train_tokens=3000, peak_memory_mb=900.0)
+    res = summarize(spec_of(root, ["zero_shot", "opro", "sft", "metatuner_j"]), {})
+    assert res["best_baseline"] == "opro" and res["sft"] == "sft"
+    v = {x["question"]: x for x in res["verdict"]}
+    vs_prompt = v["co-optimization vs prompt optimization alone"]
+    vs_ft = v["co-optimization vs fine-tuning alone"]
+    assert vs_prompt["b"] == "opro" and vs_prompt["inconclusive"] and vs_prompt["diff"] == 0
+    assert vs_ft["b"] == "sft" and not vs_ft["inconclusive"] and vs_ft["diff"] == pytest.approx(0.3)
+    assert vs_ft["p"] == pytest.approx(binomtest(60, 60).pvalue)
+    assert vs_ft["cost_ratio_train_tokens"] == pytest.approx(3.0)
+    assert [x["p_holm"] for x in res["verdict"]] == pytest.approx(holm([x["p"] for x in res["verdict"]]))
+    md = markdown(res)
+    assert md.index("## Verdict") < md.index("## Accuracy")
+    line = verdict_line(md, "co-optimization vs prompt optimization alone")
+    assert "metatuner_j vs opro: +0.0 points" in line and "**Inconclusive**" in line
+    line = verdict_line(md, "co-optimization vs fine-tuning alone")
+    assert "metatuner_j vs sft: +30.0 points" in line and "Inconclusive" not in line
+    assert "x3 training tokens" in line and "metatuner_j is better" in line
+    # costs: train tokens, generated tokens (training + eval), peak memory
+    rows = {r["name"]: r for r in res["methods"]}
+    assert rows["opro"]["tokens_generated"] == 5100 and rows["sft"]["peak_memory_mb"] == 512.0
+    assert "| opro | - | - | 0 | 5100 (5000 + 100) |" in md
+    assert "| sft | - | - | 1000 | 100 (- + 100) | - | - | 512 / - |" in md  # training generations not counted
+
+
+def test_inconclusive_says_how_many_examples_would_tell(tmp_path):
+    root = tmp_path / "cmp"
+    a = [1] * 12 + [0] * 28  # 40 examples: 4 only a gets right (6-9), 2 only sft (12, 13)
+    b = [1] * 6 + [0] * 4 + [1] * 4 + [0] * 26
+    fake_run(root, "sft", 0, b)
+    fake_run(root, "metatuner_j", 0, a)
+    res = summarize(spec_of(root, ["sft", "metatuner_j"]), {})
+    v = res["verdict"][1]
+    assert v["inconclusive"] and (v["only_a"], v["only_b"]) == (4, 2) and v["diff"] == pytest.approx(0.05)
+    c = res["vs_sft"]["metatuner_j"]
+    assert c["inconclusive"] and c["examples_needed"] > 40
+    line = verdict_line(markdown(res), "co-optimization vs fine-tuning alone")
+    assert f"about {c['examples_needed']} test examples would tell them apart" in line and "this run has 40" in line
+    assert "not answered (no prompt-optimization method" in markdown(res)
+
+
+def test_paired_columns_and_holm_across_methods(tmp_path):
+    root, n = tmp_path / "cmp", 100
+    accs = {"zero_shot": 20, "opro": 30, "sft": 40, "dpo": 45, "metatuner_j": 55}
+    for i, (name, k) in enumerate(accs.items()):
+        # pair by index: write predictions in shuffled order
+        fake_run(root, name, 0, outcomes(n, k, i), order=random.Random(9 + i).sample(range(n), n))
+    res = summarize(spec_of(root, list(accs)), {})
+    assert res["best_baseline"] == "dpo"
+    vs = res["vs_best_baseline"]
+    assert set(vs) == {"zero_shot", "opro", "sft", "metatuner_j"}
+    assert [vs[k]["p_holm"] for k in vs] == pytest.approx(holm([vs[k]["p"] for k in vs]))
+    mt, dpo = outcomes(n, 55, 4), outcomes(n, 45, 3)
+    only_a = sum(x and not y for x, y in zip(mt, dpo))
+    only_b = sum(y and not x for x, y in zip(mt, dpo))
+    assert vs["metatuner_j"]["p"] == pytest.approx(binomtest(only_a, only_a + only_b).pvalue)
+    assert vs["metatuner_j"]["diff"] == pytest.approx(0.10)
+    md = markdown(res)
+    header = next(ln for ln in md.splitlines() if ln.startswith("| method | accuracy"))
+    assert "vs best baseline (dpo)" in header and "vs sft" in header
+    row = next(ln for ln in md.splitlines() if ln.startswith("| dpo |"))
+    assert "| reference |" in row
+    row = next(ln for ln in md.splitlines() if ln.startswith("| metatuner_j |"))
+    c = vs["metatuner_j"]
+    assert f"+10.0 ({100 * c['ci95'][0]:+.1f} to {100 * c['ci95'][1]:+.1f})" in row
+
+
+def test_floor_and_collapse_marked(tmp_path):
+    """A method within the trivial floor's interval is marked in the table and the verdict; a collapsed one
+    is flagged; multiple-choice letter distributions are shown against the labels'."""
+    root, n = tmp_path / "cmp", 100
+    diag = {"floor_accuracy": 0.26, "floor_answer": "1", "floor_letter_accuracy": 0.30, "floor_letter": "C",
+            "no_answer_rate": 0.05, "distinct_answers": 3, "distinct_references": 12, "top_answer": "C",
+            "top_answer_share": 0.8, "top_reference_share": 0.3,
+            "letter_distribution": {"A": 0.1, "B": 0.05, "C": 0.8, "D": 0.05},
+            "label_distribution": {"A": 0.25, "B": 0.25, "C": 0.3, "D": 0.2}}
+    fake_run(root, "sft", 0, outcomes(n, 33, 1), collapsed=True, **diag)
+    fake_run(root, "metatuner_j", 0, outcomes(n, 60, 2), collapsed=False, **diag)
+    res = summarize(spec_of(root, ["sft", "metatuner_j"]), {})
+    rows = {r["name"]: r for r in res["methods"]}
+    lo, hi = wilson(30, 100)
+    assert rows["sft"]["floor"] == 0.30 and rows["sft"]["floor_ci95"] == pytest.approx([lo, hi])
+    assert rows["sft"]["at_floor"] and not rows["metatuner_j"]["at_floor"]  # 33% < upper bound 39.5%
+    assert rows["sft"]["collapsed"] and not rows["metatuner_j"]["collapsed"]
+    md = markdown(res)
+    assert "## Floor and answer collapse" in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| sft | 33.0 |"))
+    assert "30.0 (" in row and "letter 'C'" in row and "3 / 12" in row and "'C' (80 / 30)" in row
+    assert "A:10 B:5 C:80 D:5 vs A:25 B:25 C:30 D:20" in row and "at floor, collapsed" in row
+    acc_row = next(ln for ln in md.splitlines() if ln.startswith("| sft | 33.0 ("))
+    assert "at floor, collapsed" in acc_row
+    assert "Within the trivial floor's interval: sft." in verdict_line(md, "co-optimization vs fine-tuning alone")
+
+
+def test_old_runs_without_new_keys_do_not_crash(tmp_path):
+    """Runs from before the diagnostics, cost keys and `index`: the report still renders."""
+    root = tmp_path / "cmp"
+    for name, k in (("sft", 2), ("metatuner_j", 3)):
+        d = fake_run(root, name, 0, [1] * k + [0] * (4 - k))
+        rows = [json.loads(x) for x in (d / "predictions.jsonl").read_text().splitlines()]
+        (d / "predictions.jsonl").write_text("".join(json.dumps({k_: v for k_, v in r.items() if k_ != "index"})
+                                                     + "\n" for r in rows))
+        (d / "metrics.json").write_text(json.dumps({"n": 4, "accuracy": k / 4}))
+        (d / "config.yaml").unlink()
+    res = summarize(spec_of(root, ["sft", "metatuner_j"]), {})
+    assert res["vs_sft"]["metatuner_j"]["diff"] == pytest.approx(0.25)  # paired by row order
+    md = markdown(res)
+    assert "## Floor and answer collapse" not in md and "| sft |" in md
+    assert res["provenance"]["run_configs"] == {"sft/seed_0": None, "metatuner_j/seed_0": None}
+    plot(res, tmp_path / "r.png")
+
+
+def test_failed_methods_marked_in_report_and_plot(tmp_path):
+    root = tmp_path / "cmp"
+    fake_run(root, "sft", 0, [1, 0, 1, 0])
+    fake_run(root, "metatuner_j", 0, [1, 1, 1, 0])
+    res = summarize(spec_of(root, ["sft", "metatuner_j", "dpo"]),
+                    {("metatuner_j", 0): {"status": "failed", "error": "error: out of memory"},
+                     ("dpo", 0): {"status": "failed", "error": "ValueError: boom"}})
+    rows = {r["name"]: r for r in res["methods"]}
+    # a failed run's folder (e.g. an old metrics.json) is not read as a result
+    assert rows["metatuner_j"]["status"] == "failed" and "accuracy" not in rows["metatuner_j"]
+    assert rows["dpo"]["error"] == "ValueError: boom"
+    assert res["verdict"][1]["missing"] == "no complete MetaTuner method"
+    md = markdown(res)
+    row = next(ln for ln in md.splitlines() if ln.startswith("| metatuner_j | - |"))
+    assert row.rstrip(" |").endswith("failed: error: out of memory")
+    png = tmp_path / "r.png"
+    plot(res, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_provenance(tmp_path):
+    root = tmp_path / "cmp"
+    fake_run(root, "sft", 0, [1, 0])
+    fake_run(root, "sft", 1, [1, 1])
+    res = summarize(spec_of(root, ["sft"], seeds=(0, 1)), {})
+    prov = res["provenance"]
+    for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "datasets"):
+        assert prov["versions"][pkg], pkg
+    assert set(prov["git"]) == {"commit", "dirty"}
+    assert prov["machine"]["cpu_cores"] >= 1 and "gpus" in prov["machine"]
+    assert prov["seeds"] == [0, 1]
+    assert prov["run_configs"]["sft/seed_1"]["seed"] == 1 and prov["run_configs"]["sft/seed_0"]["method"] == "sft"
+
+
+def test_pareto_front():
+    pts = [(0, 20.0), (0, 30.0), (100, 25.0), (200, 40.0), (300, 40.0), (50, 35.0)]
+    assert pareto_front(pts) == [1, 5, 3]
+    assert pareto_front([]) == []
