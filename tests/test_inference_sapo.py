@@ -126,7 +126,7 @@ def test_sapo_picks_lowest_measured_loss(tiny_model):
 
 
 def test_sapo_reselects_before_each_stage(monkeypatch, tiny_model, tmp_path):
-    from metatuner.methods import continual, sft
+    from metatuner import lora_sft
 
     model, tok = tiny_model
     task = toy_task()
@@ -139,16 +139,16 @@ def test_sapo_reselects_before_each_stage(monkeypatch, tiny_model, tmp_path):
         return real(*a, **k)
 
     class Trained:
-        train_metrics = {"train_tokens": 7}
+        train_metrics = {"train_tokens": 7, "train_steps": 1}
 
         def merge_and_unload(self):
             return model
 
     monkeypatch.setattr(sapo, "prompt_losses", counting)
-    monkeypatch.setattr(sft, "train_sft", lambda *a, **k: Trained())
-    _, sels, tokens = continual.staged_sft(cfg, model, tok, task, 3, tmp_path)
+    monkeypatch.setattr(lora_sft, "train_sft", lambda *a, **k: Trained())
+    _, sels, stats = sapo.staged_sft(cfg, model, tok, task, 3, tmp_path)
     assert len(calls) == 3 and [s["at_step"] for s in sels] == [0, 1, 2]
-    assert tokens == 3 * 7  # tokens trained on, summed over the sub-stages
+    assert stats == {"tokens": 3 * 7, "steps": 3}  # tokens and steps, summed over the sub-stages
 
 
 def test_sapo_bad_setting(tiny_model):

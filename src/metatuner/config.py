@@ -190,12 +190,11 @@ class BpoConfig:
 
 @dataclass
 class DpoConfig:
-    sft_steps: int = _f(-1, "SFT steps before DPO (-1 = train.max_steps); the SFT adapter is DPO's start and reference.")
+    sft_steps: int = _f(-1, "SFT steps before DPO, out of train.max_steps (the rest are DPO steps; -1 = round(2/3 of train.max_steps)); the SFT adapter is DPO's start and reference.")
     queries: int = _f(64, "Training queries sampled for preference pairs.")
     k: int = _f(4, "Samples per query from the SFT policy.")
     temperature: float = _f(1.0, "Sampling temperature for the pairs.")
     pairs_per_query: int = _f(2, "At most this many (correct, incorrect) pairs per query.")
-    max_steps: int = _f(20, "DPO optimizer steps.")
     lr: float = _f(5e-5, "DPO learning rate (LoRA).")
     beta: float = _f(0.1, "DPO beta.")
     loss_type: list = _f(["sigmoid"], "TRL DPO loss types; [sigmoid, sft] adds the NLL term of the chosen answer (the RPO recipe).")
