@@ -426,7 +426,7 @@ def test_bettertogether_returns_best_program(strategy, accs, want_step, want_pro
     BT.run(cfg)
     assert got["extra"]["best_step"] == want_step
     assert got["extra"]["train_tokens"] == 5 * strategy.count("w")
-    assert got["extra"]["train_steps"] == 2  # train.max_steps=2 is the total, split across the w steps
+    assert got["extra"]["train_steps"] == cfg.train.max_steps  # the total, split across the w steps
     assert got["prompt"] == (want_prompt or got["p_tilde"])
     assert delta(got["model"]) == want_delta
     hist = [json.loads(x) for x in (tmp_path / "bt" / "bettertogether_history.jsonl").read_text().splitlines()]
@@ -564,3 +564,34 @@ def test_method_modules_never_import_each_other():
                 if parts[:2] == ["metatuner", "methods"] and len(parts) > 2 and parts[2] in methods and parts[2] != name:
                     bad.append(f"{f.relative_to(root)} imports {imp}")
     assert not bad, bad
+
+
+def test_sft_resumes_through_find_resume_checkpoint(tiny_model_path, tmp_path, monkeypatch):
+    """A TRL trainer resumes from the checkpoint metatuner.checkpoints.find_resume_checkpoint names (asked
+    with output_dir = the trainer's folder); train_log.jsonl drops what was logged after that checkpoint."""
+    import sys
+    import types
+
+    out = tmp_path / "sft"
+    base = ["train", "method=sft", f"model.name={tiny_model_path}", f"output_dir={out}", *SMALL, "train.save_steps=1",
+            "train.save_total_limit=5"]
+    assert main(base) == 0
+    assert (out / "checkpoint-1" / "trainer_state.json").is_file() and (out / "checkpoint-2").is_dir()
+    first = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    asked = []
+
+    def find_resume_checkpoint(cfg):
+        asked.append((cfg.output_dir, cfg.resume_from_checkpoint))
+        return Path(cfg.output_dir) / "checkpoint-1"
+
+    monkeypatch.setitem(sys.modules, "metatuner.checkpoints",
+                        types.SimpleNamespace(find_resume_checkpoint=find_resume_checkpoint))
+    assert main([*base, "train.max_steps=3", "resume_from_checkpoint=true"]) == 0
+    assert asked and all(a == (str(out), True) for a in asked)
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert log[0] == first[0]  # the line before the checkpoint is kept as it was; steps 2-3 are new
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_steps"] == 3
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and len([h for h in state["log_history"] if "loss" in h]) == 3

@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 from metatuner.config import Config
-from metatuner.errors import MetatunerError
 from metatuner.lora import peft_lora_config
 from metatuner.tasks import Example, Task
 from metatuner.train_log import attach, open_train_log
@@ -63,13 +62,11 @@ def trl_common_args(cfg: Config, output_dir: str | Path, max_steps: int, lr: flo
 
 
 def _newest_trainer_checkpoint(cfg: Config) -> Path | None:
-    """Stand-in for checkpoints.find_resume_checkpoint until it lands: newest checkpoint-N/ with its
-    trainer_state.json in cfg.output_dir; `true` with none is an error."""
+    """Stand-in for checkpoints.find_resume_checkpoint until it lands (the old behaviour): the newest
+    checkpoint-N/ with its trainer_state.json in cfg.output_dir, else None (start fresh)."""
     d = Path(cfg.output_dir)
     cks = sorted((p for p in d.glob("checkpoint-*") if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()),
                  key=lambda p: int(p.name[11:])) if d.is_dir() else []
-    if not cks and cfg.resume_from_checkpoint is True:
-        raise MetatunerError(f"resume_from_checkpoint=true: no complete checkpoint-N/ in {d}")
     return cks[-1] if cks else None
 
 
