@@ -20,6 +20,7 @@ import random
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from metatuner.config import Config
 from metatuner.errors import MetatunerError
@@ -119,7 +120,8 @@ def run(cfg: Config) -> dict:
     # step changed it since), or a CPU copy of its state (a later weight step changed it)
     best_weights = "original"
     trained = False  # has any weight step changed the live actor
-    for i, s in enumerate(steps):
+    bar = tqdm(steps, desc="bettertogether", leave=False, dynamic_ncols=True, disable=not is_main_process())
+    for i, s in enumerate(bar):
         # DSPy shuffles the trainset between steps (shuffle_trainset_between_steps=True)
         train = rng.sample(task.train, len(task.train))
         if s == "p":
@@ -146,6 +148,7 @@ def run(cfg: Config) -> dict:
                 acc = accuracy_of(actor, tok, task, val, prompt, cfg.eval.batch_size)
             calls += len(val)
         history.append({"step": f"{i}:{s}", "instruction": instruction, "prompt": prompt, "val_accuracy": acc})
+        bar.set_postfix(step=f"{i}:{s}", val=f"{acc:.3f}", best=f"{max(acc, best['acc']):.3f}", refresh=False)
         if acc > best["acc"]:  # strict: on ties the earlier (cheaper) program stays
             best = {"acc": acc, "step": f"{i}:{s}", "prompt": prompt, "instruction": instruction}
             best_weights = "current" if trained else "original"

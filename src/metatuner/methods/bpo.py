@@ -3,8 +3,9 @@
 "Better" comes from rollouts scored by the actor, as MetaTuner's D2: for each training query the
 rewriter (the generator) samples rollout.n rewrites of (p~, x); the actor ranks them with p~
 (correct first, then lower NLL of the reference); the best is the target. The rewriter is then
-LoRA-SFT'd (TRL) on the pairs for bpo.max_steps steps (train_log.jsonl, phase "rewriter"). At test time it rewrites each query's prompt (greedy) and the
-actor, unchanged, answers.
+LoRA-SFT'd (TRL) on the pairs for bpo.max_steps steps (its own budget key: the actor is never
+trained; train_log.jsonl, phase "rewriter"). At test time it rewrites each query's prompt (greedy)
+and the actor, unchanged, answers.
 
     metatuner train method=bpo bpo.queries=64 bpo.max_steps=30 rollout.n=4
 """

@@ -78,7 +78,8 @@ def run(cfg: Config) -> dict:
         with torch.no_grad():
             for t in tasks:
                 exs = t.test[: cfg.eval.limit or None]
-                _, m = evaluate(model, tok, t, exs, t.prompt, batch_size=cfg.eval.batch_size, progress=False)
+                _, m = evaluate(model, tok, t, exs, t.prompt, batch_size=cfg.eval.batch_size, progress=is_main_process(),
+                                desc=f"eval {t.name} after stage {i}")
                 row.append(m["accuracy"])
         acc.append(row)
         stages.append({"task": name, "p_tilde": p_tilde, "prompt": task.prompt, "train_steps": st["steps"],
