@@ -61,36 +61,46 @@ def trl_common_args(cfg: Config, output_dir: str | Path, max_steps: int, lr: flo
     )
 
 
-def _newest_trainer_checkpoint(cfg: Config) -> Path | None:
+def _newest_trainer_checkpoint(cfg: Config, directory: str | Path | None = None) -> Path | None:
     """Stand-in for checkpoints.find_resume_checkpoint until it lands (the old behaviour): the newest
-    checkpoint-N/ with its trainer_state.json in cfg.output_dir, else None (start fresh)."""
-    d = Path(cfg.output_dir)
+    checkpoint-N/ with its trainer_state.json in `directory`, else None (start fresh)."""
+    d = Path(directory if directory is not None else cfg.output_dir)
     cks = sorted((p for p in d.glob("checkpoint-*") if p.name[11:].isdigit() and (p / "trainer_state.json").is_file()),
                  key=lambda p: int(p.name[11:])) if d.is_dir() else []
     return cks[-1] if cks else None
 
 
 def trainer_resume_path(cfg: Config, trainer_dir: str | Path) -> str | None:
-    """The checkpoint a TRL trainer writing to `trainer_dir` resumes from (None: start fresh), decided by
-    metatuner.checkpoints.find_resume_checkpoint on the config with output_dir=trainer_dir."""
-    if cfg.resume_from_checkpoint in (False, None, "false"):
-        return None
-    sub = copy.copy(cfg)
-    sub.output_dir = str(trainer_dir)
+    """The checkpoint-N/ a TRL trainer writing to `trainer_dir` resumes from (None: start fresh), as
+    metatuner.checkpoints.find_resume_checkpoint decides under cfg.resume_from_checkpoint (false/true/auto)."""
     try:
         from metatuner.checkpoints import find_resume_checkpoint
-    except ImportError:  # the `run` branch's checkpoints module has not landed yet
+    except ImportError:  # TODO(merge): the `run` branch's checkpoints module; drop this fallback once merged
+        if cfg.resume_from_checkpoint in (False, None, "false"):
+            return None
         find_resume_checkpoint = _newest_trainer_checkpoint
-    found = find_resume_checkpoint(sub)
+    found = find_resume_checkpoint(cfg, Path(trainer_dir))
     return str(found) if found else None
 
 
+def add_callbacks(trainer, cfg: Config, log: TrainLog, phase: str):
+    """Progress bar + train_log.jsonl lines (train_log.attach) and, where checkpoints are saved, the run's
+    settings inside every checkpoint-N/ (checkpoints.config_saver, so resume=auto compares them)."""
+    attach(trainer, log, phase)
+    try:
+        from metatuner.checkpoints import config_saver
+    except ImportError:  # TODO(merge): lands with the `run` branch
+        return trainer
+    trainer.add_callback(config_saver(cfg))
+    return trainer
+
+
 def train_sft(cfg: Config, model, tokenizer, task: Task, examples: list[Example], prompts: list[str] | str,
-              output_dir: str | Path, max_steps: int, lr: float, resume: bool = False, log: TrainLog | None = None,
-              phase: str = "sft"):
+              output_dir: str | Path, max_steps: int, lr: float, resume_from: str | None = None,
+              log: TrainLog | None = None, phase: str = "sft"):
     """LoRA SFT with TRL for exactly `max_steps` optimizer steps; returns the trained PeftModel (adapter
-    saved to output_dir/adapter) with `.train_metrics`. `log`: the run's train_log.jsonl (default: a new
-    one in output_dir); `resume`: continue from the checkpoint trainer_resume_path picks."""
+    saved to output_dir/adapter) with `.train_metrics`. `resume_from`: a checkpoint-N/ to continue from
+    (see trainer_resume_path); `log`: the run's train_log.jsonl (default: one in output_dir)."""
     from trl import SFTConfig, SFTTrainer
 
     if max_steps <= 0:  # no training (the HF Trainer would treat max_steps=0 as "use epochs"): an identity LoRA
@@ -110,9 +120,9 @@ def train_sft(cfg: Config, model, tokenizer, task: Task, examples: list[Example]
     model.train()
     trainer = SFTTrainer(model=model, args=args, train_dataset=sft_dataset(task, examples, prompts),
                          processing_class=tokenizer, peft_config=peft_lora_config(model, cfg.lora, cfg.model.name))
-    ckpt = trainer_resume_path(cfg, output_dir) if resume else None
-    attach(trainer, log if log is not None else open_train_log(output_dir, append=ckpt is not None), phase)
-    result = trainer.train(resume_from_checkpoint=ckpt)
+    add_callbacks(trainer, cfg, log if log is not None else open_train_log(output_dir, append=resume_from is not None),
+                  phase)
+    result = trainer.train(resume_from_checkpoint=resume_from)
     peft_model = trainer.model
     if trainer.is_world_process_zero():
         peft_model.save_pretrained(Path(output_dir) / "adapter")

@@ -18,11 +18,11 @@ import torch
 
 from metatuner.config import Config
 from metatuner.io import write_jsonl
-from metatuner.lora_sft import trainer_resume_path, trl_common_args
+from metatuner.lora_sft import add_callbacks, trainer_resume_path, trl_common_args
 from metatuner.prompts import rank_prompts
 from metatuner.rewrite import clean_prompt, rewrite_messages
 from metatuner.sampling import sample_texts
-from metatuner.train_log import attach, open_train_log
+from metatuner.train_log import open_train_log
 
 
 def rewrite(gen, gtok, p_tilde: str, examples, cfg: Config, n: int = 1, greedy: bool = True,
@@ -67,7 +67,7 @@ def run(cfg: Config) -> dict:
         trainer = SFTTrainer(model=gen, args=args, train_dataset=Dataset.from_list(pairs), processing_class=gtok,
                              peft_config=peft_lora_config(gen, cfg.lora, cfg.generator.name or cfg.model.name))
         ckpt = trainer_resume_path(cfg, f"{cfg.output_dir}/rewriter")
-        attach(trainer, open_train_log(cfg.output_dir, append=ckpt is not None), "rewriter")
+        add_callbacks(trainer, cfg, open_train_log(cfg.output_dir, append=ckpt is not None), "rewriter")
         steps = int(trainer.train(resume_from_checkpoint=ckpt).global_step)
         tokens = int(trainer.state.num_input_tokens_seen or 0)
         rewriter = trainer.model

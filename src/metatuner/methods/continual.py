@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from metatuner.config import Config
+from metatuner.errors import MetatunerError
 from metatuner.io import atomic_write_text, write_json
 from metatuner.lora_sft import split_steps
 from metatuner.sapo import staged_sft
@@ -46,15 +47,20 @@ def forgetting(acc: list[list[float]]) -> list[float]:
 def run(cfg: Config) -> dict:
     from metatuner.models import load_from_config
     from metatuner.prompts import optimizer_llm
-    from metatuner.run import final_eval, is_main_process, set_seed
-    from metatuner.config import save_config
     from metatuner.evaluate import evaluate
+    from metatuner.run import final_eval, is_main_process, start_run
 
     t0 = time.time()
-    set_seed(cfg.seed)
+    if not cfg.continual.tasks:
+        raise MetatunerError("continual.tasks: expected at least one task name, got []")
+    # every stage's task is loaded and checked before anything is written (start_run writes config.yaml)
+    stage_tasks = [load_task(task_config(cfg, name), cfg.seed) for name in cfg.continual.tasks]
+    for name, t in zip(cfg.continual.tasks, stage_tasks):
+        if not t.train:
+            raise MetatunerError(f"continual.tasks: task {name!r} has an empty train split (task.train_size="
+                                 f"{cfg.task.train_size})")
+    start_run(cfg)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     model, tok = load_from_config(cfg.model)
     gen, gtok = (None, None)
     if cfg.prompt_selection == "sapo":
@@ -66,8 +72,7 @@ def run(cfg: Config) -> dict:
     stages, tokens, steps_taken = [], 0, 0
     log = open_train_log(out, append=False)
     budget = split_steps(cfg.train.max_steps, len(cfg.continual.tasks))
-    for i, name in enumerate(cfg.continual.tasks):
-        task = load_task(task_config(cfg, name), cfg.seed)
+    for i, (name, task) in enumerate(zip(cfg.continual.tasks, stage_tasks)):
         p_tilde = task.prompt
         model, sels, st = staged_sft(cfg, model, tok, task, budget[i], out / f"stage{i}_{name}", gen, gtok, log=log,
                                      phase=f"stage{i}_{name}")

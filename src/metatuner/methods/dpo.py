@@ -23,9 +23,9 @@ from metatuner.config import Config
 from metatuner.errors import MetatunerError
 from metatuner.evaluate import chat_text
 from metatuner.io import write_jsonl
-from metatuner.lora_sft import train_sft, trainer_resume_path, trl_common_args
+from metatuner.lora_sft import add_callbacks, train_sft, trainer_resume_path, trl_common_args
 from metatuner.sampling import sample_answers
-from metatuner.train_log import attach, open_train_log
+from metatuner.train_log import open_train_log
 
 
 def build_pairs(task, examples, samples: list[list[str]], max_pairs: int, seed: int = 0) -> list[dict]:
@@ -86,9 +86,10 @@ def run(cfg: Config) -> dict:
     sft_budget, dpo_budget = budget(cfg)
     task = start_run(cfg)
     model, tok = load_from_config(cfg.model)
-    log = open_train_log(cfg.output_dir, append=trainer_resume_path(cfg, f"{cfg.output_dir}/sft") is not None)
+    resume_from = trainer_resume_path(cfg, f"{cfg.output_dir}/sft")
+    log = open_train_log(cfg.output_dir, append=resume_from is not None)
     policy = train_sft(cfg, model, tok, task, task.train, task.prompt, f"{cfg.output_dir}/sft", sft_budget, cfg.train.lr,
-                       resume=True, log=log, phase="sft")
+                       resume_from=resume_from, log=log, phase="sft")
     sft_steps = policy.train_metrics["train_steps"]
     sft_tokens = policy.train_metrics.get("train_tokens", 0)
     queries = task.train[: cfg.dpo.queries]
@@ -108,7 +109,8 @@ def run(cfg: Config) -> dict:
         for n, p in policy.named_parameters():
             if "lora_" in n:
                 p.requires_grad_(True)
-        trainer = attach(DPOTrainer(model=policy, args=args, train_dataset=data, processing_class=tok), log, "dpo")
+        trainer = add_callbacks(DPOTrainer(model=policy, args=args, train_dataset=data, processing_class=tok), cfg, log,
+                                "dpo")
         # the DPO phase resumes only if it had started (a run killed during SFT has no dpo/checkpoint-N yet)
         started = any(Path(f"{cfg.output_dir}/dpo").glob("checkpoint-*"))
         ckpt = trainer_resume_path(cfg, f"{cfg.output_dir}/dpo") if started else None

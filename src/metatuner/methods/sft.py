@@ -38,8 +38,8 @@ def run(cfg: Config) -> dict:
     model, tok = load_from_config(cfg.model)
     extra = {}
     out = Path(cfg.output_dir)
-    resuming = trainer_resume_path(cfg, out) is not None
-    log = open_train_log(out, append=resuming)
+    resume_from = trainer_resume_path(cfg, out)
+    log = open_train_log(out, append=resume_from is not None)
     if cfg.prompt_selection != "none":
         # SAPO: train (and evaluate) with the paraphrase of p~ that has the lowest pre-update loss
         from metatuner.io import write_json
@@ -61,7 +61,7 @@ def run(cfg: Config) -> dict:
     prompt = task.prompt
     if not extra.get("sapo_selections"):
         model = train_sft(cfg, model, tok, task, train_examples(cfg, task), prompt, out, cfg.train.max_steps,
-                          cfg.train.lr, resume=True, log=log)
+                          cfg.train.lr, resume_from=resume_from, log=log)
         extra.update(model.train_metrics)
     with torch.no_grad():
         return final_eval(cfg, model, tok, task, prompt, extra={**extra, "prompt": prompt})
