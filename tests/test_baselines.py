@@ -578,6 +578,11 @@ def test_sft_resumes_through_find_resume_checkpoint(tiny_model_path, tmp_path, m
     assert main(base) == 0
     assert (out / "checkpoint-1" / "trainer_state.json").is_file() and (out / "checkpoint-2").is_dir()
     first = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    # resume=true with a larger budget: continues from the newest checkpoint (checkpoint-2) for one more step
+    assert main([*base, "train.max_steps=3", "resume_from_checkpoint=true"]) == 0
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and log[:2] == first
+    assert json.loads((out / "metrics.json").read_text())["train_steps"] == 3
     asked = []
 
     def find_resume_checkpoint(cfg, directory=None):
