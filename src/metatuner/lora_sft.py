@@ -61,6 +61,12 @@ def trl_common_args(cfg: Config, output_dir: str | Path, max_steps: int, lr: flo
     )
 
 
+def examples_per_step(cfg: Config) -> int:
+    """Training examples one optimizer step consumes: per-device batch x accumulation x processes."""
+    accum = max(1, cfg.train.grad_accum)
+    return max(1, cfg.train.batch_size // accum) * accum * int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _newest_trainer_checkpoint(cfg: Config, directory: str | Path | None = None) -> Path | None:
     """Stand-in for checkpoints.find_resume_checkpoint until it lands (the old behaviour): the newest
     checkpoint-N/ with its trainer_state.json in `directory`, else None (start fresh)."""
@@ -129,7 +135,7 @@ def train_sft(cfg: Config, model, tokenizer, task: Task, examples: list[Example]
         tokenizer.save_pretrained(Path(output_dir) / "adapter")
     peft_model.eval()
     peft_model.train_metrics = {"train_loss": float(result.training_loss), "train_steps": int(result.global_step),
-                                "train_examples": int(result.global_step) * cfg.train.batch_size,
+                                "train_examples": int(result.global_step) * examples_per_step(cfg),
                                 "train_tokens": int(trainer.state.num_input_tokens_seen or 0),
                                 "train_seconds": float(result.metrics.get("train_runtime", 0.0))}
     return peft_model

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from metatuner.config import Config
 from metatuner.errors import MetatunerError
 from metatuner.io import write_jsonl
-from metatuner.lora_sft import split_steps, train_sft
+from metatuner.lora_sft import examples_per_step, split_steps, train_sft
 from metatuner.metaprompt import meta_prompt, parse_instruction
 from metatuner.prompts import accuracy_of, bootstrap_traces, optimizer_llm, with_demos
 from metatuner.sampling import sample_texts
@@ -162,6 +162,6 @@ def run(cfg: Config) -> dict:
         return final_eval(cfg, actor, tok, task, best["prompt"], extra={
             "prompt": best["prompt"], "best_step": best["step"], "val_accuracy": best["acc"],
             "bettertogether_strategy": cfg.bettertogether.strategy, "w_traces": w_examples,
-            "train_steps": w_steps, "train_examples": w_steps * cfg.train.batch_size, "train_tokens": w_tokens,
+            "train_steps": w_steps, "train_examples": w_steps * examples_per_step(cfg), "train_tokens": w_tokens,
             "generation_calls": calls,
             "train_seconds": round(time.time() - t0, 1)})

@@ -18,7 +18,7 @@ import torch
 
 from metatuner.config import Config
 from metatuner.io import write_jsonl
-from metatuner.lora_sft import add_callbacks, trainer_resume_path, trl_common_args
+from metatuner.lora_sft import add_callbacks, examples_per_step, trainer_resume_path, trl_common_args
 from metatuner.prompts import rank_prompts
 from metatuner.rewrite import clean_prompt, rewrite_messages
 from metatuner.sampling import sample_texts
@@ -81,7 +81,7 @@ def run(cfg: Config) -> dict:
         prompts = [c[0] for c in rewrite(rewriter, gtok, task.prompt, exs, cfg, desc="bpo rewrites (test)")]
         return final_eval(cfg, actor, tok, task, prompts, extra={
             "pairs": len(pairs), "pairs_rewritten": sum(b[0] != task.prompt for b in best) / max(1, len(best)),
-            "train_steps": steps, "train_examples": steps * cfg.train.batch_size, "train_tokens": tokens,
+            "train_steps": steps, "train_examples": steps * examples_per_step(cfg), "train_tokens": tokens,
             "generation_calls": len(queries) * (cfg.rollout.n + (cfg.rollout.n + 1) * (cfg.rollout.criterion == "answer")),
             "rewrite_calls_eval": len(exs),
             "train_seconds": round(time.time() - t0, 1)})

@@ -21,7 +21,7 @@ import torch
 from metatuner.config import Config
 from metatuner.errors import MetatunerError
 from metatuner.io import atomic_write_text, write_json
-from metatuner.lora_sft import split_steps
+from metatuner.lora_sft import examples_per_step, split_steps
 from metatuner.sapo import staged_sft
 from metatuner.tasks import Task, load_task
 from metatuner.train_log import open_train_log
@@ -112,5 +112,5 @@ def run(cfg: Config) -> dict:
         return final_eval(cfg, model, tok, last, last.prompt, extra={
             "continual_tasks": names if is_main_process() else list(cfg.continual.tasks),
             "accuracy_matrix": acc, "mean_forgetting": report["mean_forgetting"],
-            "train_steps": steps_taken, "train_examples": steps_taken * cfg.train.batch_size,
+            "train_steps": steps_taken, "train_examples": steps_taken * examples_per_step(cfg),
             "train_tokens": tokens, "train_seconds": round(time.time() - t0, 1)})

@@ -23,7 +23,7 @@ from metatuner.config import Config
 from metatuner.errors import MetatunerError
 from metatuner.evaluate import chat_text
 from metatuner.io import write_jsonl
-from metatuner.lora_sft import add_callbacks, train_sft, trainer_resume_path, trl_common_args
+from metatuner.lora_sft import add_callbacks, examples_per_step, train_sft, trainer_resume_path, trl_common_args
 from metatuner.sampling import sample_answers
 from metatuner.train_log import open_train_log
 
@@ -118,7 +118,7 @@ def run(cfg: Config) -> dict:
         policy = trainer.model
         # TRL's DPO batches carry no input_ids, so Trainer does not count tokens: steps x batch x mean pair
         mean_pair = sum(pair_tokens(tok, task, task.prompt, p) for p in pairs) / len(pairs)
-        dpo_tokens = int(round(dpo_steps * cfg.train.batch_size * mean_pair))
+        dpo_tokens = int(round(dpo_steps * examples_per_step(cfg) * mean_pair))
     if is_main_process():  # the final policy (the SFT adapter itself when there was nothing to train on)
         policy.save_pretrained(f"{cfg.output_dir}/adapter", selected_adapters=["default"])
         tok.save_pretrained(f"{cfg.output_dir}/adapter")
@@ -127,6 +127,6 @@ def run(cfg: Config) -> dict:
         return final_eval(cfg, policy, tok, task, task.prompt, extra={
             "pairs": len(pairs), "pairs_dropped_too_long": dropped, "sft_steps": sft_steps, "dpo_steps": dpo_steps,
             "train_steps": sft_steps + dpo_steps,
-            "train_examples": (sft_steps + dpo_steps) * cfg.train.batch_size, "train_tokens": sft_tokens + dpo_tokens,
+            "train_examples": (sft_steps + dpo_steps) * examples_per_step(cfg), "train_tokens": sft_tokens + dpo_tokens,
             "sft_tokens": sft_tokens, "dpo_tokens": dpo_tokens,
             "generation_calls": len(queries) * cfg.dpo.k, "train_seconds": round(time.time() - t0, 1)})

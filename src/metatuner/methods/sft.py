@@ -17,7 +17,8 @@ import torch
 
 from metatuner.config import Config
 from metatuner.errors import MetatunerError
-from metatuner.lora_sft import sft_dataset, train_sft, trl_common_args  # noqa: F401  (old import path)
+# sft_dataset / trl_common_args / train_sft stay importable from here (the old path) until MetaTuner imports lora_sft
+from metatuner.lora_sft import examples_per_step, sft_dataset, train_sft, trl_common_args  # noqa: F401
 from metatuner.sapo import maybe_select, staged_sft
 from metatuner.tasks import Example, Task
 from metatuner.train_log import open_train_log
@@ -50,7 +51,7 @@ def run(cfg: Config) -> dict:
             gen, gtok = load_from_config(cfg.model)
         if cfg.sapo.reselect_steps > 0:
             model, sels, stats = staged_sft(cfg, model, tok, task, cfg.train.max_steps, out, gen, gtok, log=log)
-            extra = {"train_steps": stats["steps"], "train_examples": stats["steps"] * cfg.train.batch_size,
+            extra = {"train_steps": stats["steps"], "train_examples": stats["steps"] * examples_per_step(cfg),
                      "train_tokens": stats["tokens"], "sapo_selections": [s["prompt"] for s in sels]}
             sel = sels[0] if sels else None
         else:
