@@ -59,7 +59,7 @@ class TrainLogCallback(TrainerCallback):
                     if k not in ("loss", "learning_rate", "epoch") and isinstance(v, (int, float))})
         self.log.log(state.global_step, **row)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{row['loss']:.4g}", refresh=False)
+            self.bar.set_postfix(loss=f"{row['loss']:.4g}")  # redraw now: the step bar moved before this log
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
