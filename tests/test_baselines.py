@@ -1,6 +1,7 @@
 """The baselines (zero_shot, sft, dpo, opro, bpo, bettertogether) end to end on a tiny random Llama, and
 their building blocks (DPO pairs, OPRO's meta-prompt and selection, rank_prompts, BetterTogether's
-program selection) with deterministic fakes.
+program selection) with deterministic fakes; budget semantics (train.max_steps is the total), the
+training log, and the rule that method modules never import each other.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ SMALL = ["task.name=chain_sum", "task.train_size=16", "task.val_size=4", "task.t
          "eval.batch_size=2", "task.max_new_tokens=4", "train.max_steps=2", "train.batch_size=2", "lora.rank=2",
          "rollout.n=2", "rollout.batch_size=8", "generator.max_prompt_tokens=6",
          "opro.steps=2", "opro.candidates=2", "opro.subset=4", "opro.max_new_tokens=8",
-         "bpo.queries=4", "bpo.max_steps=2", "dpo.queries=4", "dpo.k=2", "dpo.max_steps=2",
+         "bpo.queries=4", "bpo.max_steps=2", "dpo.queries=4", "dpo.k=2",
          "bettertogether.queries=4", "bettertogether.val_examples=2", "bettertogether.instructions=1",
          "bettertogether.demo_sets=1", "bettertogether.strategy=p -> w"]
 
@@ -31,6 +32,7 @@ ARTIFACTS = {
     "bpo": ["bpo_pairs.jsonl", "rewriter/adapter/adapter_config.json"],
     "bettertogether": ["bettertogether_history.jsonl"],
 }
+EXTRA = {"dpo": ["train.max_steps=6", "dpo.sft_steps=4"]}  # 4 SFT + 2 DPO steps out of the total 6
 COST_KEYS = {
     "sft": ["train_steps", "train_examples", "train_tokens"],
     "dpo": ["train_steps", "train_examples", "train_tokens", "generation_calls", "pairs"],
@@ -92,7 +94,8 @@ def test_baseline_end_to_end(method, tiny_model_path, tmp_path, captured, monkey
         monkeypatch.setattr(bettertogether, "bootstrap_traces", lambda m, t, task, exs, p, bs=16:
                             [(ex, ex.target) for ex in exs[:2]])
     out = tmp_path / method
-    assert main(["train", f"method={method}", f"model.name={tiny_model_path}", f"output_dir={out}", *SMALL]) == 0
+    assert main(["train", f"method={method}", f"model.name={tiny_model_path}", f"output_dir={out}", *SMALL,
+                 *EXTRA.get(method, [])]) == 0
 
     for f in ["config.yaml", "metrics.json", "predictions.jsonl", *ARTIFACTS[method]]:
         assert (out / f).is_file(), f
@@ -136,6 +139,12 @@ def _check_sft(out: Path, model_path: Path, peft_model, metrics: dict) -> None:
     from metatuner.models import load_model
 
     assert metrics["train_steps"] == 2 and metrics["train_examples"] == 4 and metrics["train_tokens"] > 0
+    # train_log.jsonl: one line per optimizer step (train.log_steps=1), the Trainer's own log values
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(r["phase"] == "sft" for r in log)
+    for r in log:
+        assert r["loss"] > 0 and r["lr"] > 0 and r["epoch"] > 0 and r["elapsed"] >= 0
+    assert log[0]["elapsed"] <= log[1]["elapsed"]
     # LoRA moved (B starts at zero), the base weights did not
     lora = lora_state(peft_model)
     assert lora and any(v.abs().sum() > 0 for n, v in lora.items() if "lora_B" in n)
@@ -155,8 +164,11 @@ def _check_sft(out: Path, model_path: Path, peft_model, metrics: dict) -> None:
 def _check_dpo(out: Path, model_path: Path, policy, metrics: dict) -> None:
     pairs = [json.loads(x) for x in (out / "dpo_pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 4 and all(p["chosen"] != p["rejected"] for p in pairs)  # 4 queries x 1 pair
-    assert metrics["pairs"] == 4 and metrics["sft_steps"] == 2 and metrics["dpo_steps"] == 2
-    assert metrics["train_steps"] == 4 and metrics["generation_calls"] == 4 * 2
+    assert metrics["pairs"] == 4 and metrics["sft_steps"] == 4 and metrics["dpo_steps"] == 2
+    assert metrics["train_steps"] == 6 and metrics["generation_calls"] == 4 * 2
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["step"]) for r in log] == [("sft", 1), ("sft", 2), ("sft", 3), ("sft", 4),
+                                                      ("dpo", 1), ("dpo", 2)]
     assert metrics["sft_tokens"] > 0 and metrics["train_tokens"] == metrics["sft_tokens"] + metrics["dpo_tokens"]
     from metatuner.config import TaskConfig
     from metatuner.methods.dpo import pair_tokens
@@ -189,7 +201,7 @@ def test_zero_steps_means_no_training(tiny_model_path, tmp_path, captured):
     assert main(["train", "method=sft", f"model.name={tiny_model_path}", f"output_dir={out}", *SMALL,
                  "train.max_steps=0"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["train_steps"] == 0 and metrics["train_examples"] == 0
+    assert metrics["train_steps"] == 0 and metrics["train_examples"] == 0 and metrics["train_loss"] is None
     lora = lora_state(captured[-1]["model"])
     assert lora and all(v.abs().sum() == 0 for n, v in lora.items() if "lora_B" in n)
     assert (out / "adapter" / "adapter_config.json").is_file()
@@ -227,7 +239,7 @@ def test_dpo_build_pairs(make_task):
 
 
 def test_opro_meta_prompt_order_scores_and_cap():
-    from metatuner.methods.opro import meta_prompt
+    from metatuner.metaprompt import meta_prompt
 
     hist = [("alpha rule", 0.5), ("bravo rule", 0.1), ("charlie rule", 0.9), ("delta rule", 0.333)]
     probs = [Example(query="What is 2+2?", answer="4", target="4"), Example(query="What is 3+5?", answer="8", target="8")]
@@ -243,7 +255,7 @@ def test_opro_meta_prompt_order_scores_and_cap():
 
 
 def test_opro_parse_instruction():
-    from metatuner.methods.opro import parse_instruction
+    from metatuner.metaprompt import parse_instruction
 
     assert parse_instruction("Sure! <INS> Add the numbers. </INS> hope it helps") == "Add the numbers."
     assert parse_instruction("<INS>Think step by step") == "Think step by step"  # no closing tag
@@ -274,8 +286,10 @@ def test_opro_keeps_the_best_instruction(monkeypatch, make_task):
         metas.append(messages[0][0]["content"])
         return [next(outputs)]
 
-    monkeypatch.setattr(opro, "accuracy_of", fake_acc)
-    monkeypatch.setattr(opro, "sample_texts", fake_sample)
+    from metatuner import metaprompt
+
+    monkeypatch.setattr(metaprompt, "accuracy_of", fake_acc)
+    monkeypatch.setattr(metaprompt, "sample_texts", fake_sample)
     cfg = load_config(None, ["opro.steps=2", "opro.candidates=3", "opro.subset=4", "opro.top_k=2", "opro.exemplars=2"])
     best, acc, rows, calls = opro.optimize(cfg, None, None, None, None, task)
     assert (best, acc) == ("Add carefully.", 0.9)
@@ -294,8 +308,10 @@ def test_opro_ties_keep_p_tilde(monkeypatch, make_task):
 
     task = make_task([("q", "1")], prompt="Seed.")
     task.train = task.test
-    monkeypatch.setattr(opro, "accuracy_of", lambda *a, **k: 0.0)
-    monkeypatch.setattr(opro, "sample_texts", lambda *a, **k: [["<INS>Other.</INS>"]])
+    from metatuner import metaprompt
+
+    monkeypatch.setattr(metaprompt, "accuracy_of", lambda *a, **k: 0.0)
+    monkeypatch.setattr(metaprompt, "sample_texts", lambda *a, **k: [["<INS>Other.</INS>"]])
     cfg = load_config(None, ["opro.steps=1", "opro.candidates=1"])
     assert opro.optimize(cfg, None, None, None, None, task)[0] == "Seed."
 
@@ -389,11 +405,11 @@ def test_bettertogether_returns_best_program(strategy, accs, want_step, want_pro
         step_acc[(f"prompt{i}", delta(actor))] = acc
         return f"ins{i}", f"prompt{i}", acc, 1
 
-    def fake_weight_step(cfg, actor, tok, task, prompt, out_dir, step_i, train=None):
+    def fake_weight_step(cfg, actor, tok, task, prompt, out_dir, step_i, train=None, steps=-1, log=None):
         with torch.no_grad():
             actor.lm_head.weight[0, 0] += 1.0
         step_acc[(prompt, delta(actor))] = next(it)
-        return actor, 3, 4, 5
+        return actor, 3, 4, 5, steps
 
     got = {}
 
@@ -410,6 +426,7 @@ def test_bettertogether_returns_best_program(strategy, accs, want_step, want_pro
     BT.run(cfg)
     assert got["extra"]["best_step"] == want_step
     assert got["extra"]["train_tokens"] == 5 * strategy.count("w")
+    assert got["extra"]["train_steps"] == cfg.train.max_steps  # the total, split across the w steps
     assert got["prompt"] == (want_prompt or got["p_tilde"])
     assert delta(got["model"]) == want_delta
     hist = [json.loads(x) for x in (tmp_path / "bt" / "bettertogether_history.jsonl").read_text().splitlines()]
@@ -430,15 +447,16 @@ def test_with_demos_and_bootstrap_shape():
 def test_train_on_other_tasks_test_on_target(method, tiny_model_path, tmp_path, captured, monkeypatch):
     """task.train_tasks: training data (SFT) / the scoring subset (OPRO) come from the other tasks,
     the evaluation from task.name's test split."""
-    from metatuner.methods import opro, sft
+    from metatuner import metaprompt
     from metatuner.config import TaskConfig
+    from metatuner.methods import sft
     from metatuner.tasks import load_task
 
     seen = []
-    real_train, real_acc = sft.train_sft, opro.accuracy_of
+    real_train, real_acc = sft.train_sft, metaprompt.accuracy_of
     monkeypatch.setattr(sft, "train_sft", lambda cfg, m, t, task, exs, *a, **kw:
                         seen.append(list(exs)) or real_train(cfg, m, t, task, exs, *a, **kw))
-    monkeypatch.setattr(opro, "accuracy_of", lambda m, t, task, exs, *a, **kw:
+    monkeypatch.setattr(metaprompt, "accuracy_of", lambda m, t, task, exs, *a, **kw:
                         seen.append(list(exs)) or real_acc(m, t, task, exs, *a, **kw))
     out = tmp_path / method
     args = ["train", f"method={method}", f"model.name={tiny_model_path}", f"output_dir={out}", *SMALL,
@@ -450,3 +468,140 @@ def test_train_on_other_tasks_test_on_target(method, tiny_model_path, tmp_path, 
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert [p["query"] for p in preds] == [e.query for e in target.test[:2]]
     assert load_config(out / "config.yaml").task.train_tasks == ["basic_arithmetic", "products"]
+
+
+# ----------------------------------------------------------------------------- budgets, logs, structure
+
+
+@pytest.mark.parametrize("total, sft_steps, want", [(6, 4, (4, 2)), (6, -1, (4, 2)), (10, -1, (7, 3)), (5, 5, (5, 0)),
+                                                    (5, 0, (0, 5)), (0, -1, (0, 0))])
+def test_dpo_budget_splits_the_total(total, sft_steps, want):
+    from metatuner.methods.dpo import budget
+
+    cfg = load_config(None, [f"train.max_steps={total}", f"dpo.sft_steps={sft_steps}"])
+    assert budget(cfg) == want
+
+
+def test_dpo_budget_over_total_is_one_line_error(tiny_model_path, tmp_path, capsys):
+    assert main(["train", "method=dpo", f"model.name={tiny_model_path}", f"output_dir={tmp_path / 'd'}", *SMALL,
+                 "train.max_steps=3", "dpo.sft_steps=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: dpo.sft_steps = 4") and "train.max_steps (3)" in err[0]
+    assert not (tmp_path / "d" / "sft").exists()  # refused before any training
+
+
+@pytest.mark.parametrize("total, parts, want", [(3, 2, [2, 1]), (4, 2, [2, 2]), (1, 3, [1, 0, 0]), (0, 2, [0, 0]),
+                                                (5, 1, [5]), (5, 0, [])])
+def test_split_steps(total, parts, want):
+    from metatuner.lora_sft import split_steps
+
+    assert split_steps(total, parts) == want and sum(want) == (total if parts else 0)
+
+
+def test_bettertogether_splits_the_total_across_w_steps(tiny_model_path, tmp_path, monkeypatch):
+    """train.max_steps=3 over 'w -> w': 2 then 1 real optimizer steps, both in train_log.jsonl."""
+    from metatuner.methods import bettertogether
+
+    monkeypatch.setattr(bettertogether, "bootstrap_traces", lambda m, t, task, exs, p, bs=16:
+                        [(ex, ex.target) for ex in exs[:2]])
+    out = tmp_path / "bt"
+    assert main(["train", "method=bettertogether", f"model.name={tiny_model_path}", f"output_dir={out}", *SMALL,
+                 "bettertogether.strategy=w -> w", "train.max_steps=3"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_steps"] == 3
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["step"]) for r in log] == [("w0", 1), ("w0", 2), ("w1", 1)]
+
+
+def test_zero_shot_module_runs(tiny_model_path, tmp_path):
+    """methods.zero_shot.run: the untrained model with p~; same files and numbers as `metatuner eval`."""
+    from metatuner.methods import zero_shot
+
+    out = tmp_path / "zs"
+    cfg = load_config(None, [f"model.name={tiny_model_path}", f"output_dir={out}", *SMALL[:6]])
+    metrics = zero_shot.run(cfg)
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert metrics["method"] == "zero_shot" and metrics["train_steps"] == 0 and metrics["n"] == 2 == len(preds)
+    assert json.loads((out / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
+    assert load_config(out / "config.yaml").model.name == str(tiny_model_path)
+    assert main(["eval", f"model.name={tiny_model_path}", f"output_dir={tmp_path / 'ev'}", *SMALL[:6]]) == 0
+    assert (tmp_path / "ev" / "predictions.jsonl").read_text() == (out / "predictions.jsonl").read_text()
+
+
+def method_imports(path: Path) -> set[str]:
+    """Modules a file imports (absolute names; `from . import x` resolved against metatuner.methods)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                pkg = "metatuner.methods" + ("." + path.parent.name if path.parent.name != "methods" else "")
+                parts = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            names.add(base)
+            names |= {f"{base}.{a.name}" for a in node.names}
+    return names
+
+
+def test_method_modules_never_import_each_other():
+    """Shared blocks live outside methods/: a method module (or package) imports no other method."""
+    import metatuner.methods as M
+
+    root = Path(M.__file__).parent
+    methods = {p.stem for p in root.glob("*.py") if p.stem != "__init__"} | \
+              {p.name for p in root.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert {"sft", "dpo", "opro", "bpo", "bettertogether", "continual", "inference_select", "zero_shot"} <= methods
+    bad = []
+    for name in sorted(methods):
+        files = [root / f"{name}.py"] if (root / f"{name}.py").is_file() else sorted((root / name).rglob("*.py"))
+        for f in files:
+            for imp in method_imports(f):
+                parts = imp.split(".")
+                if parts[:2] == ["metatuner", "methods"] and len(parts) > 2 and parts[2] in methods and parts[2] != name:
+                    bad.append(f"{f.relative_to(root)} imports {imp}")
+    assert not bad, bad
+
+
+def test_sft_resumes_through_find_resume_checkpoint(tiny_model_path, tmp_path, monkeypatch):
+    """A TRL trainer resumes from the checkpoint metatuner.checkpoints.find_resume_checkpoint names (asked
+    with directory = the trainer's folder); train_log.jsonl drops what was logged after that checkpoint."""
+    import sys
+    import types
+
+    out = tmp_path / "sft"
+    base = ["train", "method=sft", f"model.name={tiny_model_path}", f"output_dir={out}", *SMALL, "train.save_steps=1",
+            "train.save_total_limit=5"]
+    assert main(base) == 0
+    assert (out / "checkpoint-1" / "trainer_state.json").is_file() and (out / "checkpoint-2").is_dir()
+    first = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    # resume=true with a larger budget: continues from the newest checkpoint (checkpoint-2) for one more step
+    assert main([*base, "train.max_steps=3", "resume_from_checkpoint=true"]) == 0
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and log[:2] == first
+    assert json.loads((out / "metrics.json").read_text())["train_steps"] == 3
+    asked = []
+
+    def find_resume_checkpoint(cfg, directory=None):
+        asked.append((str(directory), cfg.resume_from_checkpoint))
+        return Path(directory) / "checkpoint-1"
+
+    try:
+        import metatuner.checkpoints as ck
+
+        monkeypatch.setattr(ck, "find_resume_checkpoint", find_resume_checkpoint)
+    except ImportError:  # before the `run` branch's checkpoints module is merged
+        monkeypatch.setitem(sys.modules, "metatuner.checkpoints",
+                            types.SimpleNamespace(find_resume_checkpoint=find_resume_checkpoint))
+    assert main([*base, "train.max_steps=3", "resume_from_checkpoint=true"]) == 0
+    assert asked and all(a == (str(out), True) for a in asked)
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert log[0] == first[0]  # the line before the checkpoint is kept as it was; steps 2-3 are new
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_steps"] == 3
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and len([h for h in state["log_history"] if "loss" in h]) == 3

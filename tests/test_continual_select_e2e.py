@@ -23,7 +23,7 @@ def _in_tmp(tmp_path, monkeypatch):
 def test_continual_with_sapo_end_to_end(tiny_model_path, tmp_path):
     out = tmp_path / "cont"
     args = ["train", "method=continual", f"model.name={tiny_model_path}", f"output_dir={out}", *SMALL,
-            "train.max_steps=2", "prompt_selection=sapo", "sapo.prompts=[Add the numbers.]",
+            "train.max_steps=3", "prompt_selection=sapo", "sapo.prompts=[Add the numbers.]",
             "continual.tasks=[chain_sum,products]", "task.params_by_task.products.max_digits=1"]
     assert main(args) == 0
     rep = json.loads((out / "continual.json").read_text())
@@ -37,7 +37,12 @@ def test_continual_with_sapo_end_to_end(tiny_model_path, tmp_path):
         assert st["prompt"] == min(cands, key=cands.get)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task"] == "products" and metrics["accuracy_matrix"] == rep["accuracy"]
-    assert metrics["train_steps"] == 4 and metrics["train_tokens"] > 0
+    # train.max_steps=3 is the total: 2 steps on the first stage, 1 on the second
+    assert metrics["train_steps"] == 3 and metrics["train_tokens"] > 0
+    assert [st["train_steps"] for st in rep["stages"]] == [2, 1]
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["step"]) for r in log] == [("stage0_chain_sum@0", 1), ("stage0_chain_sum@0", 2),
+                                                      ("stage1_products@0", 1)]
     assert "forgetting (points): chain_sum=" in (out / "continual.md").read_text()
     # the second stage really used products with the per-task params (1-digit factors)
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]

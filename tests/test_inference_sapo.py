@@ -126,11 +126,12 @@ def test_sapo_picks_lowest_measured_loss(tiny_model):
 
 
 def test_sapo_reselects_before_each_stage(monkeypatch, tiny_model, tmp_path):
-    from metatuner.methods import continual, sft
+    from metatuner import lora_sft
 
     model, tok = tiny_model
     task = toy_task()
-    cfg = load_config(None, ["prompt_selection=sapo", "sapo.reselect_steps=1", "sapo.subset=2", "train.bf16=false"])
+    cfg = load_config(None, ["method=sft", "prompt_selection=sapo", "sapo.reselect_steps=1", "sapo.subset=2",
+                             "train.bf16=false"])
     calls = []
     real = sapo.prompt_losses
 
@@ -139,22 +140,25 @@ def test_sapo_reselects_before_each_stage(monkeypatch, tiny_model, tmp_path):
         return real(*a, **k)
 
     class Trained:
-        train_metrics = {"train_tokens": 7}
+        train_metrics = {"train_tokens": 7, "train_steps": 1}
 
         def merge_and_unload(self):
             return model
 
     monkeypatch.setattr(sapo, "prompt_losses", counting)
-    monkeypatch.setattr(sft, "train_sft", lambda *a, **k: Trained())
-    _, sels, tokens = continual.staged_sft(cfg, model, tok, task, 3, tmp_path)
+    monkeypatch.setattr(lora_sft, "train_sft", lambda *a, **k: Trained())
+    _, sels, stats = sapo.staged_sft(cfg, model, tok, task, 3, tmp_path)
     assert len(calls) == 3 and [s["at_step"] for s in sels] == [0, 1, 2]
-    assert tokens == 3 * 7  # tokens trained on, summed over the sub-stages
+    assert stats == {"tokens": 3 * 7, "steps": 3}  # tokens and steps, summed over the sub-stages
 
 
 def test_sapo_bad_setting(tiny_model):
     model, tok = tiny_model
     task = toy_task()
-    cfg = load_config(None, ["prompt_selection=best"])
+    with pytest.raises(MetatunerError, match="prompt_selection = 'best': expected one of none, sapo"):
+        load_config(None, ["prompt_selection=best"])
+    cfg = load_config(None, ["method=sft"])
+    cfg.prompt_selection = "best"  # set past validation: the selection itself refuses it too
     with pytest.raises(MetatunerError, match="prompt_selection"):
         sapo.maybe_select(cfg, model, tok, task)
 

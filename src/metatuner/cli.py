@@ -28,11 +28,11 @@ SUBCOMMANDS = {
 
 def run_train(cfg: Config) -> dict:
     """Dispatch on cfg.method to the method's own module."""
-    from metatuner.methods import bettertogether, bpo, continual, dpo, inference_select, metatuner, opro, sft
+    from metatuner.methods import bettertogether, bpo, continual, dpo, inference_select, metatuner, opro, sft, zero_shot
 
     if cfg.method in metatuner.METHODS:
         return metatuner.run(cfg)
-    runners = {"zero_shot": run_eval, "sft": sft.run, "dpo": dpo.run, "opro": opro.run, "bpo": bpo.run,
+    runners = {"zero_shot": zero_shot.run, "sft": sft.run, "dpo": dpo.run, "opro": opro.run, "bpo": bpo.run,
                "bettertogether": bettertogether.run, "continual": continual.run,
                "inference_select": inference_select.run}
     if cfg.method not in runners:

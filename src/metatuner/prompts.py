@@ -1,7 +1,7 @@
-"""Prompt-side building blocks shared by the prompt baselines (OPRO, BPO, BetterTogether, SAPO).
+"""Prompt-side building blocks shared by the prompt baselines (OPRO, BPO, BetterTogether, SAPO, MetaTuner's D2).
 
 - `accuracy_of(...)`: the actor's accuracy with one prompt on a set of examples (the OPRO scorer).
-- `sample_texts(...)`: sample n completions of chat inputs from a model (the optimizer / rewriter LLM).
+- `optimizer_llm(...)`: the generator as a frozen prompt-writing LLM (sampling lives in metatuner.sampling).
 - `rank_prompts(...)`: per query, the best of several candidate prompts by the D2 criterion
   (correct first, then lower NLL of the reference under the actor).
 - `bootstrap_traces(...)`: the actor's own generations that the task scores correct.
@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
+from tqdm.auto import tqdm
 
 from metatuner.evaluate import chat_text, evaluate, generate_texts
 from metatuner.tasks import Example, Task
@@ -25,24 +27,12 @@ def accuracy_of(model, tok, task: Task, examples: list[Example], prompt: str, ba
 
 
 @torch.no_grad()
-def sample_texts(model, tok, messages: list[list[dict]], n: int, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, batch_size: int = 8, greedy: bool = False) -> list[list[str]]:
-    """n sampled completions per chat (greedy: one, deterministic)."""
-    out = []
-    for s in range(0, len(messages), batch_size):
-        texts = [chat_text(tok, m) for m in messages[s : s + batch_size]]
-        gens, _, _ = generate_texts(model, tok, texts, max_new_tokens, do_sample=not greedy, temperature=temperature,
-                                    top_p=top_p, num_return_sequences=1 if greedy else n)
-        out += gens
-    return out
-
-
-@torch.no_grad()
 def rank_prompts(model, tok, task: Task, examples: list[Example], candidates: list[list[str]], criterion: str = "answer",
                  batch_size: int = 16, max_length: int = 512, bf16: bool = True,
-                 factors_ctx=None) -> list[tuple[str, bool, float]]:
+                 factors_ctx=None, desc: str | None = None) -> list[tuple[str, bool, float]]:
     """Best candidate per query: (prompt, correct, nll), ranked by (correct first, then lower NLL of the
-    reference). `factors_ctx(examples)` may return a context that changes the actor per row."""
+    reference). `factors_ctx(examples)` may return a context that changes the actor per row; `desc`
+    labels a progress bar over the (query, candidate) rows (main process only)."""
     if criterion not in ("answer", "nll"):
         from metatuner.errors import MetatunerError
 
@@ -54,6 +44,8 @@ def rank_prompts(model, tok, task: Task, examples: list[Example], candidates: li
         flat_p += uniq
         owner += [i] * len(uniq)
     correct, nll = [], []
+    bar = tqdm(total=len(flat_ex), desc=desc, leave=False, dynamic_ncols=True,
+               disable=desc is None or int(os.environ.get("RANK", "0")) != 0)
     for s in range(0, len(flat_ex), batch_size):
         exs, ps = flat_ex[s : s + batch_size], flat_p[s : s + batch_size]
         ctx = factors_ctx(exs) if factors_ctx else contextlib.nullcontext()
@@ -67,6 +59,8 @@ def rank_prompts(model, tok, task: Task, examples: list[Example], candidates: li
                 correct += [bool(task.score(task.extract_for(g[0], ex), ex)["correct"]) for g, ex in zip(gens, exs)]
             else:
                 correct += [False] * len(exs)
+        bar.update(len(exs))
+    bar.close()
     best: dict[int, tuple] = {}
     for j, i in enumerate(owner):
         key = (not correct[j], nll[j])

@@ -13,6 +13,7 @@ with the model as it is then.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 
@@ -36,7 +37,7 @@ def parse_paraphrase(text: str) -> str:
 
 def paraphrases(gen, gtok, prompt: str, m: int, temperature: float, max_new_tokens: int) -> list[str]:
     """M paraphrases of `prompt` from the generator (empty or duplicate ones dropped)."""
-    from metatuner.prompts import sample_texts
+    from metatuner.sampling import sample_texts
 
     if m <= 0:
         return []
@@ -94,3 +95,28 @@ def maybe_select(cfg: Config, model, tok, task: Task, gen=None, gtok=None, candi
     res = select_prompt(cfg, model, tok, task, candidates, gen, gtok)
     task.prompt = res["prompt"]
     return res
+
+
+def staged_sft(cfg: Config, model, tok, task: Task, steps: int, out_dir: Path, gen=None, gtok=None, log=None,
+               phase: str = "sft"):
+    """LoRA SFT for `steps` optimizer steps in sub-stages of sapo.reselect_steps, SAPO before each when
+    enabled; each sub-stage's adapter is merged before the next. -> (merged model, selection records,
+    {"steps": steps taken, "tokens": tokens trained on})."""
+    from metatuner import lora_sft
+
+    every = cfg.sapo.reselect_steps if (cfg.prompt_selection == "sapo" and cfg.sapo.reselect_steps > 0) else steps
+    done, selections, candidates, tokens, taken = 0, [], None, 0, 0
+    while done < steps:
+        n = min(every, steps - done)
+        sel = maybe_select(cfg, model, tok, task, gen, gtok, candidates)
+        if sel is not None:
+            candidates = sel["candidates"]  # one candidate pool per task, re-scored by the model as it is now
+            selections.append({"at_step": done, **sel})
+        peft_model = lora_sft.train_sft(cfg, model, tok, task, task.train, task.prompt, Path(out_dir) / f"stage_step{done}",
+                                        n, cfg.train.lr, log=log, phase=f"{phase}@{done}")
+        tokens += peft_model.train_metrics.get("train_tokens", 0)
+        taken += peft_model.train_metrics.get("train_steps", 0)
+        model = peft_model.merge_and_unload()
+        model.eval()
+        done += n
+    return model, selections, {"steps": taken, "tokens": tokens}

@@ -6,7 +6,8 @@ The strategy string (default "p -> w -> p") is a sequence of steps:
   instruction on the validation split, then random demo sets (1..max_demos) under the best
   instruction; keep the best program (instruction + demos) by validation accuracy.
 - w: LoRA SFT (TRL) of the actor on its own correct traces under the current prompt; the adapter
-  is merged so a later step starts from the fine-tuned actor.
+  is merged so a later step starts from the fine-tuned actor. `train.max_steps` is the total over
+  all w steps, split evenly (earlier steps take the remainder); train_log.jsonl logs each (phase wI).
 After every step the program is scored on validation; the best-scoring program is returned and
 evaluated on the test split.
 
@@ -19,12 +20,16 @@ import random
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from metatuner.config import Config
 from metatuner.errors import MetatunerError
 from metatuner.io import write_jsonl
-from metatuner.methods.opro import meta_prompt, parse_instruction
-from metatuner.prompts import accuracy_of, bootstrap_traces, optimizer_llm, sample_texts, with_demos
+from metatuner.lora_sft import examples_per_step, split_steps, train_sft
+from metatuner.metaprompt import meta_prompt, parse_instruction
+from metatuner.prompts import accuracy_of, bootstrap_traces, optimizer_llm, with_demos
+from metatuner.sampling import sample_texts
+from metatuner.train_log import open_train_log
 
 
 def parse_strategy(s) -> list[str]:
@@ -69,22 +74,24 @@ def prompt_step(cfg: Config, actor, tok, gen, gtok, task, instruction: str, rng:
     return best_ins, best_prompt, best_acc, calls
 
 
-def weight_step(cfg: Config, actor, tok, task, prompt: str, out_dir: str, step_i: int, train=None):
-    """SFT on the actor's own correct traces; returns (merged actor, examples trained on, generation calls,
-    tokens trained on)."""
-    from metatuner.methods.sft import train_sft
+def weight_step(cfg: Config, actor, tok, task, prompt: str, out_dir: str, step_i: int, train=None, steps: int = -1,
+                log=None):
+    """`steps` (-1: train.max_steps) of SFT on the actor's own correct traces; returns (merged actor,
+    examples trained on, generation calls, tokens trained on, optimizer steps taken)."""
     from metatuner.tasks import Example
 
+    steps = cfg.train.max_steps if steps < 0 else steps
     queries = (task.train if train is None else train)[: cfg.bettertogether.queries]
     traces = bootstrap_traces(actor, tok, task, queries, prompt, cfg.eval.batch_size)
-    if not traces or cfg.train.max_steps <= 0:
-        return actor, 0, len(queries), 0
+    if not traces or steps <= 0:
+        return actor, 0, len(queries), 0, 0
     data = [Example(query=ex.query, answer=ex.answer, target=g) for ex, g in traces]
-    peft_model = train_sft(cfg, actor, tok, task, data, prompt, f"{out_dir}/w{step_i}", cfg.train.max_steps, cfg.train.lr)
+    peft_model = train_sft(cfg, actor, tok, task, data, prompt, f"{out_dir}/w{step_i}", steps, cfg.train.lr, log=log,
+                           phase=f"w{step_i}")
     tokens = peft_model.train_metrics.get("train_tokens", 0)
     merged = peft_model.merge_and_unload()
     merged.eval()
-    return merged, len(data), len(queries), tokens
+    return merged, len(data), len(queries), tokens, peft_model.train_metrics["train_steps"]
 
 
 def run(cfg: Config) -> dict:
@@ -101,6 +108,8 @@ def run(cfg: Config) -> dict:
     gen, gtok = optimizer_llm(cfg, actor, tok)
     same = gen is actor
     rng = random.Random(cfg.seed)
+    w_budget = iter(split_steps(cfg.train.max_steps, steps.count("w")))
+    log = open_train_log(cfg.output_dir, append=False)
     instruction, prompt = task.prompt, task.prompt
     with torch.no_grad():
         acc0 = accuracy_of(actor, tok, task, val, prompt, cfg.eval.batch_size)
@@ -111,7 +120,8 @@ def run(cfg: Config) -> dict:
     # step changed it since), or a CPU copy of its state (a later weight step changed it)
     best_weights = "original"
     trained = False  # has any weight step changed the live actor
-    for i, s in enumerate(steps):
+    bar = tqdm(steps, desc="bettertogether", leave=False, dynamic_ncols=True, disable=not is_main_process())
+    for i, s in enumerate(bar):
         # DSPy shuffles the trainset between steps (shuffle_trainset_between_steps=True)
         train = rng.sample(task.train, len(task.train))
         if s == "p":
@@ -123,12 +133,13 @@ def run(cfg: Config) -> dict:
             # the best program so far runs on the live actor's weights: keep a CPU copy before changing them
             snapshot = ({k: v.detach().to("cpu", copy=True) for k, v in actor.state_dict().items()}
                         if best_weights == "current" else None)
-            actor, n_data, c, n_tokens = weight_step(cfg, actor, tok, task, prompt, cfg.output_dir, i, train)
+            actor, n_data, c, n_tokens, n_steps = weight_step(cfg, actor, tok, task, prompt, cfg.output_dir, i, train,
+                                                              next(w_budget), log)
             calls += c
             w_tokens += n_tokens
             if n_data:
                 trained = True
-                w_steps += cfg.train.max_steps
+                w_steps += n_steps
                 w_examples += n_data
                 if snapshot is not None:
                     best_weights = snapshot
@@ -137,6 +148,7 @@ def run(cfg: Config) -> dict:
                 acc = accuracy_of(actor, tok, task, val, prompt, cfg.eval.batch_size)
             calls += len(val)
         history.append({"step": f"{i}:{s}", "instruction": instruction, "prompt": prompt, "val_accuracy": acc})
+        bar.set_postfix(step=f"{i}:{s}", val=f"{acc:.3f}", best=f"{max(acc, best['acc']):.3f}", refresh=False)
         if acc > best["acc"]:  # strict: on ties the earlier (cheaper) program stays
             best = {"acc": acc, "step": f"{i}:{s}", "prompt": prompt, "instruction": instruction}
             best_weights = "current" if trained else "original"
@@ -150,6 +162,6 @@ def run(cfg: Config) -> dict:
         return final_eval(cfg, actor, tok, task, best["prompt"], extra={
             "prompt": best["prompt"], "best_step": best["step"], "val_accuracy": best["acc"],
             "bettertogether_strategy": cfg.bettertogether.strategy, "w_traces": w_examples,
-            "train_steps": w_steps, "train_examples": w_steps * cfg.train.batch_size, "train_tokens": w_tokens,
+            "train_steps": w_steps, "train_examples": w_steps * examples_per_step(cfg), "train_tokens": w_tokens,
             "generation_calls": calls,
             "train_seconds": round(time.time() - t0, 1)})

@@ -3,8 +3,9 @@
 "Better" comes from rollouts scored by the actor, as MetaTuner's D2: for each training query the
 rewriter (the generator) samples rollout.n rewrites of (p~, x); the actor ranks them with p~
 (correct first, then lower NLL of the reference); the best is the target. The rewriter is then
-LoRA-SFT'd (TRL) on the pairs. At test time it rewrites each query's prompt (greedy) and the
-actor, unchanged, answers.
+LoRA-SFT'd (TRL) on the pairs for bpo.max_steps steps (its own budget key: the actor is never
+trained; train_log.jsonl, phase "rewriter"). At test time it rewrites each query's prompt (greedy)
+and the actor, unchanged, answers.
 
     metatuner train method=bpo bpo.queries=64 bpo.max_steps=30 rollout.n=4
 """
@@ -17,14 +18,18 @@ import torch
 
 from metatuner.config import Config
 from metatuner.io import write_jsonl
+from metatuner.lora_sft import add_callbacks, examples_per_step, trainer_resume_path, trl_common_args
+from metatuner.prompts import rank_prompts
 from metatuner.rewrite import clean_prompt, rewrite_messages
-from metatuner.prompts import rank_prompts, sample_texts
+from metatuner.sampling import sample_texts
+from metatuner.train_log import open_train_log
 
 
-def rewrite(gen, gtok, p_tilde: str, examples, cfg: Config, n: int = 1, greedy: bool = True) -> list[list[str]]:
+def rewrite(gen, gtok, p_tilde: str, examples, cfg: Config, n: int = 1, greedy: bool = True,
+            desc: str | None = None) -> list[list[str]]:
     msgs = [rewrite_messages(p_tilde, ex.query) for ex in examples]
     outs = sample_texts(gen, gtok, msgs, n, cfg.generator.max_prompt_tokens, cfg.rollout.temperature,
-                        cfg.rollout.top_p, cfg.rollout.batch_size, greedy=greedy)
+                        cfg.rollout.top_p, cfg.rollout.batch_size, greedy=greedy, desc=desc)
     return [[clean_prompt(t, p_tilde) for t in o] for o in outs]
 
 
@@ -33,7 +38,6 @@ def run(cfg: Config) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from metatuner.lora import peft_lora_config
-    from metatuner.methods.sft import trl_common_args
     from metatuner.models import load_from_config, load_model
     from metatuner.run import final_eval, is_main_process, start_run
 
@@ -44,9 +48,9 @@ def run(cfg: Config) -> dict:
                            cfg.generator.trust_remote_code)
     queries = task.train[: cfg.bpo.queries]
     with torch.no_grad():
-        cands = rewrite(gen, gtok, task.prompt, queries, cfg, n=cfg.rollout.n, greedy=False)
+        cands = rewrite(gen, gtok, task.prompt, queries, cfg, n=cfg.rollout.n, greedy=False, desc="bpo rollouts")
         best = rank_prompts(actor, tok, task, queries, [[task.prompt] + c for c in cands], cfg.rollout.criterion,
-                            cfg.rollout.batch_size, cfg.train.max_length, cfg.train.bf16)
+                            cfg.rollout.batch_size, cfg.train.max_length, cfg.train.bf16, desc="bpo ranking")
     pairs = [{"prompt": rewrite_messages(task.prompt, ex.query), "completion": [{"role": "assistant", "content": b[0]}]}
              for ex, b in zip(queries, best)]
     if is_main_process():
@@ -62,7 +66,9 @@ def run(cfg: Config) -> dict:
         gen.train()
         trainer = SFTTrainer(model=gen, args=args, train_dataset=Dataset.from_list(pairs), processing_class=gtok,
                              peft_config=peft_lora_config(gen, cfg.lora, cfg.generator.name or cfg.model.name))
-        steps = int(trainer.train().global_step)
+        ckpt = trainer_resume_path(cfg, f"{cfg.output_dir}/rewriter")
+        add_callbacks(trainer, cfg, open_train_log(cfg.output_dir, append=ckpt is not None), "rewriter")
+        steps = int(trainer.train(resume_from_checkpoint=ckpt).global_step)
         tokens = int(trainer.state.num_input_tokens_seen or 0)
         rewriter = trainer.model
         if is_main_process():
@@ -72,10 +78,10 @@ def run(cfg: Config) -> dict:
 
     with torch.no_grad():
         exs = eval_examples(cfg, task)
-        prompts = [c[0] for c in rewrite(rewriter, gtok, task.prompt, exs, cfg)]
+        prompts = [c[0] for c in rewrite(rewriter, gtok, task.prompt, exs, cfg, desc="bpo rewrites (test)")]
         return final_eval(cfg, actor, tok, task, prompts, extra={
             "pairs": len(pairs), "pairs_rewritten": sum(b[0] != task.prompt for b in best) / max(1, len(best)),
-            "train_steps": steps, "train_examples": steps * cfg.train.batch_size, "train_tokens": tokens,
+            "train_steps": steps, "train_examples": steps * examples_per_step(cfg), "train_tokens": tokens,
             "generation_calls": len(queries) * (cfg.rollout.n + (cfg.rollout.n + 1) * (cfg.rollout.criterion == "answer")),
             "rewrite_calls_eval": len(exs),
             "train_seconds": round(time.time() - t0, 1)})

@@ -2,8 +2,9 @@
 
     metatuner train method=continual continual.tasks=[chain_sum,basic_arithmetic] prompt_selection=sapo
 
-Each stage: (SAPO: select the training prompt with the current model) -> LoRA SFT for
-train.max_steps on that task (TRL) -> merge the adapter -> evaluate on every task seen so far.
+Each stage: (SAPO: select the training prompt with the current model) -> LoRA SFT on that task
+(TRL) -> merge the adapter -> evaluate on every task seen so far. `train.max_steps` is the total
+over all stages, split evenly (earlier stages take the remainder); train_log.jsonl logs every stage.
 With sapo.reselect_steps=N a stage is itself split into sub-stages of N steps with re-selection
 before each. Writes continual.json (accuracy matrix, forgetting, prompts chosen) and
 continual.md; metrics.json/predictions.jsonl hold the last task's evaluation.
@@ -18,30 +19,12 @@ from pathlib import Path
 import torch
 
 from metatuner.config import Config
+from metatuner.errors import MetatunerError
 from metatuner.io import atomic_write_text, write_json
-from metatuner.sapo import maybe_select
+from metatuner.lora_sft import examples_per_step, split_steps
+from metatuner.sapo import staged_sft
 from metatuner.tasks import Task, load_task
-
-
-def staged_sft(cfg: Config, model, tok, task: Task, steps: int, out_dir: Path, gen=None, gtok=None):
-    """SFT for `steps` steps in stages of sapo.reselect_steps (SAPO before each when enabled).
-    Returns (merged model, list of selection records, tokens trained on)."""
-    from metatuner.methods.sft import train_sft
-
-    every = cfg.sapo.reselect_steps if (cfg.prompt_selection == "sapo" and cfg.sapo.reselect_steps > 0) else steps
-    done, selections, candidates, tokens = 0, [], None, 0
-    while done < steps:
-        n = min(every, steps - done)
-        sel = maybe_select(cfg, model, tok, task, gen, gtok, candidates)
-        if sel is not None:
-            candidates = sel["candidates"]  # one candidate pool per task, re-scored by the model as it is now
-            selections.append({"at_step": done, **sel})
-        peft_model = train_sft(cfg, model, tok, task, task.train, task.prompt, out_dir / f"stage_step{done}", n, cfg.train.lr)
-        tokens += peft_model.train_metrics.get("train_tokens", 0)
-        model = peft_model.merge_and_unload()
-        model.eval()
-        done += n
-    return model, selections, tokens
+from metatuner.train_log import open_train_log
 
 
 def task_config(cfg: Config, name: str):
@@ -64,15 +47,20 @@ def forgetting(acc: list[list[float]]) -> list[float]:
 def run(cfg: Config) -> dict:
     from metatuner.models import load_from_config
     from metatuner.prompts import optimizer_llm
-    from metatuner.run import final_eval, is_main_process, set_seed
-    from metatuner.config import save_config
     from metatuner.evaluate import evaluate
+    from metatuner.run import final_eval, is_main_process, start_run
 
     t0 = time.time()
-    set_seed(cfg.seed)
+    if not cfg.continual.tasks:
+        raise MetatunerError("continual.tasks: expected at least one task name, got []")
+    # every stage's task is loaded and checked before anything is written (start_run writes config.yaml)
+    stage_tasks = [load_task(task_config(cfg, name), cfg.seed) for name in cfg.continual.tasks]
+    for name, t in zip(cfg.continual.tasks, stage_tasks):
+        if not t.train:
+            raise MetatunerError(f"continual.tasks: task {name!r} has an empty train split (task.train_size="
+                                 f"{cfg.task.train_size})")
+    start_run(cfg)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     model, tok = load_from_config(cfg.model)
     gen, gtok = (None, None)
     if cfg.prompt_selection == "sapo":
@@ -81,21 +69,25 @@ def run(cfg: Config) -> dict:
             gen, gtok = load_from_config(cfg.model)
     tasks: list[Task] = []
     acc: list[list[float]] = []
-    stages, tokens = [], 0
-    for i, name in enumerate(cfg.continual.tasks):
-        task = load_task(task_config(cfg, name), cfg.seed)
+    stages, tokens, steps_taken = [], 0, 0
+    log = open_train_log(out, append=False)
+    budget = split_steps(cfg.train.max_steps, len(cfg.continual.tasks))
+    for i, (name, task) in enumerate(zip(cfg.continual.tasks, stage_tasks)):
         p_tilde = task.prompt
-        model, sels, n_tokens = staged_sft(cfg, model, tok, task, cfg.train.max_steps, out / f"stage{i}_{name}", gen, gtok)
-        tokens += n_tokens
+        model, sels, st = staged_sft(cfg, model, tok, task, budget[i], out / f"stage{i}_{name}", gen, gtok, log=log,
+                                     phase=f"stage{i}_{name}")
+        tokens += st["tokens"]
+        steps_taken += st["steps"]
         tasks.append(task)
         row = []
         with torch.no_grad():
             for t in tasks:
                 exs = t.test[: cfg.eval.limit or None]
-                _, m = evaluate(model, tok, t, exs, t.prompt, batch_size=cfg.eval.batch_size, progress=False)
+                _, m = evaluate(model, tok, t, exs, t.prompt, batch_size=cfg.eval.batch_size, progress=is_main_process(),
+                                desc=f"eval {t.name} after stage {i}")
                 row.append(m["accuracy"])
         acc.append(row)
-        stages.append({"task": name, "p_tilde": p_tilde, "prompt": task.prompt,
+        stages.append({"task": name, "p_tilde": p_tilde, "prompt": task.prompt, "train_steps": st["steps"],
                        "selections": [{"at_step": s["at_step"], "prompt": s["prompt"],
                                        "candidates": list(zip(s["candidates"], s["losses"]))} for s in sels],
                        "accuracy_after": dict(zip([t.name for t in tasks], row))})
@@ -120,5 +112,5 @@ def run(cfg: Config) -> dict:
         return final_eval(cfg, model, tok, last, last.prompt, extra={
             "continual_tasks": names if is_main_process() else list(cfg.continual.tasks),
             "accuracy_matrix": acc, "mean_forgetting": report["mean_forgetting"],
-            "train_steps": cfg.train.max_steps * len(tasks), "train_examples": cfg.train.max_steps * len(tasks) * cfg.train.batch_size,
+            "train_steps": steps_taken, "train_examples": steps_taken * examples_per_step(cfg),
             "train_tokens": tokens, "train_seconds": round(time.time() - t0, 1)})

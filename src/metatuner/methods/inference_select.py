@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from metatuner.errors import MetatunerError
 from metatuner.evaluate import chat_text
 from metatuner.inference import (accuracy_with_allocation, allocate_budget, draw_samples, estimate_accuracy,
                                  fit_probe, query_features, resolve_verifier, select_pair)
-from metatuner.io import write_json
+from metatuner.io import atomic_path, write_json
 
 
 def candidate_prompts(cfg: Config, actor, tok, task) -> list[str]:
@@ -40,7 +39,7 @@ def candidate_prompts(cfg: Config, actor, tok, task) -> list[str]:
     cands = [task.prompt] + list(cfg.select.prompts)
     gen, gtok = optimizer_llm(cfg, actor, tok)
     if cfg.select.opro_prompts > 0:
-        from metatuner.methods.opro import optimize
+        from metatuner.metaprompt import optimize
 
         _, _, rows, _ = optimize(cfg, actor, tok, gen, gtok, task)
         ranked = sorted(rows[1:], key=lambda r: -r["train_accuracy"])
@@ -66,10 +65,9 @@ def plot_curves(curves: dict[str, dict[int, float]], path: Path, strategy: str) 
     ax.set_ylabel("validation accuracy (%)")
     ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def run(cfg: Config) -> dict:

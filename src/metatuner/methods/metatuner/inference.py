@@ -47,7 +47,7 @@ def load_system(run_dir: str | Path) -> MetaTunerSystem:
         def task_rules(tc):
             return load_task(tc, 0)
 
-    from .recipe import load_actor, load_generator
+    from .loading import load_actor, load_generator
 
     run_dir = Path(run_dir)
     final = run_dir / "final"

@@ -4,7 +4,6 @@ warm-up -> joint phase -> final/ -> test evaluation."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -18,34 +17,12 @@ from metatuner.tasks import Task
 from metatuner.training import TrainLog, list_checkpoints
 
 from .gumbel import check_gumbel_vocab
+from .loading import load_actor, load_generator
 from .loop import JointLoop, Runner
 from .system import MetaTunerSystem
 from .warmup import warmup_actor, warmup_generator
 
 METHODS = ("metatuner_j", "metatuner_i", "metatuner_gumbel")
-
-
-def device_of(cfg: Config) -> str:
-    import torch
-
-    if cfg.model.device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        return f"cuda:{os.environ['LOCAL_RANK']}"
-    return cfg.model.device
-
-
-def load_actor(cfg: Config):
-    """(actor, tokenizer) as model.* says, freshly loaded."""
-    from metatuner.models import load_model
-
-    return load_model(cfg.model.name, cfg.model.dtype, device_of(cfg), cfg.model.trust_remote_code)
-
-
-def load_generator(cfg: Config):
-    """(generator model, tokenizer): its own copy, even when it is the actor's checkpoint."""
-    from metatuner.models import load_model
-
-    return load_model(cfg.generator.name or cfg.model.name, cfg.generator.dtype, device_of(cfg),
-                      cfg.generator.trust_remote_code)
 
 
 def prepare(cfg: Config, task: Task) -> tuple[MetaTunerSystem, JointLoop, dict]:

@@ -74,7 +74,7 @@ def warmup_actor(cfg: Config, actor, tok, task: Task, out: Path, state, load_act
         if state.is_main_process:
             print(f"actor warm-up: reusing {cached.parent} (same settings)")
     else:
-        from metatuner.methods.sft import train_sft  # TODO(merge): metatuner.lora_sft
+        from metatuner.lora_sft import train_sft
 
         sub = copy.deepcopy(cfg)
         sub.train.save_steps = 0

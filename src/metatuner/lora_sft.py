@@ -1,0 +1,134 @@
+"""LoRA SFT of a model through TRL's SFTTrainer, and the TrainingArguments our TRL trainers share.
+
+Completion-only loss on conversational prompt/completion pairs rendered by the actor's own chat
+template, exactly as evaluation renders them. Used by the SFT and DPO baselines, BetterTogether's
+w steps, continual stages and MetaTuner's actor warm-up; `trl_common_args` is also what DPO and
+BPO's rewriter train with. Progress and train_log.jsonl come from `metatuner.train_log`; resume
+goes through `metatuner.checkpoints.find_resume_checkpoint` (see `trainer_resume_path`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+from metatuner.config import Config
+from metatuner.lora import peft_lora_config
+from metatuner.tasks import Example, Task
+from metatuner.train_log import attach, open_train_log
+from metatuner.training import TrainLog
+
+
+def sft_dataset(task: Task, examples: list[Example], prompts: list[str] | str):
+    """TRL conversational prompt-completion dataset."""
+    from datasets import Dataset
+
+    if isinstance(prompts, str):
+        prompts = [prompts] * len(examples)
+    return Dataset.from_list([
+        {"prompt": task.render(p, ex.query), "completion": [{"role": "assistant", "content": ex.target}]}
+        for p, ex in zip(prompts, examples)
+    ])
+
+
+def trl_common_args(cfg: Config, output_dir: str | Path, max_steps: int, lr: float, use_cpu: bool) -> dict:
+    """TrainingArguments shared by our TRL-based trainers (progress and logging: metatuner.train_log)."""
+    accum = max(1, cfg.train.grad_accum)
+    return dict(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=max(1, cfg.train.batch_size // accum),
+        gradient_accumulation_steps=accum,
+        learning_rate=lr,
+        lr_scheduler_type=cfg.train.scheduler if cfg.train.scheduler != "constant" else "constant",
+        warmup_steps=int(round(cfg.train.lr_warmup_ratio * max_steps)),
+        weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.max_grad_norm or 1e9,
+        bf16=cfg.train.bf16,
+        use_cpu=use_cpu,
+        logging_steps=max(1, cfg.train.log_steps),
+        save_strategy="steps" if cfg.train.save_steps else "no",
+        save_steps=cfg.train.save_steps or 500,
+        save_total_limit=cfg.train.save_total_limit,
+        report_to=["tensorboard"] if cfg.train.report_to == "tensorboard" else "none",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        disable_tqdm=True,  # train_log.TrainLogCallback draws the bar and writes the log instead
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+    )
+
+
+def examples_per_step(cfg: Config) -> int:
+    """Training examples one optimizer step consumes: per-device batch x accumulation x processes."""
+    accum = max(1, cfg.train.grad_accum)
+    return max(1, cfg.train.batch_size // accum) * accum * int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def trainer_resume_path(cfg: Config, trainer_dir: str | Path) -> str | None:
+    """The checkpoint-N/ a TRL trainer writing to `trainer_dir` resumes from (None: start fresh), as
+    metatuner.checkpoints.find_resume_checkpoint decides under cfg.resume_from_checkpoint (false/true/auto)."""
+    from metatuner.checkpoints import find_resume_checkpoint
+
+    found = find_resume_checkpoint(cfg, Path(trainer_dir))
+    return str(found) if found else None
+
+
+def add_callbacks(trainer, cfg: Config, log: TrainLog, phase: str):
+    """Progress bar + train_log.jsonl lines (train_log.attach) and, where checkpoints are saved, the run's
+    settings inside every checkpoint-N/ (checkpoints.config_saver, so resume=auto compares them)."""
+    attach(trainer, log, phase)
+    from metatuner.checkpoints import config_saver
+
+    trainer.add_callback(config_saver(cfg))
+    return trainer
+
+
+def train_sft(cfg: Config, model, tokenizer, task: Task, examples: list[Example], prompts: list[str] | str,
+              output_dir: str | Path, max_steps: int, lr: float, resume_from: str | None = None,
+              log: TrainLog | None = None, phase: str = "sft"):
+    """LoRA SFT with TRL for exactly `max_steps` optimizer steps; returns the trained PeftModel (adapter
+    saved to output_dir/adapter) with `.train_metrics`. `resume_from`: a checkpoint-N/ to continue from
+    (see trainer_resume_path); `log`: the run's train_log.jsonl (default: one in output_dir)."""
+    from trl import SFTConfig, SFTTrainer
+
+    if max_steps <= 0:  # no training (the HF Trainer would treat max_steps=0 as "use epochs"): an identity LoRA
+        from peft import get_peft_model
+
+        peft_model = get_peft_model(model, peft_lora_config(model, cfg.lora, cfg.model.name))  # B = 0: no change
+        if int(os.environ.get("RANK", "0")) == 0:
+            peft_model.save_pretrained(Path(output_dir) / "adapter")
+            tokenizer.save_pretrained(Path(output_dir) / "adapter")
+        peft_model.eval()
+        peft_model.train_metrics = {"train_loss": None, "train_steps": 0, "train_examples": 0,
+                                    "train_tokens": 0, "train_seconds": 0.0}
+        return peft_model
+    use_cpu = model.device.type == "cpu"
+    args = SFTConfig(**trl_common_args(cfg, output_dir, max_steps, lr, use_cpu),
+                     max_length=cfg.train.max_length, completion_only_loss=True, packing=False)
+    model.train()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=sft_dataset(task, examples, prompts),
+                         processing_class=tokenizer, peft_config=peft_lora_config(model, cfg.lora, cfg.model.name))
+    add_callbacks(trainer, cfg, log if log is not None else open_train_log(output_dir, append=resume_from is not None),
+                  phase)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    peft_model = trainer.model
+    if trainer.is_world_process_zero():
+        peft_model.save_pretrained(Path(output_dir) / "adapter")
+        tokenizer.save_pretrained(Path(output_dir) / "adapter")
+    peft_model.eval()
+    peft_model.train_metrics = {"train_loss": float(result.training_loss), "train_steps": int(result.global_step),
+                                "train_examples": int(result.global_step) * examples_per_step(cfg),
+                                "train_tokens": int(trainer.state.num_input_tokens_seen or 0),
+                                "train_seconds": float(result.metrics.get("train_runtime", 0.0))}
+    return peft_model
+
+
+def split_steps(total: int, parts: int) -> list[int]:
+    """`total` optimizer steps split as evenly as possible over `parts` (earlier parts take the remainder)."""
+    if parts <= 0:
+        return []
+    base, rest = divmod(max(0, total), parts)
+    return [base + (i < rest) for i in range(parts)]
