@@ -399,7 +399,7 @@ def test_bettertogether_returns_best_program(strategy, accs, want_step, want_pro
 
     n_p = iter(range(10))
 
-    def fake_prompt_step(cfg, actor, tok, gen, gtok, task, instruction, rng, val, train=None):
+    def fake_prompt_step(cfg, actor, tok, gen, gtok, task, instruction, rng, val, train=None, pool=()):
         i = next(n_p)
         acc = next(it)
         step_acc[(f"prompt{i}", delta(actor))] = acc

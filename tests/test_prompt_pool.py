@@ -110,3 +110,44 @@ def test_pool_spaces_train_end_to_end(model_dir, tmp_path, space):
     ans = M.answer(system, ["What is 2 + 3?"])
     if space == "pool":
         assert ans[0]["prompt"] in pool
+
+
+# ----------------------------------------------------------------------------- the baselines get the same pool
+
+
+def test_baselines_that_choose_a_prompt_get_the_same_pool(model_dir, tmp_path, monkeypatch):
+    """zero-shot answers with the pool prompt best on validation; SAPO, OPRO and BetterTogether's p step
+    score every pool candidate."""
+    import random
+
+    import metatuner.prompts
+    from metatuner import metaprompt, sapo
+    from metatuner.methods import bettertogether, zero_shot
+    from metatuner.models import load_model
+
+    favourite = CANDS[1]
+    fake = lambda model, tok, task, examples, prompt, batch_size=16: 0.9 if prompt == favourite else 0.1  # noqa: E731
+    monkeypatch.setattr(metatuner.prompts, "accuracy_of", fake)
+    cfg = make_cfg(model_dir, tmp_path / "zs", "method=zero_shot", "prompts.val_examples=2")
+    metrics = zero_shot.run(cfg)
+    assert metrics["prompt"] == favourite and metrics["pool"][0] == metrics["p_tilde"]
+    preds = [json.loads(ln) for ln in (tmp_path / "zs" / "predictions.jsonl").read_text().splitlines()]
+    assert {r["prompt"] for r in preds} == {favourite}
+
+    cfg = make_cfg(model_dir, tmp_path / "x", "method=sft", "prompt_selection=sapo", "sapo.candidates=0", "sapo.subset=2")
+    task = start_run(cfg)
+    model, tok = load_model(str(model_dir), "float32", "cpu")
+    sel = sapo.select_prompt(cfg, model, tok, task)
+    assert set(CANDS) <= set(sel["candidates"]) and sel["candidates"][0] == task.prompt
+
+    monkeypatch.setattr(metaprompt, "accuracy_of", fake)
+    cfg.opro.steps = 0
+    best, acc, rows, _ = metaprompt.optimize(cfg, model, tok, model, tok, task)
+    assert [r["instruction"] for r in rows] == [task.prompt, *CANDS] and best == favourite
+
+    monkeypatch.setattr(bettertogether, "accuracy_of", fake)
+    monkeypatch.setattr(bettertogether, "bootstrap_traces", lambda *a, **k: [])
+    cfg.bettertogether.instructions = 0
+    ins, prompt, acc, _ = bettertogether.prompt_step(cfg, model, tok, model, tok, task, task.prompt,
+                                                     random.Random(0), task.validation[:2], pool=[task.prompt, *CANDS])
+    assert ins == favourite and acc == 0.9

@@ -55,9 +55,13 @@ def optimize(cfg: Config, actor, tok, gen, gtok, task, log_path=None) -> tuple[s
     subset = task.train[: oc.subset]
     history: list[tuple[str, float]] = []
     rows = []
-    score = accuracy_of(actor, tok, task, subset, task.prompt, cfg.eval.batch_size)
-    history.append((task.prompt, score))
-    rows.append({"step": 0, "instruction": task.prompt, "train_accuracy": score})
+    from metatuner.pool import build_pool, pool_requested
+
+    seeds = build_pool(cfg, task, gen, gtok) if pool_requested(cfg) else [task.prompt]  # p~ first
+    for ins in seeds:  # the candidate pool seeds the search (same prompts as MetaTuner's pool modes)
+        score = accuracy_of(actor, tok, task, subset, ins, cfg.eval.batch_size)
+        history.append((ins, score))
+        rows.append({"step": 0, "instruction": ins, "train_accuracy": score})
     calls = 0
     bar = tqdm(range(1, oc.steps + 1), desc="opro", leave=False, dynamic_ncols=True, disable=not is_main_process())
     for step in bar:

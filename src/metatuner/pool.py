@@ -13,6 +13,7 @@ generator's input for the query.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -21,6 +22,30 @@ from metatuner.config import Config
 from metatuner.errors import MetatunerError
 from metatuner.tasks import Task
 from metatuner.training import autocast, completion_text, forward_nll, lm_batch
+
+
+PARAPHRASE = (
+    "Paraphrase the task instruction below in a different style, structure or tone. Keep its meaning and keep "
+    "any answer-format strings verbatim. Output only the new instruction between <START> and </START>.\n\n"
+    "Instruction: {prompt}"
+)
+
+
+def parse_paraphrase(text: str) -> str:
+    m = re.search(r"<START>(.*?)(?:</START>|$)", text, flags=re.DOTALL)
+    body = m.group(1) if m else text
+    return body.strip().strip('"').strip()
+
+
+def paraphrases(gen, gtok, prompt: str, m: int, temperature: float, max_new_tokens: int) -> list[str]:
+    """M paraphrases of `prompt` from the generator (empty or duplicate ones dropped)."""
+    from metatuner.sampling import sample_texts
+
+    if m <= 0:
+        return []
+    outs = sample_texts(gen, gtok, [[{"role": "user", "content": PARAPHRASE.format(prompt=prompt)}]], m,
+                        max_new_tokens, temperature=temperature)[0]
+    return [p for p in dict.fromkeys(parse_paraphrase(o) for o in outs) if len(p) >= 3 and p != prompt]
 
 
 def read_candidates_file(path: str) -> list[str]:
@@ -42,6 +67,38 @@ def demo_prompt(task: Task, k: int) -> str:
     return "\n".join(lines).rstrip()
 
 
+def pool_requested(cfg: Config) -> bool:
+    """Whether the settings ask for candidates beyond p~ (then every method that can choose a prompt uses them)."""
+    pc = cfg.prompts
+    return bool(pc.candidates or pc.candidates_file or pc.paraphrases > 0 or pc.demos > 0)
+
+
+def pool_for_baseline(cfg: Config, task: Task) -> list[str]:
+    """The pool for a method that has no generator loaded: loads the generator only for paraphrases."""
+    if not pool_requested(cfg):
+        return [task.prompt]
+    gen = gtok = None
+    if cfg.prompts.paraphrases > 0:
+        from metatuner.models import load_model
+
+        gen, gtok = load_model(cfg.generator.name or cfg.model.name, cfg.generator.dtype, cfg.model.device,
+                               cfg.generator.trust_remote_code)
+    return build_pool(cfg, task, gen, gtok)
+
+
+def best_on_validation(actor, tok, task: Task, pool: list[str], n: int, batch_size: int = 16) -> tuple[str, list[float]]:
+    """The pool candidate with the highest greedy accuracy on the first n validation examples (p~ wins ties)."""
+    from metatuner.prompts import accuracy_of
+
+    val = task.validation[:n]
+    if not val:
+        raise MetatunerError(f"task {task.name!r}: choosing a pool prompt on validation needs a validation split "
+                             "(task.val_size > 0)")
+    accs = [accuracy_of(actor, tok, task, val, p, batch_size) for p in pool]
+    best = max(range(len(pool)), key=lambda i: (accs[i], -i))
+    return pool[best], accs
+
+
 def build_pool(cfg: Config, task: Task, gen=None, gtok=None) -> list[str]:
     """p~, the user's candidates, paraphrases, demonstrations: deduplicated, at most prompts.pool_size."""
     pc = cfg.prompts
@@ -51,8 +108,6 @@ def build_pool(cfg: Config, task: Task, gen=None, gtok=None) -> list[str]:
     if pc.paraphrases > 0:
         if gen is None:
             raise MetatunerError("prompts.paraphrases needs a generator to write them")
-        from metatuner.sapo import paraphrases
-
         pool += paraphrases(gen, gtok, task.prompt, pc.paraphrases, cfg.sapo.temperature, cfg.sapo.max_new_tokens)
     if pc.demos > 0:
         pool.append(demo_prompt(task, pc.demos))

@@ -12,7 +12,6 @@ with the model as it is then.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -20,31 +19,8 @@ import torch
 from metatuner.config import Config
 from metatuner.errors import MetatunerError
 from metatuner.tasks import Example, Task
+from metatuner.pool import PARAPHRASE, build_pool, paraphrases, parse_paraphrase, pool_requested  # noqa: F401
 from metatuner.training import actor_batch, autocast, forward_nll
-
-PARAPHRASE = (
-    "Paraphrase the task instruction below in a different style, structure or tone. Keep its meaning and keep "
-    "any answer-format strings verbatim. Output only the new instruction between <START> and </START>.\n\n"
-    "Instruction: {prompt}"
-)
-
-
-def parse_paraphrase(text: str) -> str:
-    m = re.search(r"<START>(.*?)(?:</START>|$)", text, flags=re.DOTALL)
-    body = m.group(1) if m else text
-    return body.strip().strip('"').strip()
-
-
-def paraphrases(gen, gtok, prompt: str, m: int, temperature: float, max_new_tokens: int) -> list[str]:
-    """M paraphrases of `prompt` from the generator (empty or duplicate ones dropped)."""
-    from metatuner.sampling import sample_texts
-
-    if m <= 0:
-        return []
-    outs = sample_texts(gen, gtok, [[{"role": "user", "content": PARAPHRASE.format(prompt=prompt)}]], m,
-                        max_new_tokens, temperature=temperature)[0]
-    return [p for p in dict.fromkeys(parse_paraphrase(o) for o in outs) if len(p) >= 3 and p != prompt]
-
 
 @torch.no_grad()
 def prompt_losses(model, tok, task: Task, examples: list[Example], candidates: list[str], batch_size: int = 8,
@@ -68,13 +44,16 @@ def prompt_losses(model, tok, task: Task, examples: list[Example], candidates: l
 
 
 def select_prompt(cfg: Config, model, tok, task: Task, candidates: list[str] | None = None, gen=None, gtok=None) -> dict:
-    """Run SAPO once: -> {"prompt", "candidates", "losses"}; candidates default to p~ + paraphrases + sapo.prompts."""
+    """Run SAPO once: -> {"prompt", "candidates", "losses"}; candidates default to p~ + paraphrases +
+    sapo.prompts + the candidate pool (prompts.*: the same prompts MetaTuner's pool modes choose among)."""
     if candidates is None:
         candidates = [task.prompt]
         if gen is not None:
             candidates += paraphrases(gen, gtok, task.prompt, cfg.sapo.candidates, cfg.sapo.temperature,
                                       cfg.sapo.max_new_tokens)
         candidates += list(cfg.sapo.prompts)
+        if pool_requested(cfg):
+            candidates += build_pool(cfg, task, gen, gtok)
         candidates = list(dict.fromkeys(candidates))
     if not candidates:
         raise MetatunerError("prompt_selection=sapo: no candidate prompts")

@@ -91,6 +91,7 @@ class PromptsConfig:
     paraphrases: int = _f(0, "Generator paraphrases of p~ added to the pool (SAPO's paraphrase instruction, sapo.temperature).")
     demos: int = _f(0, "Add one candidate made of p~ followed by this many training demonstrations (question and reference answer); 0 = none.")
     pool_size: int = _f(8, "At most this many candidates in the pool: p~ first, then prompts.candidates, the file, paraphrases, demos (duplicates dropped).")
+    val_examples: int = _f(64, "Validation examples zero_shot scores each pool candidate on (it answers the test split with the best).")
 
 
 @dataclass

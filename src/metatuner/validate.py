@@ -52,7 +52,7 @@ RANGES = [
       "train.alternate_steps", "train.max_length", "train.log_steps", "opro.candidates",
       "opro.subset", "opro.top_k", "opro.max_new_tokens", "opro.max_chars", "bpo.queries", "dpo.queries",
       "dpo.pairs_per_query", "sapo.subset", "sapo.max_new_tokens", "select.subsets", "select.val_examples",
-      "select.max_per_query", "bettertogether.queries", "bettertogether.val_examples", "prompts.pool_size"),
+      "select.max_per_query", "bettertogether.queries", "bettertogether.val_examples", "prompts.pool_size", "prompts.val_examples"),
      lambda v: v >= 1, "an integer >= 1"),
     (("lora.alpha", "hypernet.lr", "warmup.lr", "warmup.generator_lr", "train.lr", "train.generator_lr",
       "train.gumbel_tau", "dpo.lr", "dpo.beta", "bpo.lr"),

@@ -42,9 +42,9 @@ def parse_strategy(s) -> list[str]:
 
 
 def prompt_step(cfg: Config, actor, tok, gen, gtok, task, instruction: str, rng: random.Random, val,
-                train=None) -> tuple[str, str, float, int]:
+                train=None, pool: list[str] = ()) -> tuple[str, str, float, int]:
     """-> (instruction, full prompt, validation accuracy, generation calls). `train`: this step's
-    (shuffled) training list, default task.train."""
+    (shuffled) training list, default task.train; `pool`: candidate prompts scored beside the proposals."""
     bt = cfg.bettertogether
     bs = cfg.eval.batch_size
     train = task.train if train is None else train
@@ -52,6 +52,9 @@ def prompt_step(cfg: Config, actor, tok, gen, gtok, task, instruction: str, rng:
     traces = bootstrap_traces(actor, tok, task, queries, instruction, bs)
     calls = len(queries)
     scored = [(instruction, accuracy_of(actor, tok, task, val, instruction, bs))]
+    for cand in pool:  # the candidate pool (prompts.*), as MetaTuner's pool modes get it
+        if cand != instruction:
+            scored.append((cand, accuracy_of(actor, tok, task, val, cand, bs)))
     if bt.instructions > 0:
         problems = rng.sample(train, min(cfg.opro.exemplars, len(train)))
         outs = sample_texts(gen, gtok, [[{"role": "user", "content": meta_prompt(scored, problems, cfg.opro.top_k)}]],
@@ -108,6 +111,9 @@ def run(cfg: Config) -> dict:
     gen, gtok = optimizer_llm(cfg, actor, tok)
     same = gen is actor
     rng = random.Random(cfg.seed)
+    from metatuner.pool import build_pool, pool_requested
+
+    pool = build_pool(cfg, task, actor if same else gen, tok if same else gtok) if pool_requested(cfg) else []
     w_budget = iter(split_steps(cfg.train.max_steps, steps.count("w")))
     log = open_train_log(cfg.output_dir, append=False)
     instruction, prompt = task.prompt, task.prompt
@@ -127,7 +133,7 @@ def run(cfg: Config) -> dict:
         if s == "p":
             with torch.no_grad():
                 instruction, prompt, acc, c = prompt_step(cfg, actor, tok, actor if same else gen, tok if same else gtok,
-                                                          task, instruction, rng, val, train)
+                                                          task, instruction, rng, val, train, pool)
             calls += c
         else:
             # the best program so far runs on the live actor's weights: keep a CPU copy before changing them
