@@ -432,3 +432,63 @@ def test_generation_stops_at_every_end_token_of_the_generation_config(tiny_model
     model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids(g[k])]
     gens, ntoks, _ = generate_texts(model, tok, texts, 10)
     assert gens[i][0] == g[: k + 1] and ntoks[i][0] == k + 1
+
+
+DIST_SCRIPT = '''
+import json, os, sys
+import torch
+import metatuner.evaluate as ev
+from metatuner.models import load_model
+from metatuner.tasks import Example, Task
+
+torch.set_num_threads(1)
+model_dir, out, queries = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+model, tok = load_model(model_dir, dtype="float32", device="cpu")
+rows = []
+real = ev.greedy_texts
+def counting(model, tok, texts, *a, **kw):
+    rows.extend(texts)
+    return real(model, tok, texts, *a, **kw)
+ev.greedy_texts = counting
+exs = [Example(query=q, answer=q[:1], target="") for q in queries]
+task = Task(name="toy", prompt="", train=exs[:2], validation=[], test=exs, max_new_tokens=6,
+            extract=lambda t: t[:1] or None, score_fn=lambda p, e: {"correct": p == e.answer})
+records, metrics = ev.evaluate(model, tok, task, exs, batch_size=2, output_dir=out, progress=False)
+rank = os.environ.get("RANK", "0")
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump({"rows": len(rows), "n": len(records), "tokens": metrics["tokens_generated"]}, f)
+'''
+
+
+def test_two_processes_split_the_examples_and_gather_them_in_order(tiny_model, tiny_model_path, make_task, tmp_path):
+    """torchrun --nproc_per_node 2: each process generates for its own slice; rank 0 writes the same
+    predictions and metrics as one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model, tok = tiny_model
+    queries = QUERIES + ["7 * 6", "ten"]
+    task = make_task([(q, q[:1]) for q in queries], max_new_tokens=6)
+    task.train = task.test[:2]
+    one, _ = evaluate(model, tok, task, task.test, batch_size=2, progress=False)
+
+    script = tmp_path / "dist_eval.py"
+    script.write_text(DIST_SCRIPT)
+    out = tmp_path / "two"
+    out.mkdir()
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(tiny_model_path),
+                        str(out), json.dumps(queries)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert [x["rows"] for x in ranks] == [5, 4]  # each process generated its own slice only
+    assert all(x["n"] == len(queries) for x in ranks)  # and every process got all records back
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert preds == json.loads(json.dumps(one))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == len(queries) and metrics["tokens_generated"] == ranks[0]["tokens"] == ranks[1]["tokens"]
+    assert metrics["tokens_generated"] == sum(len(p["generation"]) for p in preds) + sum(
+        1 for p in preds if len(p["generation"]) < 6)

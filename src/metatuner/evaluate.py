@@ -330,5 +330,6 @@ def _process_state():
         return None
     from accelerate import PartialState
 
-    state = PartialState()
+    # without an accelerator, accelerate runs several processes only when told cpu=True (gloo)
+    state = PartialState(cpu=not torch.cuda.is_available())
     return state if state.num_processes > 1 else None
