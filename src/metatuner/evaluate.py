@@ -44,11 +44,15 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 def _forward(model, cache, **kw):
-    """One forward pass on `cache`, returning only the last position's logits where the model allows it."""
+    """One forward pass that extends `cache`, returning only the last position's logits where the model allows."""
+    before = cache.get_seq_length()
     try:
-        return model(**kw, cache=cache, use_cache=True, logits_to_keep=1)
+        out = model(**kw, cache=cache, use_cache=True, logits_to_keep=1)
     except TypeError:  # an older forward signature (past_key_values, no logits_to_keep)
-        return model(**kw, past_key_values=cache, use_cache=True)
+        out = None
+    if out is None or cache.get_seq_length() == before:  # the model ignored `cache` (took it as **kwargs)
+        out = model(**kw, past_key_values=cache, use_cache=True)
+    return out
 
 
 @torch.no_grad()
