@@ -8,8 +8,10 @@ zero-shot greedy, one process, both settings side by side:
 - new: the defaults: batches sorted by prompt length, the shared prefix (chat header + task prompt) run
   once per batch, finished rows dropped from the batch, rows stopped at the task's answer line.
 
-The examples are cut into chunks; each chunk is evaluated old then new, so load from other processes
-on a shared machine falls on both alike. Also counts the examples whose extracted answer differs.
+The examples are cut into chunks; each chunk is evaluated by both, in the order old-new, new-old, ...
+(ABBA), so changing load from other processes on a shared machine falls on both alike. On a shared
+machine use --threads 1: torch's default (a thread per core) slows down erratically under
+contention. Also counts the examples whose extracted answer differs.
 
     .venv/bin/python benchmarks/eval_throughput.py [--n 64] [--batch 32] [--threads 0] [--model NAME]
 
@@ -59,19 +61,21 @@ def main() -> None:
     examples = task.test[: args.n]
     old_s = new_s = 0.0
     old_recs, new_recs, old_tok, new_tok = [], [], 0, 0
-    for start in range(0, len(examples), args.chunk):
+    for c, start in enumerate(range(0, len(examples), args.chunk)):
         part = examples[start : start + args.chunk]
-        t = time.perf_counter()
-        recs, m = evaluate(model, tok, task, part, batch_size=args.batch, progress=False, diagnose=False,
-                           sort_by_length=False, stop_at_answer=False, fast_greedy=False)
-        old_s += time.perf_counter() - t
-        old_recs += recs
-        old_tok += m["tokens_generated"]
-        t = time.perf_counter()
-        recs, m = evaluate(model, tok, task, part, batch_size=args.batch, progress=False, diagnose=False)
-        new_s += time.perf_counter() - t
-        new_recs += recs
-        new_tok += m["tokens_generated"]
+        for which in (("old", "new") if c % 2 == 0 else ("new", "old")):  # ABBA: drift in load falls on both
+            legacy = which == "old"
+            t = time.perf_counter()
+            recs, m = evaluate(model, tok, task, part, batch_size=args.batch, progress=False, diagnose=False,
+                               sort_by_length=not legacy, stop_at_answer=not legacy, fast_greedy=not legacy)
+            if legacy:
+                old_s += time.perf_counter() - t
+                old_recs += recs
+                old_tok += m["tokens_generated"]
+            else:
+                new_s += time.perf_counter() - t
+                new_recs += recs
+                new_tok += m["tokens_generated"]
         print(f"{start + len(part)}/{len(examples)}: old {old_s:.1f} s, new {new_s:.1f} s", flush=True)
     diff = [i for i, (a, b) in enumerate(zip(old_recs, new_recs)) if a["extracted"] != b["extracted"]]
     for i in diff[:10]:
