@@ -479,7 +479,8 @@ def test_two_processes_split_the_examples_and_gather_them_in_order(tiny_model, t
     out = tmp_path / "two"
     out.mkdir()
     torchrun = Path(sys.executable).parent / "torchrun"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(sys.path)}
     r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(tiny_model_path),
                         str(out), json.dumps(queries)], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
