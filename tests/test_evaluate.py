@@ -54,6 +54,9 @@ def test_evaluate_writes_predictions_and_metrics(tiny_model, make_task, tmp_path
     n_chars = sum(len(p["generation"]) for p in preds)
     assert n_chars <= saved["tokens_generated"] <= 5 * task.max_new_tokens
     assert saved["wall_seconds"] >= 0
+    import resource
+
+    assert 0 < saved["peak_memory_mb"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + 0.1
 
 
 def test_extra_metrics_and_qa_means(tiny_model, make_task):

@@ -304,7 +304,7 @@ def evaluate(
         if records and key in records[0]:
             metrics[key] = sum(r[key] for r in records) / n_ex
     metrics.update({"strategy": strategy, "samples_per_query": k, "tokens_generated": tokens,
-                    "wall_seconds": round(wall, 2)})
+                    "wall_seconds": round(wall, 2), "peak_memory_mb": peak_memory_mb(model.device)})
     if diagnose:
         metrics.update(task_diagnostics(task, records))
     if extra_metrics:
@@ -313,6 +313,15 @@ def evaluate(
         write_jsonl(Path(output_dir) / "predictions.jsonl", records)
         write_json(Path(output_dir) / "metrics.json", metrics)
     return records, metrics
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory so far: the accelerator's allocated peak on CUDA, else this process's peak resident size."""
+    if torch.device(device).type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
 def task_diagnostics(task: Task, records: list[dict]) -> dict:
