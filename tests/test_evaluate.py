@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 
 import pytest
 import torch
 
 import metatuner.evaluate as ev
 from metatuner.errors import MetatunerError
-from metatuner.evaluate import best_of_n, chat_text, evaluate, generate_texts, majority_vote
+from metatuner.evaluate import best_of_n, chat_text, evaluate, generate_texts, greedy_texts, majority_vote
 
 # short queries of different lengths, so a batch really is left-padded
 QUERIES = ["1+2=", "What is 12 + 35?", "abc", "Hello there, how are you doing today?", "x", "9 - 4 - 3 =", "Q"]
@@ -53,6 +54,9 @@ def test_evaluate_writes_predictions_and_metrics(tiny_model, make_task, tmp_path
     n_chars = sum(len(p["generation"]) for p in preds)
     assert n_chars <= saved["tokens_generated"] <= 5 * task.max_new_tokens
     assert saved["wall_seconds"] >= 0
+    import resource
+
+    assert 0 < saved["peak_memory_mb"] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + 0.1
 
 
 def test_extra_metrics_and_qa_means(tiny_model, make_task):
@@ -98,16 +102,131 @@ def test_batched_left_padding_matches_batch_size_one(tiny_model, make_task):
     assert gens[0] == gens[1] == gens[2]
 
 
-def test_generate_texts_stops_at_eos_and_counts_it(tiny_model):
+def _eos_prone(tiny_model_path, prefix=""):
+    """A private copy of the tiny model whose end token wins the argmax in some rows but not in all."""
+    from metatuner.models import load_model
+
+    model, tok = load_model(str(tiny_model_path), dtype="float32", device="cpu")
+    texts = [chat_text(tok, [{"role": "user", "content": prefix + q}]) for q in QUERIES]
+    row = model.lm_head.weight[tok.eos_token_id].detach().clone()
+    for scale in (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0):
+        with torch.no_grad():
+            model.lm_head.weight[tok.eos_token_id] = row * scale
+        _, ntoks, _ = generate_texts(model, tok, texts, 20)
+        stopped = [n[0] < 20 for n in ntoks]
+        if 1 < sum(stopped) < len(texts) - 1 and len({n[0] for n in ntoks}) > 2:
+            return model, tok, texts
+    pytest.skip("no scale of the end token's logits stops some rows but not all")
+
+
+def _reference(model, tok, texts, max_new):
+    """Hugging Face generate on each text alone: (text before the end token, tokens counted with it)."""
+    out = []
+    for t in texts:
+        enc = tok([t], return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            ids = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)[0, enc["input_ids"].shape[1]:].tolist()
+        raw = tok.decode(ids, skip_special_tokens=False)
+        n = ids.index(tok.eos_token_id) + 1 if tok.eos_token_id in ids else len(ids)
+        out.append((tok.decode(ids[:n], skip_special_tokens=False), n))
+    return out
+
+
+def test_generation_stops_at_eos_and_counts_it(tiny_model_path):
+    """Rows stop at <|im_end|>: it is counted as generated and left out of the text, nothing after it is
+    kept; checked against raw token ids decoded WITH special tokens, for both generation paths."""
+    model, tok, texts = _eos_prone(tiny_model_path)
+    ref = _reference(model, tok, texts, 20)
+    assert any(r.endswith("<|im_end|>") for r, _ in ref) and not all(r.endswith("<|im_end|>") for r, _ in ref)
+    gens, ntoks, logps = generate_texts(model, tok, texts, 20, return_logprobs=True)
+    fast, fast_n = greedy_texts(model, tok, texts, 20)
+    for (raw, n), g, k, lp, f, fk in zip(ref, gens, ntoks, logps, fast, fast_n):
+        want = raw.removesuffix("<|im_end|>")
+        assert "<|im_end|>" not in want  # the reference stopped at the first end token
+        assert g == [want] and k == [n] and f == [want] and fk == [n]
+        assert lp[0] <= 0.0 or lp[0] == -math.inf
+
+
+@pytest.mark.parametrize("share_prefix,drop_finished", [(True, True), (False, True), (True, False), (False, False)])
+def test_greedy_texts_matches_generate(tiny_model_path, share_prefix, drop_finished):
+    """The fast greedy loop gives Hugging Face generate's texts and token counts, with rows of different
+    lengths (left padding), a shared task prompt (prefix run once) and rows that finish early."""
+    model, tok, texts = _eos_prone(tiny_model_path, prefix="Add the numbers. Reply as Answer: <n>\n\n")
+    want_g, want_n, _ = generate_texts(model, tok, texts, 16)
+    got_g, got_n = greedy_texts(model, tok, texts, 16, share_prefix=share_prefix, drop_finished=drop_finished)
+    assert got_g == want_g and got_n == want_n
+    assert len({n[0] for n in want_n}) > 1  # some rows finished before others
+
+
+def test_stop_at_answer_line_keeps_the_text_up_to_it(tiny_model, make_task):
+    """With task.answer_end, a row ends as soon as its text matches; up to there it equals the free text."""
     model, tok = tiny_model
     texts = [chat_text(tok, [{"role": "user", "content": q}]) for q in QUERIES]
-    gens, ntoks, logps = generate_texts(model, tok, texts, 20, return_logprobs=True)
-    for g, n, lp in zip(gens, ntoks, logps):
-        assert len(g) == len(n) == len(lp) == 1
-        assert len(g[0]) <= n[0] <= 20
-        assert lp[0] <= 0.0 or lp[0] == -math.inf
-    # generations that stopped early ended with the end token, which is counted but not decoded
-    assert all("<|im_end|>" not in g[0] for g in gens)
+    free, free_n = greedy_texts(model, tok, texts, 24)
+    chars = [c for g in free for c in g[0][3:] if c.isalnum()]
+    stop_char = max(set(chars), key=chars.count)  # a character most rows produce after a few tokens
+    pattern = re.escape(stop_char)
+    got, got_n = greedy_texts(model, tok, texts, 24, answer_end=pattern)
+    cut = 0
+    for (f,), (fn,), (g,), (gn,) in zip(free, free_n, got, got_n):
+        m = re.search(pattern, f)
+        if m is None:
+            assert g == f and gn == fn
+        else:
+            assert g == f[: m.end()] and gn == m.end()  # the char tokenizer: one token per character
+            cut += len(f) > m.end()
+    assert cut >= 2  # the stop really shortened some rows
+
+    # through evaluate(): the task's answer_end is used unless stop_at_answer=False
+    task = make_task([(q, "?") for q in QUERIES], max_new_tokens=24)
+    task.answer_end = pattern
+    stopped = [r["generation"] for r in evaluate(model, tok, task, task.test, progress=False)[0]]
+    full = [r["generation"] for r in evaluate(model, tok, task, task.test, progress=False, stop_at_answer=False)[0]]
+    assert stopped == [g[0] for g in got] and full == [f[0] for f in free]
+
+
+def test_sorted_batches_restore_the_original_order(tiny_model, make_task, monkeypatch):
+    model, tok = tiny_model
+    task = make_task([(q, "x") for q in QUERIES], max_new_tokens=8)
+    plain, m1 = evaluate(model, tok, task, task.test, batch_size=3, progress=False, sort_by_length=False,
+                         fast_greedy=False, stop_at_answer=False)
+    fast, m2 = evaluate(model, tok, task, task.test, batch_size=3, progress=False)
+    assert [r["index"] for r in fast] == [r["index"] for r in plain] == list(range(len(QUERIES)))
+    assert [r["query"] for r in fast] == QUERIES
+    assert [r["generation"] for r in fast] == [r["generation"] for r in plain]
+    assert m1["tokens_generated"] == m2["tokens_generated"]
+    # the batches really were formed longest first
+    fake = FakeGen(lambda t: ["x"]).install(monkeypatch)
+    evaluate(model, tok, task, task.test, batch_size=3, progress=False)
+    lengths = [len(t) for c in fake.calls for t in c["texts"]]
+    assert lengths == sorted(lengths, reverse=True) and lengths != [len(chat_text(tok, task.render("", q)))
+                                                                     for q in QUERIES]
+
+
+def test_metrics_carry_diagnostics_when_the_task_has_a_train_split(tiny_model, make_task, monkeypatch):
+    from metatuner.tasks import Example
+
+    model, tok = tiny_model
+    FakeGen(lambda t: ["7"] if "q0" in t or "q1" in t or "q2" in t else ["nothing"]).install(monkeypatch)
+    task = make_task([(f"q{i}", a) for i, a in enumerate(["7", "4", "3", "5"])],
+                     extract=lambda t: t if t.isdigit() else None)
+    task.train = [Example(query="t", answer=a, target="") for a in ["3", "3", "7"]]
+    recs, m = evaluate(model, tok, task, task.test, progress=False)
+    assert m["floor_answer"] == "3" and m["floor_accuracy"] == 0.25
+    assert m["no_answer_rate"] == 0.25 and m["top_answer"] == "7" and m["top_answer_share"] == 0.75
+    assert m["distinct_answers"] == 1 and m["distinct_references"] == 4 and m["top_reference_share"] == 0.25
+    assert m["collapsed"] is True  # 0.75 > max(0.5, 2 x 0.25)
+    assert [r["correct"] for r in recs] == [True, False, False, False]
+    _, m = evaluate(model, tok, task, task.test, progress=False, diagnose=False)
+    assert "floor_accuracy" not in m
+
+
+def test_batch_size_must_be_positive(tiny_model, make_task):
+    model, tok = tiny_model
+    task = make_task([("q", "x")])
+    with pytest.raises(MetatunerError, match="eval.batch_size"):
+        evaluate(model, tok, task, task.test, batch_size=0, progress=False)
 
 
 def test_majority_vote():
@@ -142,12 +261,21 @@ class FakeGen:
         logps = [[-float(len(s)) for s in g] for g in gens] if kw.get("return_logprobs") else None
         return gens, ntoks, logps
 
+    def greedy(self, model, tokenizer, texts, max_new_tokens, **kw):
+        gens, ntoks, _ = self(model, tokenizer, texts, max_new_tokens, **kw)
+        return gens, ntoks
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(ev, "generate_texts", self)
+        monkeypatch.setattr(ev, "greedy_texts", self.greedy)
+        return self
+
 
 def test_majority_strategy_picks_most_frequent_answer(tiny_model, make_task, monkeypatch):
     model, tok = tiny_model
     samples = {"q0": ["7 a", "8 b", "8 c", "7 d"], "q1": ["1 a", "2 b", "3 c", "2 d"]}
     fake = FakeGen(lambda t: samples["q0" if "q0" in t else "q1"])
-    monkeypatch.setattr(ev, "generate_texts", fake)
+    fake.install(monkeypatch)
     task = make_task([("q0", "7"), ("q1", "2")], extract=lambda t: t.split()[0])
     recs, m = evaluate(model, tok, task, task.test, strategy="majority", n=4, temperature=0.5, top_p=0.9,
                        progress=False)
@@ -164,7 +292,7 @@ def test_majority_strategy_picks_most_frequent_answer(tiny_model, make_task, mon
 def test_best_of_n_strategy_uses_verifier_then_logprob(tiny_model, make_task, monkeypatch):
     model, tok = tiny_model
     fake = FakeGen(lambda t: ["long answer 1", "ok 2", "no 3", "longer answer 4"])
-    monkeypatch.setattr(ev, "generate_texts", fake)
+    fake.install(monkeypatch)
     task = make_task([("q", "2")], extract=lambda t: t.split()[-1])
 
     def verifier(gen, e):
@@ -182,7 +310,7 @@ def test_best_of_n_strategy_uses_verifier_then_logprob(tiny_model, make_task, mo
 def test_per_query_prompts_are_honoured(tiny_model, make_task, monkeypatch):
     model, tok = tiny_model
     fake = FakeGen(lambda t: ["Answer"])
-    monkeypatch.setattr(ev, "generate_texts", fake)
+    fake.install(monkeypatch)
     task = make_task([(f"query{i}", "A") for i in range(5)], prompt="TASK PROMPT")
     prompts = [f"prompt number {i}" for i in range(5)]
     recs, _ = evaluate(model, tok, task, task.test, prompts=prompts, batch_size=2, progress=False)
@@ -202,7 +330,7 @@ def test_per_query_prompts_are_honoured(tiny_model, make_task, monkeypatch):
 def test_batch_context_entered_per_batch_with_indices(tiny_model, make_task, monkeypatch):
     model, tok = tiny_model
     fake = FakeGen(lambda t: ["x"])
-    monkeypatch.setattr(ev, "generate_texts", fake)
+    fake.install(monkeypatch)
     task = make_task([(f"q{i}", "x") for i in range(7)])
     events = []
 
@@ -230,9 +358,12 @@ def test_batch_context_with_real_generation(tiny_model, make_task):
     task = make_task([(q, "x") for q in QUERIES[:4]], max_new_tokens=6)
     base = [r["generation"] for r in evaluate(model, tok, task, task.test, batch_size=2, progress=False)[0]]
 
+    seen = []
+
     @contextlib.contextmanager
     def perturb(indices):
-        if indices != [2, 3]:
+        seen.append(list(indices))
+        if 3 not in indices:
             yield
             return
         w = model.lm_head.weight
@@ -247,15 +378,17 @@ def test_batch_context_with_real_generation(tiny_model, make_task):
 
     got = [r["generation"] for r in evaluate(model, tok, task, task.test, batch_size=2, batch_context=perturb,
                                              progress=False)[0]]
-    assert got[:2] == base[:2]
-    assert got[2:] != base[2:]
+    hit = next(b for b in seen if 3 in b)  # batches are formed by prompt length, not necessarily [0, 1], [2, 3]
+    assert sorted(i for b in seen for i in b) == [0, 1, 2, 3] and len(hit) == 2
+    assert [got[i] for i in range(4) if i not in hit] == [base[i] for i in range(4) if i not in hit]
+    assert all(got[i] != base[i] for i in hit)
     again = [r["generation"] for r in evaluate(model, tok, task, task.test, batch_size=2, progress=False)[0]]
     assert again == base  # the context restored the weights
 
 
 def test_evaluate_restores_training_mode(tiny_model, make_task, monkeypatch):
     model, tok = tiny_model
-    monkeypatch.setattr(ev, "generate_texts", FakeGen(lambda t: ["x"]))
+    FakeGen(lambda t: ["x"]).install(monkeypatch)
     task = make_task([("q", "x")])
     model.train()
     try:
@@ -302,3 +435,64 @@ def test_generation_stops_at_every_end_token_of_the_generation_config(tiny_model
     model.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids(g[k])]
     gens, ntoks, _ = generate_texts(model, tok, texts, 10)
     assert gens[i][0] == g[: k + 1] and ntoks[i][0] == k + 1
+
+
+DIST_SCRIPT = '''
+import json, os, sys
+import torch
+import metatuner.evaluate as ev
+from metatuner.models import load_model
+from metatuner.tasks import Example, Task
+
+torch.set_num_threads(1)
+model_dir, out, queries = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+model, tok = load_model(model_dir, dtype="float32", device="cpu")
+rows = []
+real = ev.greedy_texts
+def counting(model, tok, texts, *a, **kw):
+    rows.extend(texts)
+    return real(model, tok, texts, *a, **kw)
+ev.greedy_texts = counting
+exs = [Example(query=q, answer=q[:1], target="") for q in queries]
+task = Task(name="toy", prompt="", train=exs[:2], validation=[], test=exs, max_new_tokens=6,
+            extract=lambda t: t[:1] or None, score_fn=lambda p, e: {"correct": p == e.answer})
+records, metrics = ev.evaluate(model, tok, task, exs, batch_size=2, output_dir=out, progress=False)
+rank = os.environ.get("RANK", "0")
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump({"rows": len(rows), "n": len(records), "tokens": metrics["tokens_generated"]}, f)
+'''
+
+
+def test_two_processes_split_the_examples_and_gather_them_in_order(tiny_model, tiny_model_path, make_task, tmp_path):
+    """torchrun --nproc_per_node 2: each process generates for its own slice; rank 0 writes the same
+    predictions and metrics as one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model, tok = tiny_model
+    queries = QUERIES + ["7 * 6", "ten"]
+    task = make_task([(q, q[:1]) for q in queries], max_new_tokens=6)
+    task.train = task.test[:2]
+    one, _ = evaluate(model, tok, task, task.test, batch_size=2, progress=False)
+
+    script = tmp_path / "dist_eval.py"
+    script.write_text(DIST_SCRIPT)
+    out = tmp_path / "two"
+    out.mkdir()
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(tiny_model_path),
+                        str(out), json.dumps(queries)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert [x["rows"] for x in ranks] == [5, 4]  # each process generated its own slice only
+    assert all(x["n"] == len(queries) for x in ranks)  # and every process got all records back
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert preds == json.loads(json.dumps(one))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == len(queries) and metrics["tokens_generated"] == ranks[0]["tokens"] == ranks[1]["tokens"]
+    assert metrics["tokens_generated"] == sum(len(p["generation"]) for p in preds) + sum(
+        1 for p in preds if len(p["generation"]) < 6)

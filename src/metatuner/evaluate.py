@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -33,6 +35,98 @@ def chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool = Tru
     return text + ("\nAnswer:" if add_generation_prompt else "")
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's end token and every end token of the model's generation config (chat models often
+    list several, e.g. <|im_end|> and <|endoftext|>); passing only one to generate would drop the others."""
+    gc_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stop = [tokenizer.eos_token_id] + (list(gc_eos) if isinstance(gc_eos, (list, tuple)) else [gc_eos])
+    return list(dict.fromkeys(t for t in stop if t is not None))
+
+
+def _forward(model, cache, **kw):
+    """One forward pass that extends `cache`, returning only the last position's logits where the model allows."""
+    before = cache.get_seq_length()
+    try:
+        out = model(**kw, cache=cache, use_cache=True, logits_to_keep=1)
+    except TypeError:  # an older forward signature (past_key_values, no logits_to_keep)
+        out = None
+    if out is None or cache.get_seq_length() == before:  # the model ignored `cache` (took it as **kwargs)
+        out = model(**kw, past_key_values=cache, use_cache=True)
+    return out
+
+
+@torch.no_grad()
+def greedy_texts(
+    model,
+    tokenizer,
+    texts: list[str],
+    max_new_tokens: int,
+    answer_end: str = "",
+    share_prefix: bool = True,
+    drop_finished: bool = True,
+) -> tuple[list[list[str]], list[list[int]]]:
+    """Greedy decoding of one batch, with the same outputs as `generate_texts` (up to float rounding) but
+    less work: the token prefix all rows share (chat header, task prompt) is run once and its cache copied;
+    a row stops at an end token, at max_new_tokens, or as soon as its decoded text matches the regex
+    `answer_end`; finished rows leave the batch (drop_finished), so later steps cost only the live rows.
+    Keep share_prefix and drop_finished off when the model's weights differ per row (per-query LoRA).
+    Returns (generations[b][1], n_tokens[b][1]); an end token counts as generated, as in generate_texts."""
+    from transformers import DynamicCache
+
+    stop = set(stop_token_ids(model, tokenizer))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stop), 0)
+    end_re = re.compile(answer_end) if answer_end else None
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    b, dev = len(ids), model.device
+    shared = 0
+    if share_prefix and b > 1:
+        shortest = min(len(x) for x in ids)
+        while shared < shortest - 1 and all(x[shared] == ids[0][shared] for x in ids):
+            shared += 1
+    cache = DynamicCache()
+    if shared:
+        _forward(model, input_ids=torch.tensor([ids[0][:shared]], device=dev), cache=cache)
+        cache.batch_repeat_interleave(b)
+    width = max(len(x) for x in ids) - shared
+    inp = torch.full((b, width), pad, dtype=torch.long)
+    mask = torch.zeros((b, shared + width), dtype=torch.long)
+    mask[:, :shared] = 1
+    for i, x in enumerate(ids):
+        suffix = x[shared:]
+        inp[i, width - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
+        mask[i, shared + width - len(suffix):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    inp, mask, pos = inp.to(dev), mask.to(dev), pos.to(dev)
+    out = _forward(model, input_ids=inp, attention_mask=mask, position_ids=pos[:, shared:], cache=cache)
+    rows = list(range(b))  # the batch row of each sequence still in the batch
+    new: list[list[int]] = [[] for _ in range(b)]
+    fin = [False] * b
+    last = pos[:, -1:]
+    for _ in range(max_new_tokens):
+        nxt = out.logits[:, -1, :].argmax(-1).tolist()
+        keep = []
+        for j, r in enumerate(rows):
+            if not fin[r]:
+                new[r].append(nxt[j])
+                fin[r] = (nxt[j] in stop or len(new[r]) >= max_new_tokens or bool(
+                    end_re and end_re.search(tokenizer.decode(new[r], skip_special_tokens=True))))
+            if not (fin[r] and drop_finished):
+                keep.append(j)
+        if all(fin):
+            break
+        step = torch.tensor(nxt, device=dev)
+        if len(keep) < len(rows):
+            sel = torch.tensor(keep, device=dev)
+            cache.batch_select_indices(sel)
+            step, mask, last = step[sel], mask[sel], last[sel]
+            rows = [rows[j] for j in keep]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        last = last + 1
+        out = _forward(model, input_ids=step[:, None], attention_mask=mask, position_ids=last, cache=cache)
+    gens = [[tokenizer.decode(x, skip_special_tokens=True)] for x in new]  # end tokens are special: not decoded
+    return gens, [[len(x)] for x in new]
+
+
 @torch.no_grad()
 def generate_texts(
     model,
@@ -48,11 +142,7 @@ def generate_texts(
     """Generate for one batch of already-rendered texts. Returns (generations[b][n], n_tokens[b][n], mean_logprob[b][n])."""
     tokenizer.padding_side = "left"
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    # stop at the tokenizer's end token and at every end token of the model's generation config (chat models
-    # often list several, e.g. <|im_end|> and <|endoftext|>); passing only one would override the others
-    gc_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    stop = [tokenizer.eos_token_id] + (list(gc_eos) if isinstance(gc_eos, (list, tuple)) else [gc_eos])
-    stop = list(dict.fromkeys(t for t in stop if t is not None))
+    stop = stop_token_ids(model, tokenizer)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_return_sequences,
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
     if do_sample:
@@ -117,31 +207,67 @@ def evaluate(
     extra_metrics: dict | None = None,
     progress: bool = True,
     desc: str = "eval",
+    sort_by_length: bool = True,
+    stop_at_answer: bool = True,
+    fast_greedy: bool = True,
+    max_new_tokens: int | None = None,
+    diagnose: bool = True,
 ) -> tuple[list[dict], dict]:
-    """Generate, extract, score. Writes predictions.jsonl and metrics.json when output_dir is set."""
+    """Generate, extract, score. Writes predictions.jsonl and metrics.json when output_dir is set (on the
+    main process only). Records come back in the order of `examples`, each with its `index` there.
+
+    Speed (greedy; the old harness is sort_by_length=False, stop_at_answer=False, fast_greedy=False):
+    batches are formed from examples sorted by prompt length (less padding); `fast_greedy` decodes with
+    `greedy_texts` (shared prefix run once, finished rows leave the batch); `stop_at_answer` ends a row
+    once its text matches the task's `answer_end` regex. max_new_tokens defaults to the task's.
+    With several processes (torchrun / accelerate launch) each evaluates a contiguous slice of the
+    examples and the records are gathered in order on every process. `diagnose` adds the floor and
+    collapse diagnostics (metatuner.diagnostics) when the task has a train split."""
     if strategy not in ("greedy", "best_of_n", "majority"):
         from metatuner.errors import MetatunerError
 
         raise MetatunerError(f"inference.strategy: expected greedy, best_of_n or majority, got {strategy!r}")
+    if batch_size < 1:
+        from metatuner.errors import MetatunerError
+
+        raise MetatunerError(f"eval.batch_size: expected an integer >= 1, got {batch_size!r}")
     if prompts is None:
         prompts = task.prompt
     if isinstance(prompts, str):
         prompts = [prompts] * len(examples)
     sample = strategy != "greedy"
     k = max(1, n) if sample else 1
+    max_new = max_new_tokens or task.max_new_tokens
+    answer_end = getattr(task, "answer_end", "") if stop_at_answer else ""
     t0 = time.time()
-    records, tokens = [], 0
+    state = _process_state()
+    mine = list(range(len(examples)))
+    if state is not None:
+        with state.split_between_processes(mine) as part:
+            mine = list(part)
+    texts = {i: chat_text(tokenizer, task.render(prompts[i], examples[i].query)) for i in mine}
+    if sort_by_length:  # longest first (stable), so each batch holds similar lengths; order restored below
+        mine = sorted(mine, key=lambda i: -len(texts[i]))
+    records: dict[int, dict] = {}
+    tokens = 0
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(examples), desc=desc, disable=not progress, leave=False)
-    for start in range(0, len(examples), batch_size):
-        idx = list(range(start, min(start + batch_size, len(examples))))
-        texts = [chat_text(tokenizer, task.render(prompts[i], examples[i].query)) for i in idx]
+    bar = tqdm(total=len(mine), desc=desc, unit="ex", disable=not progress, leave=False)
+    for start in range(0, len(mine), batch_size):
+        idx = mine[start : start + batch_size]
+        batch = [texts[i] for i in idx]
         ctx = batch_context(idx) if batch_context else contextlib.nullcontext()
         with ctx:
-            gens, ntoks, logps = generate_texts(model, tokenizer, texts, task.max_new_tokens, do_sample=sample,
-                                                temperature=temperature, top_p=top_p, num_return_sequences=k,
-                                                return_logprobs=(strategy == "best_of_n" and verifier is None))
+            if not sample and (fast_greedy or answer_end):
+                per_row = batch_context is not None  # weights may differ per row: keep the batch whole
+                gens, ntoks = greedy_texts(model, tokenizer, batch, max_new, answer_end=answer_end,
+                                           share_prefix=fast_greedy and not per_row,
+                                           drop_finished=fast_greedy and not per_row)
+                logps = None
+            else:
+                gens, ntoks, logps = generate_texts(model, tokenizer, batch, max_new, do_sample=sample,
+                                                    temperature=temperature, top_p=top_p, num_return_sequences=k,
+                                                    return_logprobs=(strategy == "best_of_n" and verifier is None))
         for j, i in enumerate(idx):
             ex = examples[i]
             tokens += sum(ntoks[j])
@@ -156,14 +282,21 @@ def evaluate(
             else:
                 pick, pred = 0, answers[0]
             sc = task.score(pred, ex)
-            rec = {"query": ex.query, "prompt": prompts[i], "generation": gens[j][pick], "extracted": pred,
-                   "reference": ex.answer, **{k_: v for k_, v in sc.items()}}
+            rec = {"index": i, "query": ex.query, "prompt": prompts[i], "generation": gens[j][pick],
+                   "extracted": pred, "reference": ex.answer, **{k_: v for k_, v in sc.items()}}
             if sample:
                 rec["samples"] = gens[j]
-            records.append(rec)
+            records[i] = rec
         bar.update(len(idx))
     bar.close()
     model.train(was_training)
+    ordered = [records[i] for i in sorted(records)]
+    if state is not None:
+        from accelerate.utils import gather_object
+
+        ordered = gather_object(ordered)
+        tokens = sum(gather_object([tokens]))
+    records = ordered
     wall = time.time() - t0
     n_ex = len(records)
     metrics = {"task": task.name, "n": n_ex, "accuracy": sum(bool(r["correct"]) for r in records) / max(1, n_ex)}
@@ -171,10 +304,45 @@ def evaluate(
         if records and key in records[0]:
             metrics[key] = sum(r[key] for r in records) / n_ex
     metrics.update({"strategy": strategy, "samples_per_query": k, "tokens_generated": tokens,
-                    "wall_seconds": round(wall, 2)})
+                    "wall_seconds": round(wall, 2), "peak_memory_mb": peak_memory_mb(model.device)})
+    if diagnose:
+        metrics.update(task_diagnostics(task, records))
     if extra_metrics:
         metrics.update(extra_metrics)
-    if output_dir is not None:
+    if output_dir is not None and (state is None or state.is_main_process):
         write_jsonl(Path(output_dir) / "predictions.jsonl", records)
         write_json(Path(output_dir) / "metrics.json", metrics)
     return records, metrics
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory so far: the accelerator's allocated peak on CUDA, else this process's peak resident size."""
+    if torch.device(device).type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+def task_diagnostics(task: Task, records: list[dict]) -> dict:
+    """metatuner.diagnostics over the task's train answers and the records' references and extractions
+    (no floor when the task has no train split)."""
+    from metatuner.diagnostics import answer_key, diagnostics
+
+    key = getattr(task, "answer_key", None) or answer_key
+    mc = getattr(task, "is_multiple_choice", None)
+    mc = mc() if callable(mc) else mc
+    return diagnostics([e.answer for e in task.train], [r["reference"] for r in records],
+                       [r["extracted"] for r in records], multiple_choice=mc, key=key)
+
+
+def _process_state():
+    """accelerate's PartialState when several processes run (torchrun / accelerate launch), else None,
+    so one plain process never initialises anything distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    # without an accelerator, accelerate runs several processes only when told cpu=True (gloo)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state if state.num_processes > 1 else None
