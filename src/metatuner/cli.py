@@ -97,7 +97,7 @@ def run_export(cfg: Config) -> None:
           + f"\nprompt for this query: {prompt}")
 
 
-PERCENT_COLUMNS = ("accuracy", "em", "f1", "score")
+PERCENT_COLUMNS = ("accuracy", "em", "f1", "score", "floor_accuracy", "no_answer_rate")
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
@@ -190,8 +190,13 @@ def main(argv: list[str] | None = None) -> int:
 
             with claim(cfg):
                 metrics = run_eval(cfg)
-            cols = ["task", "model", "n", "accuracy"] + [k for k in ("em", "f1", "score") if k in metrics] + ["wall_seconds"]
+            cols = (["task", "model", "n", "accuracy"] + [k for k in ("em", "f1", "score") if k in metrics]
+                    + [k for k in ("floor_accuracy", "floor_answer", "no_answer_rate", "collapsed") if k in metrics]
+                    + ["wall_seconds"])
             print(format_table([metrics], cols))
+            if metrics.get("letter_distribution"):
+                fmt = lambda d: " ".join(f"{k}:{100 * v:.0f}%" for k, v in sorted(d.items()))  # noqa: E731
+                print(f"letters chosen {fmt(metrics['letter_distribution'])}; labels {fmt(metrics.get('label_distribution') or {})}")
             print(f"wrote {cfg.output_dir}/predictions.jsonl and metrics.json")
         elif args.command == "train":
             from metatuner.rundir import claim
