@@ -10,8 +10,10 @@ puts rollout.n free samples beside the pool."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
+from tqdm.auto import tqdm
 
 from metatuner.pool import candidate_logprobs
 from metatuner.rewrite import clean_prompt, rewrite_messages
@@ -24,6 +26,8 @@ def sample_prompts(system, examples: list[Example], n: int, live: bool = False, 
     cfg = system.cfg
     out = []
     bs = cfg.rollout.batch_size
+    bar = tqdm(total=len(examples), desc="rewriting prompts" if live else "sampling prompts (phi_p')", leave=False,
+               dynamic_ncols=True, disable=int(os.environ.get("RANK", "0")) != 0 or len(examples) <= bs)
     for s in range(0, len(examples), bs):
         chunk = examples[s : s + bs]
         enc = system.gen_encode(chunk)
@@ -38,6 +42,8 @@ def sample_prompts(system, examples: list[Example], n: int, live: bool = False, 
         texts = [clean_prompt(t, system.p_tilde) for t in system.gen_tok.batch_decode(seqs, skip_special_tokens=True)]
         out += [texts[i * n : (i + 1) * n] for i in range(len(chunk))]
         system.counts["generation_calls"] += len(texts)
+        bar.update(len(chunk))
+    bar.close()
     return out
 
 
@@ -83,7 +89,8 @@ def score_candidates(system, examples: list[Example], candidates: list[list[str]
     if cfg.rollout.criterion == "answer":
         system.counts["generation_calls"] += sum(len(c) for c in cands)
     return rank_prompts(system.actor, system.tok, system.task, examples, cands, cfg.rollout.criterion,
-                        cfg.rollout.batch_size, cfg.train.max_length, cfg.train.bf16, system.with_factors)
+                        cfg.rollout.batch_size, cfg.train.max_length, cfg.train.bf16, system.with_factors,
+                        desc="D2: scoring prompts")
 
 
 def d2_rollout(system, examples: list[Example], live: bool = False) -> tuple[list[str], list[str], dict]:
