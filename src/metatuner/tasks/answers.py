@@ -126,7 +126,7 @@ def token_f1(pred: str, gold: str) -> float:
 
 def _strip_marks(s: str) -> str:
     """Drop markdown emphasis and quotes around an answer, and a final period."""
-    return s.strip().strip("*_`\"' ").strip().rstrip(".").strip()
+    return s.strip().strip("*_`\"' ").rstrip(".").strip("*_`\"' ").strip()
 
 
 _YES_NO = re.compile(r"^(yes|no)\b(?:\s*$|\s*[,.;:!])", flags=re.IGNORECASE)
@@ -142,7 +142,7 @@ def yes_no(answer: str) -> str | None:
 def extract_short(text: str) -> str | None:
     """The short answer: the text after the last 'Answer:' (its line), else the first non-empty line;
     'Yes, ...' / 'No, ...' become 'yes' / 'no'. None when the text is empty."""
-    m = re.findall(r"answer\s*(?:is)?\s*\**\s*:\s*\**(.*)", text, flags=re.IGNORECASE)
+    m = re.findall(r"answer[ \t]*(?:is)?[ \t]*\**[ \t]*:[ \t]*\**(.*)", text, flags=re.IGNORECASE)
     found = [x for x in m if _strip_marks(x)]
     if found:
         ans = _strip_marks(found[-1].split("\n")[0])
