@@ -59,8 +59,8 @@ def math_rules() -> Task:
 
 
 def hotpotqa_rules() -> Task:
-    prompt = ("Answer the question using the context. End with one line 'Answer: <short answer>': "
-              "a few words from the context, or yes or no.")
+    prompt = ("Answer the question using the context. Reply with one line 'Answer: <short answer>', where the "
+              "short answer is a few words from the context, or yes or no.")
     return _rules("hotpotqa", prompt, 48, extract_short, score_qa, END_ANSWER_LINE, text_key)
 
 
