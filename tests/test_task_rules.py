@@ -76,6 +76,9 @@ def test_train_tasks_rules_have_sources(no_data):
     ("Answer: No Doubt", "No Doubt"),  # a band called No Doubt stays itself
     ("Answer: \"Animorphs\".\nThe series follows...", "Animorphs"),
     ("Answer:\n\nAnswer: 1999", "1999"),  # an empty Answer: line is skipped
+    ("The answer is:\nMartin O'Malley\n", "Martin O'Malley"),  # the answer on the line after the colon
+    ("The answer is:", None),  # an announced answer that never came
+    ("Sure.\nThe answer is:\n", "Sure"),
     ("", None),
     ("   \n  ", None),
 ])

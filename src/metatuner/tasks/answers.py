@@ -139,15 +139,23 @@ def yes_no(answer: str) -> str | None:
     return m.group(1).lower() if m else None
 
 
+_ANSWER_LINE = re.compile(r"answer[ \t]*(?:is)?[ \t]*\**[ \t]*:[ \t]*\**([^\n]*)(?=((?:\n[ \t]*)*)([^\n]*))", re.IGNORECASE)
+
+
 def extract_short(text: str) -> str | None:
-    """The short answer: the text after the last 'Answer:' (its line), else the first non-empty line;
-    'Yes, ...' / 'No, ...' become 'yes' / 'no'. None when the text is empty."""
-    m = re.findall(r"answer[ \t]*(?:is)?[ \t]*\**[ \t]*:[ \t]*\**(.*)", text, flags=re.IGNORECASE)
-    found = [x for x in m if _strip_marks(x)]
+    """The short answer: the text after the last 'Answer:' on its line (or, when that line ends at the
+    colon, the next non-empty line), else the first non-empty line that is not a bare 'Answer:';
+    'Yes, ...' / 'No, ...' become 'yes' / 'no'. None when there is no answer."""
+    found = []
+    for m in _ANSWER_LINE.finditer(text):
+        same, nxt = _strip_marks(m.group(1)), _strip_marks(m.group(3))
+        if same or (nxt and not _ANSWER_LINE.match(nxt)):
+            found.append(same or nxt)
     if found:
-        ans = _strip_marks(found[-1].split("\n")[0])
+        ans = found[-1]
     else:
-        lines = [_strip_marks(ln) for ln in text.strip().splitlines() if _strip_marks(ln)]
+        lines = [_strip_marks(ln) for ln in text.strip().splitlines()]
+        lines = [ln for ln in lines if ln and not re.fullmatch(r"(?i).*answer[ \t]*(?:is)?[ \t]*:?", ln)]
         if not lines:
             return None
         ans = lines[0]
