@@ -109,7 +109,8 @@ def test_yes_no():
 
 
 @pytest.mark.parametrize("name, stops, runs_on", [
-    ("gsm8k", ["so 5 in all.\n#### 5\n", "#### $1,234.50 dollars\n"], ["#### 12", "#### \n", "so 5 in all.\n"]),
+    ("gsm8k", ["so 5 in all.\n#### 5\n", "#### $1,234.50 dollars\n", "So, the answer is 90.\n"],
+     ["#### 12", "#### \n", "so 5 in all.\n", "The answer is 9"]),
     ("math", ["so $\\boxed{\\frac{1}{2}}$", "\\boxed{x^{2}+\\sqrt{3}}"], ["\\boxed{\\frac{1}{2", "\\boxed{"]),
     ("hotpotqa", ["Answer: Chicago\n", "**Answer:** no\n"], ["Answer: Chic", "Answer: \n", "Chicago\n"]),
     ("cosmosqa", ["Answer: B", "answer: (C)"], ["Answer: ", "B"]),

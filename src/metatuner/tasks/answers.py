@@ -239,7 +239,8 @@ def letter_key(answer: str) -> str:
 # Python regexes searched in the text generated so far (common decision 3): generation of a row may
 # stop once its text matches, because the final answer is complete and extraction takes it from there.
 
-END_GSM8K = r"####[^\n\d]*-?\$?\d[\d,]*(?:\.\d+)?[^\n]*\n"  # '#### 42' and the end of that line
+# '#### 42' or 'The answer is 42' (the embedded model's habit on GSM8K validation) and the end of that line
+END_GSM8K = r"(?i)(?:####|answer is)[^\n\d]*-?\$?\d[\d,]*(?:\.\d+)?[^\n]*\n"
 END_BOXED = r"\\boxed\s*\{(?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*\}"  # a closed \boxed{...} (3 levels of braces)
 END_ANSWER_LINE = r"(?i)</answer>|answer\s*(?:is)?\s*\**\s*:[^\n]*\S[^\n]*\n"  # a complete 'Answer: ...' line
 END_LETTER = r"(?i)answer\s*(?:is)?\s*\**\s*:\s*\**\s*\(?[A-D]\b"  # 'Answer: B'
