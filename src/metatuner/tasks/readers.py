@@ -22,7 +22,7 @@ from metatuner.errors import MetatunerError
 
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 # characters of a query kept by default: about 8k tokens, more than any record of the shipped
-# benchmarks (HotpotQA distractor contexts run to about 7k characters) and than the embedded model's context
+# benchmarks (the longest HotpotQA distractor query is 12,795 characters) and than the embedded model's context
 MAX_QUERY_CHARS = 32_000
 
 
