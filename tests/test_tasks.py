@@ -225,7 +225,10 @@ def test_normalize_answer(text, expected):
         ("Paris", "Eiffel Tower", 0.0, 0.0),
         ("Yes.", "yes", 1.0, 1.0),
         ("yes", "no", 0.0, 0.0),
-        ("yes it is", "yes", 0.0, 0.0),  # yes/no answers get no partial credit
+        ("yes it is", "yes", 1.0, 1.0),  # a sentence answer to a yes/no question counts as its first word
+        ("No, they are not both American.", "no", 1.0, 1.0),
+        ("yes it is", "no", 0.0, 0.0),  # yes/no answers get no partial credit
+        ("nobody knows", "no", 0.0, 0.0),  # 'no' must be a word of its own
         (None, "Kansas Song", 0.0, 0.0),
     ],
 )
@@ -512,7 +515,7 @@ def test_empty_test_split_is_a_clear_error(tmp_path):
     with pytest.raises(MetatunerError, match="test split is empty"):
         load_task(tc(name="gsm8k", path=str(tmp_path), test_size=0), seed=0)
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(MetatunerError, match="test split is empty"):
+    with pytest.raises(MetatunerError, match=r"empty.jsonl: no records"):
         load_task(tc(name="jsonl", path=str(tmp_path / "empty.jsonl")), seed=0)
 
 

@@ -57,12 +57,8 @@ def task_rules_of(cfg: Config):
         tcfg = dataclasses.replace(cfg.task, name=last, params=params)
     else:
         tcfg = cfg.task
-    try:
-        from metatuner.tasks import task_rules
-    except ImportError:  # until metatuner.tasks.task_rules lands (tasks helper): procedural tasks read no files
-        from metatuner.tasks import load_task
+    from metatuner.tasks import task_rules
 
-        return load_task(tcfg, cfg.seed)
     return task_rules(tcfg)
 
 

@@ -46,7 +46,7 @@ class TaskConfig:
     params: Dict[str, Any] = _f({}, "Task parameters: reasoning-gym dataset kwargs (e.g. task.params.min_terms=2), or for the generic task query_column/answer_column/target_column.")
     prompt: str = _f("", "Initial hand-written prompt p~. Empty: the task's default.")
     train_size: int = _f(1000, "Training examples (at most; procedural tasks generate exactly this many).")
-    val_size: int = _f(100, "Validation examples.")
+    val_size: int = _f(-1, "Validation examples; -1 = auto: min(100, 20% of the rows available for train + validation).")
     test_size: int = _f(200, "Test examples (at most).")
     max_new_tokens: int = _f(0, "Generation budget for answers; 0 = the task's default.")
     train_tasks: List[str] = _f([], "Train on these tasks' train/validation splits (mixed, train_size and val_size split evenly) and test on task.name: the generalization experiment (e.g. [math,hotpotqa,cosmosqa] with task.name=gsm8k). Empty = train on task.name.")

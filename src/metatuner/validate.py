@@ -39,7 +39,7 @@ CHOICES = {
 
 # (keys, test, what is allowed)
 RANGES = [
-    (("seed", "eval.limit", "task.train_size", "task.val_size", "task.test_size", "task.max_new_tokens",
+    (("seed", "eval.limit", "task.train_size", "task.test_size", "task.max_new_tokens",
       "generator.lora_rank", "warmup.max_steps", "warmup.generator_steps", "warmup.queries", "train.max_steps",
       "train.save_steps", "train.save_total_limit", "bpo.max_steps", "opro.steps", "opro.exemplars", "sapo.candidates",
       "sapo.reselect_steps", "rollout.n", "select.opro_prompts", "select.rewrites", "bettertogether.instructions",
@@ -61,7 +61,7 @@ RANGES = [
      lambda v: v > 0, "a number > 0 (greedy decoding is inference.strategy=greedy, not temperature 0)"),
     (("generator.share_ratio", "inference.top_p", "rollout.top_p"), lambda v: 0 < v <= 1, "a number in (0, 1]"),
     (("lora.dropout", "train.lr_warmup_ratio"), lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    (("dpo.sft_steps", "task.split_seed"), lambda v: v >= -1, "an integer >= -1 (-1 = the default)"),
+    (("dpo.sft_steps", "task.split_seed", "task.val_size"), lambda v: v >= -1, "an integer >= -1 (-1 = the default)"),
     (("dpo.k",), lambda v: v >= 2, "an integer >= 2 (a correct and an incorrect sample make a pair)"),
     (("select.budget",), lambda v: v >= 1, "a number >= 1 (average samples per test query)"),
 ]

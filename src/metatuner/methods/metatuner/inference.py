@@ -39,13 +39,7 @@ def load_system(run_dir: str | Path) -> MetaTunerSystem:
     from peft import PeftModel
 
     from metatuner.config import load_config
-    try:
-        from metatuner.tasks import task_rules
-    except ImportError:  # TODO(merge): task_rules lands with the tasks package
-        from metatuner.tasks import load_task
-
-        def task_rules(tc):
-            return load_task(tc, 0)
+    from metatuner.tasks import task_rules
 
     from .loading import load_actor, load_generator
 
