@@ -329,7 +329,13 @@ def task_diagnostics(task: Task, records: list[dict]) -> dict:
     (no floor when the task has no train split)."""
     from metatuner.diagnostics import answer_key, diagnostics
 
-    key = getattr(task, "answer_key", None) or answer_key
+    task_key = getattr(task, "answer_key", None)
+
+    def key(a):  # no answer stays None (counted in no_answer_rate); an empty key is no answer too
+        if a is None or task_key is None:
+            return answer_key(a)
+        return task_key(a) or None
+
     mc = getattr(task, "is_multiple_choice", None)
     mc = mc() if callable(mc) else mc
     return diagnostics([e.answer for e in task.train], [r["reference"] for r in records],
