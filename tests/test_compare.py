@@ -85,7 +85,9 @@ def test_compare_end_to_end_failure_skip_and_report(tiny_model_path, tmp_path, c
     assert by["sft"]["peak_rss_mb"] == sft_status["peak_rss_mb"]
     assert by["sft"]["wall_seconds"] == sft_status["wall_seconds"]
     md = (out / "results.md").read_text()
-    assert table_rows(md, "Cost")["sft"][7] == f"- / {sft_status['peak_rss_mb']:.0f}"
+    run_peak = json.loads((out / "sft" / "seed_0" / "metrics.json").read_text()).get("peak_memory_mb")
+    want = "-" if run_peak is None else f"{run_peak:.0f}"
+    assert table_rows(md, "Cost")["sft"][7] == f"{want} / {sft_status['peak_rss_mb']:.0f}"
     assert md.startswith("# tiny compare\n\n## Verdict")
     rows = table_rows(md)
     assert rows["broken"][-1].startswith("failed: ") and "lora.target_modules" in rows["broken"][-1]
