@@ -40,6 +40,7 @@ VARIANTS = {
     "wo_P": ["method=metatuner_j", "train.prompt_rewrite=false"],
     "wo_S": ["method=metatuner_j", "generator.share_encoder=false"],
     "share_0.75": ["method=metatuner_j", "generator.share_ratio=0.75"],
+    "full_G": ["method=metatuner_j", "generator.lora_rank=0", "train.generator_lr=1e-4"],
 }
 
 FINAL_FILES = ["generator.safetensors", "hypernet.json", "actor_adapter/adapter_config.json", "d2.jsonl"]
@@ -157,7 +158,10 @@ def test_variant_runs_and_trains_only_its_parameters(variant, model_dir, tmp_pat
     decoder_changed = not same(b["decoder"], a["decoder"])
     assert decoder_changed == (variant != "wo_F"), "phi_q trains iff the parameter decoder is used"
     assert changed_keys(b["gen"], a["gen"]), "G's LoRA parameters (phi_s, phi_p) must train"
-    assert all("lora_" in k for k in b["gen"]), "with generator.lora_rank > 0 only LoRA factors of G train"
+    if variant == "full_G":  # generator.lora_rank=0: all of G trains, phi_p' copies its upper layers
+        assert not any("lora_" in k for k in b["gen"]) and any("lm_head" in k or "norm" in k for k in b["frozen"])
+    else:
+        assert all("lora_" in k for k in b["gen"]), "with generator.lora_rank > 0 only LoRA factors of G train"
     if variant == "wo_S":
         assert changed_keys(b["param_encoder"], a["param_encoder"]), "F's own encoder copy must train (w/o S)"
     # phi_p' changes only at a sync, and a sync copies phi_p exactly: syncs at steps 0 and 2
@@ -271,13 +275,15 @@ def test_d2_best_is_never_worse_than_p_tilde(scoring_system):
 
 def test_d2_picks_the_strictly_lower_nll_candidate(scoring_system):
     system = scoring_system
-    ex = system.task.train[0]
     pool = ["Be brief.", "Add the numbers.", "x", "Think step by step, then answer.", "Reply with one number.",
             "Sum it.", "What is the total?", "Compute carefully and give the result."]
-    base = nll_of(system, ex, system.p_tilde)
-    nlls = {c: nll_of(system, ex, c) for c in pool}
-    lower = sorted((n, c) for c, n in nlls.items() if n < base - 1e-4)
-    higher = sorted((n, c) for c, n in nlls.items() if n > base + 1e-4)
+    for ex in system.task.train:  # a query for which the (random) actor ranks candidates on both sides of p~
+        base = nll_of(system, ex, system.p_tilde)
+        nlls = {c: nll_of(system, ex, c) for c in pool}
+        lower = sorted((n, c) for c, n in nlls.items() if n < base - 1e-4)
+        higher = sorted((n, c) for c, n in nlls.items() if n > base + 1e-4)
+        if lower and higher:
+            break
     assert lower and higher, "the pool should hold candidates on both sides of p~"
     best_c = lower[0][1]
     got, correct, nll = M.score_candidates(system, [ex], [[higher[-1][1], best_c] + [c for _, c in lower[1:]]])[0]
@@ -499,7 +505,7 @@ def test_checkpoints_and_final_hold_no_base_weights_and_export_a_query_adapter(m
         assert all(k.split(".")[0] in ("generator", "frozen", "hypernet") for k in t), folder
         assert all("lora_" in k for k in t if not k.startswith("hypernet.")), folder
         assert sum(v.numel() for k, v in t.items() if not k.startswith("hypernet.")) < base_numel / 4
-    assert {"optimizer.bin", "trainer_state.json", "COMPLETE"} <= {p.name for p in (out / "step_2").iterdir()}
+    assert {"optimizer.bin", "trainer_state.json", "COMPLETE", "generator_adapter"} <= {p.name for p in (out / "step_2").iterdir()}
 
     # G's adapter in PEFT format reproduces the live G
     gen_base, _ = load_model(str(model_dir), "float32", "cpu")

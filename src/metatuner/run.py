@@ -48,11 +48,11 @@ def start_run(cfg: Config, needs_train: bool | None = None) -> Task:
     if needs_train is None:
         needs_train = cfg.method != "zero_shot"
     if not task.train and needs_train:
-        raise MetatunerError(f"task {cfg.task.name!r}: the train split is empty (task.train_size={cfg.task.train_size})")
+        raise MetatunerError(f"task {cfg.task.name!r}: the train split is empty ({task.describe_split('train')})")
     eval_examples(cfg, task)  # an empty evaluation split fails now, not after training
-    from metatuner.models import model_config
+    from metatuner.validate import validate_models
 
-    model_config(cfg.model.name, cfg.model.trust_remote_code)  # a bad model.name fails before anything is written
+    validate_models(cfg)  # model.name / generator depth vs share_ratio / lora.layers: configs only, before any write
     stage(f"task {task.name}: {len(task.train)} train / {len(task.validation)} validation / {len(task.test)} test examples")
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)

@@ -244,6 +244,10 @@ class JointLoop:
         acc.save_state(str(tmp))  # optimizer, scheduler, loop state, every process's RNG
         if acc.is_main_process:
             self.system.save(tmp)
+            if self.cfg.generator.lora_rank > 0:  # G's adapter in PEFT format too (what trains, a few MB)
+                from .inference import save_generator_adapter
+
+                save_generator_adapter(self.system, tmp / "generator_adapter")
             save_checkpoint_config(self.cfg, tmp)  # resume_from_checkpoint=auto compares these settings
             (tmp / "trainer_state.json").write_text(json.dumps(
                 {"step": step, "method": self.cfg.method, "world_size": acc.num_processes}))
