@@ -94,27 +94,27 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(finite_json(r, path), default=str, allow_nan=False) + "\n" for r in rows))
 
 
+def parse_jsonl(path: str | os.PathLike, text: str) -> list[dict]:
+    """Rows of JSONL text read from `path`; a line that is not JSON or not an object is a one-line error
+    naming the file and the line."""
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MetatunerError(f"{path} line {i}: malformed JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise MetatunerError(f"{path} line {i}: expected a JSON object, got {type(obj).__name__}")
+        rows.append(obj)
+    return rows
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Rows of a JSONL file; a line that is not UTF-8, not JSON or not an object is a one-line error
     naming the file and the line."""
-    rows = []
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise MetatunerError(f"{path} line {i}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                                     "save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MetatunerError(f"{path} line {i}: malformed JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise MetatunerError(f"{path} line {i}: expected a JSON object, got {type(obj).__name__}")
-            rows.append(obj)
-    return rows
+    return parse_jsonl(path, read_text(path))
 
 
 def read_text(path: str | os.PathLike) -> str:

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from metatuner.errors import MetatunerError
+from metatuner.io import parse_jsonl
 
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 # characters of a query kept by default: about 8k tokens, more than any record of the shipped
@@ -37,18 +38,7 @@ def _decode(raw: bytes, path: Path) -> str:
 
 
 def _read_jsonl(path: Path, text: str) -> list[dict]:
-    rows = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MetatunerError(f"{path} line {i}: malformed JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise MetatunerError(f"{path} line {i}: expected a JSON object, got {type(obj).__name__}")
-        rows.append(obj)
-    return rows
+    return parse_jsonl(path, text)
 
 
 def _read_json(path: Path, text: str) -> list[dict]:
