@@ -3,7 +3,7 @@ generation budget. `task_rules(cfg.task)` builds them from the config alone (no 
 `infer` can answer a query from a run folder; `load_task` adds the splits.
 
 The generation budgets (`max_new_tokens`) were sized from the embedded model's validation
-generations (see NOTES-tasks.md); `answer_end` lets generation stop once the final answer line is
+generations (see docs/session-2026-11-24/NOTES-tasks.md); `answer_end` lets generation stop once the final answer line is
 complete.
 """
 
