@@ -56,15 +56,12 @@ def atomic_path(path: str | os.PathLike, directory: bool = False) -> Iterator[Pa
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (see atomic_path)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+    """Write a UTF-8 text file atomically (see atomic_path)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write a file atomically (see atomic_path), synced to disk before the rename."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)

@@ -110,10 +110,7 @@ def evaluate_system(cfg: Config, system: MetaTunerSystem, extra: dict) -> dict:
     if cfg.generator.prompt_space != "free":
         extra["pool"] = system.pool
 
-    def prompts(exs):
-        return chosen if len(exs) == len(examples) else [chosen[examples.index(e)] for e in exs]
-
     def ctx(idx):
         return system.with_factors([examples[i] for i in idx])
 
-    return final_eval(cfg, system.actor, system.tok, system.task, prompts, batch_context=ctx, extra=extra)
+    return final_eval(cfg, system.actor, system.tok, system.task, chosen, batch_context=ctx, extra=extra)
