@@ -211,3 +211,37 @@ def test_pareto_front():
     pts = [(0, 20.0), (0, 30.0), (100, 25.0), (200, 40.0), (300, 40.0), (50, 35.0)]
     assert pareto_front(pts) == [1, 5, 3]
     assert pareto_front([]) == []
+
+
+def test_prompt_choices_per_method(tmp_path):
+    """results.md shows, per method, the share of test prompts that differ from p~, how often each pool
+    candidate was chosen (pooled over seeds) and examples; the pool comes from the run that saved it."""
+    pool = ["P~", "Be careful.", "Answer only."]
+    for seed in (0, 1):
+        fake_run(tmp_path, "zero_shot", seed, [1, 0, 0, 1], p_tilde="P~")
+        d = fake_run(tmp_path, "metatuner_j", seed, [1, 1, 0, 1], p_tilde="P~", pool=pool)
+        rows = [json.loads(x) for x in (d / "predictions.jsonl").read_text().splitlines()]
+        chosen = ["P~", "Be careful.", "Be careful.", "Answer only."] if seed == 0 else ["Be careful."] * 4
+        for r, p in zip(rows, chosen):
+            r["prompt"] = p
+        (d / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = summarize(spec_of(tmp_path, ["zero_shot", "metatuner_j"], seeds=(0, 1)), {})
+    mt = next(r for r in res["methods"] if r["name"] == "metatuner_j")
+    assert mt["prompt_differs_from_p_tilde"] == pytest.approx(3 / 4)  # first seed's predictions
+    shares = {c["prompt"]: (c["share"], c["pool_index"]) for c in mt["prompt_choices"]}
+    assert shares == {"Be careful.": (6 / 8, 1), "P~": (1 / 8, 0), "Answer only.": (1 / 8, 2)}
+    assert all(e["prompt"] != "P~" for e in mt["prompt_examples"])
+    zs = next(r for r in res["methods"] if r["name"] == "zero_shot")
+    assert zs["distinct_prompts"] == 1 and zs["prompt_choices"][0]["is_p_tilde"]
+    md = markdown(res)
+    section = md.split("## Prompts the test queries got")[1].split("##")[0]
+    line = next(ln for ln in section.splitlines() if ln.startswith("| metatuner_j"))
+    assert "75%" in line and "pool #1" in line and "of a pool of 3" in line
+    assert "| zero_shot | 0% | 1 |" in section
+    assert "metatuner_j: query 'q1' -> prompt 'Be careful.' (correct)" in section
+
+
+def test_no_prompt_section_when_everyone_used_p_tilde(tmp_path):
+    for n in ("zero_shot", "sft"):
+        fake_run(tmp_path, n, 0, [1, 0, 1, 1], p_tilde="P~")
+    assert "## Prompts the test queries got" not in markdown(summarize(spec_of(tmp_path, ["zero_shot", "sft"]), {}))

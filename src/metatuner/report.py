@@ -165,6 +165,32 @@ def diagnostics_table(results: dict) -> list[str]:
     return lines
 
 
+def prompt_lines(results: dict) -> list[str]:
+    """Per method, which prompts the test queries got: share that differ from p~, the most frequent prompts
+    (pool index when the method used a pool), and a few examples. Empty when every method used p~ alone."""
+    rows = [r for r in results["methods"] if r.get("status") == "complete" and "prompt_choices" in r]
+    if not any(r["prompt_differs_from_p_tilde"] > 0 or r.get("distinct_prompts", 1) > 1 for r in rows):
+        return []
+    lines = ["| method | differ from p~ | distinct prompts | most frequent prompts (share) |", "|---|---|---|---|"]
+    for r in rows:
+        tops = "; ".join(f"{'p~' if c['is_p_tilde'] else ('pool #' + str(c['pool_index']) if c['pool_index'] is not None else 'new')} "
+                         f"{cell(repr(_short(c['prompt'], 50)))} {100 * c['share']:.0f}%" for c in r["prompt_choices"][:3])
+        pool = f" of a pool of {r['pool_size']}" if r.get("pool_size") else ""
+        lines.append(f"| {r['name']} | {100 * r['prompt_differs_from_p_tilde']:.0f}% | {r['distinct_prompts']}{pool} | {tops} |")
+    lines.append("")
+    for r in rows:
+        if r["prompt_differs_from_p_tilde"] > 0:
+            for e in r["prompt_examples"]:
+                lines.append(f"- {r['name']}: query {cell(repr(_short(e['query'], 80)))} -> prompt "
+                             f"{cell(repr(_short(e['prompt'], 120)))} ({'correct' if e['correct'] else 'wrong'})")
+    return lines
+
+
+def _short(text: str, n: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def markdown(results: dict) -> str:
     out = [f"# {results['title']}", ""] if results.get("title") else []
     out += ["## Verdict", ""] + verdict_lines(results) + [""]
@@ -176,6 +202,11 @@ def markdown(results: dict) -> str:
             "run process's peak resident memory measured by compare.", ""]
     out += ["## Accuracy", ""] + accuracy_table(results) + [""]
     out += ["## Cost", ""] + cost_table(results) + [""]
+    prompts = prompt_lines(results)
+    if prompts:
+        out += ["## Prompts the test queries got", "", "Pooled over seeds. p~: the task's prompt; pool #i: the "
+                "i-th candidate of the run's prompt pool (0 is p~); new: a prompt outside the pool (written by "
+                "a generator or an optimizer).", ""] + prompts + [""]
     diag = diagnostics_table(results)
     if diag:
         out += ["## Floor and answer collapse", ""] + diag + [""]

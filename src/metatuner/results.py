@@ -62,7 +62,8 @@ def _mean(runs: list[dict], key: str):
     return statistics.mean(vals) if vals else None
 
 
-def method_row(m: dict, runs: dict, failed: list[tuple[int, dict]], multi_seed: bool, p_tilde: str) -> dict:
+def method_row(m: dict, runs: dict, failed: list[tuple[int, dict]], multi_seed: bool, p_tilde: str,
+               pool: list[str] | None = None) -> dict:
     """One method's entry of results.json from its finished runs {seed: run} and failures [(seed, status)]."""
     row = {"name": m["name"], "method": m["method"], "seeds_complete": sorted(runs)}
     if failed:
@@ -102,8 +103,28 @@ def method_row(m: dict, runs: dict, failed: list[tuple[int, dict]], multi_seed: 
     preds = rs[0]["predictions"]
     row["prompts"] = [{"query": p["query"], "prompt": p["prompt"]} for p in preds[:3]]
     row["prompt_differs_from_p_tilde"] = sum(p["prompt"] != p0 for p in preds) / max(1, len(preds))
+    own = rs[0]["metrics"].get("pool") or []
+    row.update(prompt_choices(rs, p0, own or pool or []), pool_size=len(own))
     row["notes"] = notes(first)
     return row
+
+
+def prompt_choices(rs: list[dict], p_tilde: str, pool: list[str], top: int = 5, examples: int = 2) -> dict:
+    """Which prompts the test queries got, pooled over seeds: the share that differ from p~, the `top` most
+    frequent prompts with their shares (marked with their index in `pool`: the run's own pool from its metrics,
+    else the comparison's: methods such as SAPO use the pool without saving it), and a few (query, prompt) examples, preferring queries whose prompt differs from p~."""
+    preds = [p for r in rs for p in r["predictions"]]
+    n = max(1, len(preds))
+    counts: dict[str, int] = {}
+    for p in preds:
+        counts[p["prompt"]] = counts.get(p["prompt"], 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+    chosen = [{"prompt": q, "share": c / n, "pool_index": pool.index(q) if q in pool else None,
+               "is_p_tilde": q == p_tilde} for q, c in ranked[:top]]
+    differ = [p for p in rs[0]["predictions"] if p["prompt"] != p_tilde]
+    ex = (differ or rs[0]["predictions"])[:examples]
+    return {"prompt_choices": chosen, "distinct_prompts": len(counts),
+            "prompt_examples": [{"query": p["query"], "prompt": p["prompt"], "correct": bool(p["correct"])} for p in ex]}
 
 
 def notes(m: dict) -> str:
@@ -223,11 +244,12 @@ def summarize(spec: dict, statuses: dict) -> dict:
     if p_tilde is None:
         p_tilde = next((r["predictions"][0]["prompt"] for meth, r in all_runs
                         if r["predictions"] and meth == "zero_shot"), "")
+    pool = next((r["metrics"]["pool"] for _, r in all_runs if r["metrics"].get("pool")), [])
     rows = []
     for m in spec["methods"]:
         failed = [(s, statuses[(m["name"], s)]) for s in spec["seeds"]
                   if statuses.get((m["name"], s), {}).get("status") == "failed"]
-        rows.append(method_row(m, loaded.get(m["name"], {}), failed, len(spec["seeds"]) > 1, p_tilde))
+        rows.append(method_row(m, loaded.get(m["name"], {}), failed, len(spec["seeds"]) > 1, p_tilde, pool))
     outcomes = {name: {s: r["outcomes"] for s, r in runs.items()} for name, runs in loaded.items()}
     # only fully complete methods enter comparisons (a failed seed would make the pairing uneven)
     base = best(rows, lambda r: not is_cooptimization(r["method"]))
