@@ -75,6 +75,41 @@ def test_pool_is_p_tilde_first_deduplicated_and_capped(model_dir, tmp_path):
         build_pool(cfg, task)
 
 
+def test_opro_members_join_the_pool_once_and_are_read_back(model_dir, tmp_path, monkeypatch):
+    """prompts.opro adds OPRO's best NEW instructions (seeded with the rest of the pool) after the other
+    candidates; the result is cached, so a second method (another process) gets the same pool without
+    running OPRO again; a different seed is a different key."""
+    import metatuner.metaprompt as MP
+
+    cfg = make_cfg(model_dir, tmp_path / "o", "prompts.opro=2", "opro.steps=1", "opro.candidates=3", "opro.subset=2",
+                   "opro.max_new_tokens=8")
+    task = start_run(cfg)
+    calls = []
+    real = MP.optimize
+
+    def spy(*a, **k):
+        calls.append(k.get("seeds"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(MP, "optimize", spy)
+    # the tiny random model writes gibberish: make its proposals deterministic and distinct
+    monkeypatch.setattr(MP, "parse_instruction", lambda text, it=iter(range(100)): f"Proposal {next(it)}.")
+    pool = build_pool(cfg, task)
+    assert calls == [[task.prompt, *CANDS]]  # OPRO seeded with the rest of the pool, p~ first
+    assert pool[:3] == [task.prompt, *CANDS] and len(pool) == 5
+    assert all(p.startswith("Proposal ") for p in pool[3:])
+    import os
+
+    cached = [json.loads(f.read_text()) for f in (Path(os.environ["METATUNER_CACHE"]) / "pools").glob("*.json")]
+    assert any(c["members"] == pool[3:] for c in cached)
+    assert build_pool(cfg, task) == pool and len(calls) == 1  # read back, OPRO not run again
+    cfg.seed = 1
+    build_pool(cfg, task)
+    assert len(calls) == 2
+    cfg.prompts.pool_size = 3  # a full pool leaves no room: OPRO is not run
+    assert build_pool(cfg, task) == [task.prompt, *CANDS] and len(calls) == 2
+
+
 def test_choose_takes_the_argmax_at_test_and_samples_in_training(model_dir, tmp_path, monkeypatch):
     cfg = make_cfg(model_dir, tmp_path / "c", "method=metatuner_j", "generator.prompt_space=pool",
                    "generator.pool_temperature=0.01")
@@ -142,8 +177,14 @@ def test_baselines_that_choose_a_prompt_get_the_same_pool(model_dir, tmp_path, m
 
     monkeypatch.setattr(metaprompt, "accuracy_of", fake)
     cfg.opro.steps = 0
-    best, acc, rows, _ = metaprompt.optimize(cfg, model, tok, model, tok, task)
+    best, acc, rows, _ = metaprompt.optimize(cfg, model, tok, model, tok, task, seeds=build_pool(cfg, task))
     assert [r["instruction"] for r in rows] == [task.prompt, *CANDS] and best == favourite
+    from metatuner.methods import opro
+
+    seen = []
+    monkeypatch.setattr(opro, "optimize", lambda *a, seeds=None, **k: (seen.append(seeds), (task.prompt, 0.0, [], 0))[1])
+    opro.run(make_cfg(model_dir, tmp_path / "opro", "method=opro"))
+    assert seen == [[task.prompt, *CANDS]]  # the OPRO method starts from the pool
 
     monkeypatch.setattr(bettertogether, "accuracy_of", fake)
     monkeypatch.setattr(bettertogether, "bootstrap_traces", lambda *a, **k: [])

@@ -48,16 +48,16 @@ def parse_instruction(text: str) -> str:
     return lines[0] if lines else ""
 
 
-def optimize(cfg: Config, actor, tok, gen, gtok, task, log_path=None) -> tuple[str, float, list[dict], int]:
-    """Run OPRO; returns (best instruction, its training accuracy, history rows, optimizer LLM samples)."""
+def optimize(cfg: Config, actor, tok, gen, gtok, task, log_path=None, seeds: list[str] | None = None
+             ) -> tuple[str, float, list[dict], int]:
+    """Run OPRO; returns (best instruction, its training accuracy, history rows, optimizer LLM samples).
+    `seeds`: the instructions scored first (default [p~]; with a candidate pool, the pool, p~ first)."""
     oc = cfg.opro
     rng = random.Random(cfg.seed)
     subset = task.train[: oc.subset]
     history: list[tuple[str, float]] = []
     rows = []
-    from metatuner.pool import build_pool, pool_requested
-
-    seeds = build_pool(cfg, task, gen, gtok) if pool_requested(cfg) else [task.prompt]  # p~ first
+    seeds = seeds or [task.prompt]
     for ins in seeds:  # the candidate pool seeds the search (same prompts as MetaTuner's pool modes)
         score = accuracy_of(actor, tok, task, subset, ins, cfg.eval.batch_size)
         history.append((ins, score))

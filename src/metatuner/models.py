@@ -30,6 +30,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("METATUNER_CACHE", Path.home() / ".cache" / "metatuner"))
 
 
+def model_fingerprint(name: str) -> dict:
+    """What identifies a model's weights for a cache key: a local directory's resolved path and its weight and
+    config files (name, size, mtime); a hub id as is."""
+    p = Path(name)
+    if not p.is_dir():
+        return {"name": name}
+    files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".json", ".gguf"))
+    return {"name": str(p.resolve()), "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

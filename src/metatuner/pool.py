@@ -2,7 +2,8 @@
 
 The pool: p~ first, then the user's candidates (prompts.candidates, prompts.candidates_file), the
 generator's paraphrases of p~ (prompts.paraphrases), and p~ with a few training demonstrations
-(prompts.demos); duplicates dropped, at most prompts.pool_size. MetaTuner's prompt decoder in
+(prompts.demos), and OPRO's best new instructions (prompts.opro, cached so every method gets the same);
+duplicates dropped, at most prompts.pool_size. MetaTuner's prompt decoder in
 generator.prompt_space=pool|mixed chooses among them per query; the baselines that can choose among
 prompts get the same pool, so a win is not just "more prompts".
 
@@ -70,7 +71,7 @@ def demo_prompt(task: Task, k: int) -> str:
 def pool_requested(cfg: Config) -> bool:
     """Whether the settings ask for candidates beyond p~ (then every method that can choose a prompt uses them)."""
     pc = cfg.prompts
-    return bool(pc.candidates or pc.candidates_file or pc.paraphrases > 0 or pc.demos > 0)
+    return bool(pc.candidates or pc.candidates_file or pc.paraphrases > 0 or pc.demos > 0 or pc.opro > 0)
 
 
 def pool_for_baseline(cfg: Config, task: Task) -> list[str]:
@@ -99,8 +100,10 @@ def best_on_validation(actor, tok, task: Task, pool: list[str], n: int, batch_si
     return pool[best], accs
 
 
-def build_pool(cfg: Config, task: Task, gen=None, gtok=None) -> list[str]:
-    """p~, the user's candidates, paraphrases, demonstrations: deduplicated, at most prompts.pool_size."""
+def build_pool(cfg: Config, task: Task, gen=None, gtok=None, actor=None, tok=None) -> list[str]:
+    """p~, the user's candidates, paraphrases, demonstrations, OPRO's best new instructions: deduplicated,
+    at most prompts.pool_size. OPRO (prompts.opro > 0) scores with `actor` (loaded from model.name when not
+    given) and proposes with `gen` (the generator, loaded when not given)."""
     pc = cfg.prompts
     pool = [task.prompt, *[str(c).strip() for c in pc.candidates if str(c).strip()]]
     if pc.candidates_file:
@@ -111,7 +114,54 @@ def build_pool(cfg: Config, task: Task, gen=None, gtok=None) -> list[str]:
         pool += paraphrases(gen, gtok, task.prompt, pc.paraphrases, cfg.sapo.temperature, cfg.sapo.max_new_tokens)
     if pc.demos > 0:
         pool.append(demo_prompt(task, pc.demos))
+    pool = list(dict.fromkeys(pool))[: pc.pool_size]
+    if pc.opro > 0 and len(pool) < pc.pool_size:
+        pool = pool + opro_members(cfg, task, list(pool), gen, gtok, actor, tok)
     return list(dict.fromkeys(pool))[: pc.pool_size]
+
+
+def opro_key(cfg: Config, task: Task, seeds: list[str]) -> str:
+    """Hash of what OPRO's pool members depend on: models, task settings, seed, opro.*, the seed prompts."""
+    import hashlib
+    import json
+
+    from metatuner.models import model_fingerprint
+
+    parts = {"model": model_fingerprint(cfg.model.name), "dtype": cfg.model.dtype,
+             "generator": model_fingerprint(cfg.generator.name or cfg.model.name), "task": vars(cfg.task),
+             "seed": cfg.seed, "opro": vars(cfg.opro), "k": cfg.prompts.opro, "seeds": seeds,
+             "torch": torch.__version__}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def opro_members(cfg: Config, task: Task, seeds: list[str], gen=None, gtok=None, actor=None, tok=None) -> list[str]:
+    """The prompts.opro best instructions OPRO found that are not among `seeds` (by training accuracy, ties to
+    the earliest). Run once per settings and read back from $METATUNER_CACHE/pools/<key>.json afterwards, so
+    every method of a comparison (each in its own process) gets the same members."""
+    import json
+
+    from metatuner.io import write_json
+    from metatuner.metaprompt import optimize
+    from metatuner.models import cache_dir, load_from_config, load_model
+
+    path = cache_dir() / "pools" / f"{opro_key(cfg, task, seeds)}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())["members"]
+        except (OSError, ValueError, KeyError):
+            pass  # damaged: compute again and overwrite
+    if actor is None:
+        actor, tok = load_from_config(cfg.model)
+    if gen is None:
+        gen, gtok = (actor, tok) if not cfg.generator.name else load_model(
+            cfg.generator.name, cfg.generator.dtype, cfg.model.device, cfg.generator.trust_remote_code)
+    with torch.no_grad():
+        _, _, rows, _ = optimize(cfg, actor, tok, gen, gtok, task, seeds=seeds)
+    new = [r for r in rows if r["instruction"] not in seeds]
+    ranked = sorted(range(len(new)), key=lambda i: (-new[i]["train_accuracy"], i))
+    members = [new[i]["instruction"] for i in ranked[: cfg.prompts.opro]]
+    write_json(path, {"members": members, "rows": rows})
+    return members
 
 
 @torch.no_grad()

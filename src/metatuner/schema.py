@@ -90,7 +90,8 @@ class PromptsConfig:
     candidates_file: str = _f("", "A text file with one candidate prompt per line, added after prompts.candidates.")
     paraphrases: int = _f(0, "Generator paraphrases of p~ added to the pool (SAPO's paraphrase instruction, sapo.temperature).")
     demos: int = _f(0, "Add one candidate made of p~ followed by this many training demonstrations (question and reference answer); 0 = none.")
-    pool_size: int = _f(8, "At most this many candidates in the pool: p~ first, then prompts.candidates, the file, paraphrases, demos (duplicates dropped).")
+    opro: int = _f(0, "Add this many of OPRO's best new instructions (opro.* budget, seeded with the rest of the pool, scored by the actor model.name on the training split). Run once per settings and cached under $METATUNER_CACHE/pools/, so every method of a comparison gets the same pool; 0 = none.")
+    pool_size: int = _f(8, "At most this many candidates in the pool: p~ first, then prompts.candidates, the file, paraphrases, demos, OPRO's instructions (duplicates dropped).")
     val_examples: int = _f(64, "Validation examples zero_shot scores each pool candidate on (it answers the test split with the best).")
 
 

@@ -19,6 +19,7 @@ import torch
 
 from metatuner.config import Config
 from metatuner.metaprompt import optimize
+from metatuner.pool import build_pool, pool_requested
 from metatuner.prompts import optimizer_llm
 
 
@@ -32,7 +33,8 @@ def run(cfg: Config) -> dict:
     gen, gtok = optimizer_llm(cfg, actor, tok)
     path = f"{cfg.output_dir}/opro_history.jsonl" if is_main_process() else None
     with torch.no_grad():
-        best, acc, rows, calls = optimize(cfg, actor, tok, gen, gtok, task, path)
+        seeds = build_pool(cfg, task, gen, gtok, actor, tok) if pool_requested(cfg) else None  # the pool seeds OPRO
+        best, acc, rows, calls = optimize(cfg, actor, tok, gen, gtok, task, path, seeds=seeds)
         scored = len(rows) * min(cfg.opro.subset, len(task.train))
         return final_eval(cfg, actor, tok, task, best, extra={
             "prompt": best, "train_accuracy": acc, "instructions_scored": len(rows), "generation_calls": calls + scored,

@@ -25,18 +25,11 @@ from tqdm.auto import tqdm
 from metatuner.config import Config
 from metatuner.errors import MetatunerError
 from metatuner.io import atomic_path, write_json
+from metatuner.models import model_fingerprint
 from metatuner.tasks import Task
 from metatuner.training import check_finite
 
 from .rollouts import d2_rollout
-
-
-def _model_fingerprint(name: str) -> dict:
-    p = Path(name)
-    if not p.is_dir():
-        return {"name": name}
-    files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".json", ".gguf"))
-    return {"name": str(p.resolve()), "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
 
 
 def warmup_key(cfg: Config, task: Task, world: int) -> str:
@@ -47,7 +40,7 @@ def warmup_key(cfg: Config, task: Task, world: int) -> str:
 
     t = cfg.train
     parts = {
-        "model": _model_fingerprint(cfg.model.name), "dtype": cfg.model.dtype,
+        "model": model_fingerprint(cfg.model.name), "dtype": cfg.model.dtype,
         "task": {k: v for k, v in vars(cfg.task).items()}, "prompt": task.prompt, "seed": cfg.seed,
         "lora": vars(cfg.lora), "steps": cfg.warmup.max_steps, "lr": cfg.warmup.lr,
         "train": [t.batch_size, t.grad_accum, t.max_length, t.bf16, t.gradient_checkpointing, t.weight_decay,
