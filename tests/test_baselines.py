@@ -326,8 +326,8 @@ def test_rank_prompts_correct_first_then_nll(monkeypatch, make_task):
     monkeypatch.setattr(P, "actor_batch", lambda tok, task, ps, exs, max_length, device: {"prompts": list(ps)})
     monkeypatch.setattr(P, "forward_nll", lambda model, batch: (torch.tensor([nll[p] for p in batch["prompts"]]), None))
     monkeypatch.setattr(P, "chat_text", lambda tok, msgs: msgs[0]["content"])
-    monkeypatch.setattr(P, "generate_texts", lambda model, tok, texts, n: (
-        [["7" if "RIGHT" in t else "?"] for t in texts], None, None))
+    monkeypatch.setattr(P, "greedy_texts", lambda model, tok, texts, n, **kw: (
+        [["7" if "RIGHT" in t else "?"] for t in texts], None))
 
     class Dev:
         device = torch.device("cpu")
@@ -338,7 +338,7 @@ def test_rank_prompts_correct_first_then_nll(monkeypatch, make_task):
     assert got == [("RIGHT high", True, pytest.approx(2.0)), ("wrong b", False, pytest.approx(0.5)),
                    ("RIGHT c", True, pytest.approx(0.3))]
     # criterion=nll: no generation, the lowest NLL wins
-    monkeypatch.setattr(P, "generate_texts", lambda *a, **k: pytest.fail("nll criterion must not generate"))
+    monkeypatch.setattr(P, "greedy_texts", lambda *a, **k: pytest.fail("nll criterion must not generate"))
     got = P.rank_prompts(Dev(), None, task, task.test, cands, "nll", batch_size=4, bf16=False)
     assert [g[0] for g in got] == ["wrong low", "wrong b", "RIGHT c"]
 

@@ -15,7 +15,7 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from metatuner.evaluate import chat_text, evaluate, generate_texts
+from metatuner.evaluate import chat_text, evaluate, greedy_texts
 from metatuner.tasks import Example, Task
 from metatuner.training import actor_batch, autocast, forward_nll
 
@@ -55,7 +55,9 @@ def rank_prompts(model, tok, task: Task, examples: list[Example], candidates: li
                 nll += forward_nll(model, batch)[0].float().tolist()
             if criterion == "answer":
                 texts = [chat_text(tok, task.render(p, ex.query)) for p, ex in zip(ps, exs)]
-                gens, _, _ = generate_texts(model, tok, texts, task.max_new_tokens)
+                per_row = factors_ctx is not None  # weights may differ per row: keep the batch whole
+                gens, _ = greedy_texts(model, tok, texts, task.max_new_tokens, answer_end=getattr(task, "answer_end", ""),
+                                       share_prefix=not per_row, drop_finished=not per_row)
                 correct += [bool(task.score(task.extract_for(g[0], ex), ex)["correct"]) for g, ex in zip(gens, exs)]
             else:
                 correct += [False] * len(exs)
