@@ -303,11 +303,11 @@ def test_d2_ranks_correct_answers_before_nll(scoring_system, monkeypatch):
 
     def fake_generate(model, tok, texts, max_new_tokens, **kw):  # "correct" iff the prompt holds MAGIC
         gens = [["RIGHT" if "MAGIC" in t else "WRONG"] for t in texts]
-        return gens, [[1]] * len(texts), None
+        return gens, [[1]] * len(texts)
 
     import metatuner.prompts
 
-    monkeypatch.setattr(metatuner.prompts, "generate_texts", fake_generate)  # D2 scoring goes through rank_prompts
+    monkeypatch.setattr(metatuner.prompts, "greedy_texts", fake_generate)  # D2 scoring goes through rank_prompts
     monkeypatch.setattr(system.cfg.rollout, "criterion", "answer")
     monkeypatch.setattr(system.task, "extract", lambda g: g)
     monkeypatch.setattr(system.task, "score_fn", lambda pred, e: {"correct": pred == "RIGHT"})
