@@ -282,7 +282,7 @@ def test_majority_strategy_picks_most_frequent_answer(tiny_model, make_task, mon
     assert [r["extracted"] for r in recs] == ["7", "2"]  # q0: 7/8 tie -> first seen
     assert [r["generation"] for r in recs] == ["7 a", "2 b"]  # the first sample with the voted answer
     assert [r["correct"] for r in recs] == [True, True]
-    assert recs[0]["samples"] == samples["q0"]
+    assert recs[0]["generations"] == samples["q0"] and recs[0]["samples"] == 4
     call = fake.calls[0]
     assert call["do_sample"] is True and call["num_return_sequences"] == 4
     assert call["temperature"] == 0.5 and call["top_p"] == 0.9
@@ -413,13 +413,13 @@ def test_real_sampling_majority_runs(tiny_model, make_task):
     torch.manual_seed(0)
     recs, m = evaluate(model, tok, task, task.test, strategy="majority", n=3, batch_size=2, progress=False)
     for r in recs:
-        assert len(r["samples"]) == 3
-        assert r["extracted"] == majority_vote([task.extract(s) for s in r["samples"]])
-        assert r["generation"] in r["samples"]
+        assert len(r["generations"]) == r["samples"] == 3
+        assert r["extracted"] == majority_vote([task.extract(s) for s in r["generations"]])
+        assert r["generation"] in r["generations"]
     assert m["n"] == 3 and m["samples_per_query"] == 3
     torch.manual_seed(0)
     recs2, _ = evaluate(model, tok, task, task.test, strategy="best_of_n", n=3, batch_size=3, progress=False)
-    assert all(r["generation"] in r["samples"] for r in recs2)
+    assert all(r["generation"] in r["generations"] for r in recs2)
 
 
 def test_generation_stops_at_every_end_token_of_the_generation_config(tiny_model_path):
