@@ -23,6 +23,7 @@ class ModelConfig:
     dtype: str = _f("auto", "Weights dtype: auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16.")
     device: str = _f("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
     trust_remote_code: bool = _f(False, "Allow model repositories to run their own code (off by default).")
+    adapter: str = _f("", "A PEFT adapter directory loaded on top of model.name and merged into it (e.g. an SFT run's adapter/), so a method starts from a trained model: `metatuner train method=inference_select model.adapter=runs/x/sft/seed_0/adapter`. Empty: the base model.")
 
 
 @dataclass

@@ -148,13 +148,15 @@ def _check_combinations(cfg) -> None:
 
 
 def validate_models(cfg) -> None:
-    """Checks that need the models' configs (read from config.json, no weights): the generator's split
-    depth k = round(generator.share_ratio x K) must satisfy 1 <= k < K, and lora.layers must select
-    layers of the actor. Called by run code before any training."""
+    """Checks that need the models' files (config.json, no weights): model.adapter must be a PEFT adapter
+    directory; the generator's split depth k = round(generator.share_ratio x K) must satisfy 1 <= k < K;
+    lora.layers must select layers of the actor. Called by run code before any training."""
     from metatuner.generator import split_depth
     from metatuner.lora import _parse_layers
-    from metatuner.models import model_config
+    from metatuner.models import check_adapter, model_config
 
+    if cfg.model.adapter:
+        check_adapter(cfg.model.adapter)
     actor_layers = _num_layers(model_config(cfg.model.name, cfg.model.trust_remote_code, key="model.name"),
                                "model.name", cfg.model.name)
     if cfg.lora.layers.strip():
