@@ -34,6 +34,7 @@ CHOICES = {
     "rollout.criterion": ("answer", "nll"),
     "generator.prompt_space": ("free", "pool", "mixed"),
     "prompt_selection": ("none", "sapo"),
+    "select.rule": ("lcb", "halving"),
     "resume_from_checkpoint": (False, True, "auto"),
 }
 
@@ -43,7 +44,8 @@ RANGES = [
       "generator.lora_rank", "warmup.max_steps", "warmup.generator_steps", "warmup.queries", "train.max_steps",
       "train.save_steps", "train.save_total_limit", "bpo.max_steps", "opro.steps", "opro.exemplars", "sapo.candidates",
       "sapo.reselect_steps", "rollout.n", "select.opro_prompts", "select.rewrites", "bettertogether.instructions",
-      "bettertogether.demo_sets", "bettertogether.max_demos", "prompts.paraphrases", "prompts.demos"),
+      "bettertogether.demo_sets", "bettertogether.max_demos", "prompts.paraphrases", "prompts.demos",
+      "select.explore_budget"),
      lambda v: v >= 0, "an integer >= 0"),
     (("train.weight_decay", "train.max_grad_norm", "train.alpha", "select.cost_weight"),
      lambda v: v >= 0, "a number >= 0"),
@@ -60,6 +62,7 @@ RANGES = [
     (("inference.temperature", "rollout.temperature", "generator.pool_temperature", "opro.temperature", "dpo.temperature", "sapo.temperature"),
      lambda v: v > 0, "a number > 0 (greedy decoding is inference.strategy=greedy, not temperature 0)"),
     (("generator.share_ratio", "inference.top_p", "rollout.top_p"), lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    (("select.confidence",), lambda v: 0.5 <= v < 1, "a number in [0.5, 1)"),
     (("inference.stop_threshold",), lambda v: 0.5 <= v < 1, "a number in [0.5, 1) (the probability the vote's leader is the majority)"),
     (("lora.dropout", "train.lr_warmup_ratio"), lambda v: 0 <= v < 1, "a number in [0, 1)"),
     (("dpo.sft_steps", "task.split_seed", "task.val_size"), lambda v: v >= -1, "an integer >= -1 (-1 = the default)"),
@@ -68,7 +71,7 @@ RANGES = [
 ]
 
 NOT_EMPTY = ("method", "model.name", "task.name", "lora.target_modules", "dpo.loss_type",
-             "select.n_values")
+             "select.n_values", "select.temperatures")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda|xpu|npu)(:\d+)?$")
 SLICE = re.compile(r"^\s*-?\d*\s*:\s*-?\d*\s*(:\s*-?\d*\s*)?$")
 VERIFIER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -116,6 +119,13 @@ def _check_formats(cfg) -> None:
     for n in cfg.select.n_values:
         if not isinstance(n, int) or n < 1:
             raise fail("select.n_values", cfg.select.n_values, "a list of integers >= 1")
+    for t in cfg.select.temperatures:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
+            raise fail("select.temperatures", cfg.select.temperatures, "a list of numbers > 0")
+    for st in cfg.select.strategies:
+        if st not in ("majority", "best_of_n", "early_majority"):
+            raise fail("select.strategies", cfg.select.strategies,
+                       "a list of majority, best_of_n, early_majority (greedy is always an arm)")
     for name, params in cfg.task.params_by_task.items():
         if not isinstance(params, dict):
             raise fail(f"task.params_by_task.{name}", params, "a mapping of that task's parameters")
