@@ -7,7 +7,8 @@ spent three ways on samples already drawn, and compared on validation before any
   its own training queries;
 - uniform: the same total, spread evenly;
 - early stopping: majority vote with the Beta stopping rule (metatuner.voting), stop_min 1, at the
-  highest threshold of THRESHOLDS whose mean samples on validation fit the budget (it may spend less).
+  highest threshold of THRESHOLDS whose mean samples on validation fit the budget (it may spend less;
+  when no threshold fits, because votes never settle, its cap is lowered until it fits).
 
 Each query uses its first k samples in the order drawn. The probe is used only if it beats both
 others on validation; otherwise the better of uniform and early stopping is.
@@ -39,12 +40,15 @@ def early_stop_run(samples: list[dict], threshold: float, min_samples: int, cap:
 
 
 def early_at_budget(samples: list[dict], budget: float, cap: int) -> dict:
-    """The highest threshold whose early stopping spends at most `budget` samples per query on average."""
-    for t in THRESHOLDS:
-        ok, spent = early_stop_run(samples, t, 1, cap)
-        if sum(spent) <= budget * len(samples) or t == THRESHOLDS[-1]:
-            return {"threshold": t, "accuracy": sum(ok) / max(1, len(ok)), "total_samples": sum(spent)}
-    raise AssertionError("unreachable")
+    """Early stopping that spends at most `budget` samples per query on average: the highest threshold of
+    THRESHOLDS that fits at the full cap, else (answers that never settle, e.g. unparsable ones) the
+    highest cap below it that fits at the lowest threshold (cap = floor(budget) always fits)."""
+    for c in range(cap, 0, -1):
+        for t in THRESHOLDS if c == cap else THRESHOLDS[-1:]:
+            ok, spent = early_stop_run(samples, t, 1, c)
+            if sum(spent) <= budget * len(samples):
+                return {"threshold": t, "cap": c, "accuracy": sum(ok) / max(1, len(ok)), "total_samples": sum(spent)}
+    return {"threshold": THRESHOLDS[-1], "cap": 1, "accuracy": 0.0, "total_samples": 0}  # no samples at all
 
 
 def success_labels(samples: list[dict]) -> torch.Tensor:
@@ -77,16 +81,18 @@ def crossfit(features: torch.Tensor, labels: torch.Tensor, folds: int = 2, seed:
     return p
 
 
-def spend(samples: list[dict], p_hat: list[float], budget: float, cap: int, early_threshold: float) -> dict:
-    """Accuracy and total samples of the three ways on these samples (p_hat: the probe's predictions)."""
+def spend(samples: list[dict], p_hat: list[float], budget: float, cap: int, early: dict) -> dict:
+    """Accuracy and total samples of the three ways on these samples (p_hat: the probe's predictions;
+    early: the threshold and cap of early stopping)."""
     q = len(samples)
     total = int(round(budget * q))
     adaptive = allocate_budget(p_hat, total, cap)
     uniform = uniform_allocation(q, total, cap)
-    ok, spent = early_stop_run(samples, early_threshold, 1, cap)
+    ok, spent = early_stop_run(samples, early["threshold"], 1, early["cap"])
     return {"probe": {"accuracy": accuracy_with_allocation(samples, adaptive, "majority"), "total_samples": sum(adaptive)},
             "uniform": {"accuracy": accuracy_with_allocation(samples, uniform, "majority"), "total_samples": sum(uniform)},
-            "early_stop": {"accuracy": sum(ok) / max(1, q), "total_samples": sum(spent), "threshold": early_threshold}}
+            "early_stop": {"accuracy": sum(ok) / max(1, q), "total_samples": sum(spent), "threshold": early["threshold"],
+                           "cap": early["cap"]}}
 
 
 def decide(val: dict) -> tuple[str, str]:
@@ -103,13 +109,14 @@ def decide(val: dict) -> tuple[str, str]:
 def compare_budgets(val_samples: list[dict], val_feats: torch.Tensor, test_samples: list[dict],
                     test_feats: torch.Tensor, budget: float, max_per_query: int, seed: int = 0) -> dict:
     """The budget block of select.json: the validation comparison, the decision, and the test numbers of
-    all three (the probe on test is fit on all of validation; early stopping keeps its validation threshold)."""
+    all three (the probe on test is fit on all of validation; early stopping keeps its validation threshold
+    and cap, so on test it may spend a little more or less than the budget)."""
     cap = min(max_per_query, len(val_samples[0]["answers"]) if val_samples else max_per_query,
               len(test_samples[0]["answers"]) if test_samples else max_per_query)
     labels = success_labels(val_samples)
     early = early_at_budget(val_samples, budget, cap)
-    val = spend(val_samples, crossfit(val_feats, labels, 2, seed), budget, cap, early["threshold"])
+    val = spend(val_samples, crossfit(val_feats, labels, 2, seed), budget, cap, early)
     used, why = decide(val)
-    test = spend(test_samples, probe(val_feats, labels)(test_feats), budget, cap, early["threshold"])
+    test = spend(test_samples, probe(val_feats, labels)(test_feats), budget, cap, early)
     return {"budget_per_query": budget, "cap": cap, "validation": val, "used": used, "why": why, "test": test,
             "test_accuracy_of_used": test[used]["accuracy"]}
