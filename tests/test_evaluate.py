@@ -496,3 +496,19 @@ def test_two_processes_split_the_examples_and_gather_them_in_order(tiny_model, t
     assert metrics["n"] == len(queries) and metrics["tokens_generated"] == ranks[0]["tokens"] == ranks[1]["tokens"]
     assert metrics["tokens_generated"] == sum(len(p["generation"]) for p in preds) + sum(
         1 for p in preds if len(p["generation"]) < 6)
+
+
+def test_sampling_stops_at_the_answer_end_like_greedy(tiny_model):
+    model, tok = tiny_model
+    texts = [chat_text(tok, [{"role": "user", "content": q}]) for q in QUERIES[:3]]
+    torch.manual_seed(0)
+    free, free_n, _ = generate_texts(model, tok, texts, 8, do_sample=True, num_return_sequences=3)
+    torch.manual_seed(0)
+    cut, cut_n, _ = generate_texts(model, tok, texts, 8, do_sample=True, num_return_sequences=3, answer_end=r"\S\S")
+    for fs, cs, ns, fns in zip(free, cut, cut_n, free_n):
+        for f, c, n, fn in zip(fs, cs, ns, fns):
+            assert f.startswith(c) and n <= fn
+            m = re.search(r"\S\S", f)
+            if m:  # a row stops on the token that completes the match (one char per token here)
+                assert c == f[: m.end()]
+    assert any(len(c) < len(f) for fs, cs in zip(free, cut) for f, c in zip(fs, cs))

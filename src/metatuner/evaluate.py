@@ -23,7 +23,9 @@ from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
+from metatuner.errors import MetatunerError
 from metatuner.io import write_json, write_jsonl
 from metatuner.tasks import Example, Task
 from metatuner.voting import best_of_n, majority_vote, vote_settled  # noqa: F401 (re-exported)
@@ -129,6 +131,17 @@ def greedy_texts(
     return gens, [[len(x)] for x in new]
 
 
+class AnswerEnd(StoppingCriteria):
+    """Per-row stop once the generated text (after `start` input tokens) matches the regex `pattern`."""
+
+    def __init__(self, tokenizer, pattern: str, start: int):
+        self.tokenizer, self.pattern, self.start = tokenizer, re.compile(pattern), start
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
+        return torch.tensor([bool(self.pattern.search(t)) for t in texts], device=input_ids.device)
+
+
 @torch.no_grad()
 def generate_texts(
     model,
@@ -140,13 +153,18 @@ def generate_texts(
     top_p: float = 1.0,
     num_return_sequences: int = 1,
     return_logprobs: bool = False,
+    answer_end: str = "",
 ):
-    """Generate for one batch of already-rendered texts. Returns (generations[b][n], n_tokens[b][n], mean_logprob[b][n])."""
+    """Generate for one batch of already-rendered texts. Returns (generations[b][n], n_tokens[b][n], mean_logprob[b][n]).
+    A row stops at an end token, at max_new_tokens, or once its text matches the regex `answer_end` (as
+    in greedy_texts, so sampled and greedy answers are cut by the same rule)."""
     tokenizer.padding_side = "left"
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     stop = stop_token_ids(model, tokenizer)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_return_sequences,
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
+    if answer_end:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([AnswerEnd(tokenizer, answer_end, enc["input_ids"].shape[1])])
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p)
     else:
@@ -197,9 +215,7 @@ def evaluate(
     fast_greedy: bool = True,
     max_new_tokens: int | None = None,
     diagnose: bool = True,
-    stop_threshold: float = 0.95,
-    stop_min: int = 2,
-    stop_chunk: int = 1,
+    stop_threshold: float = 0.95, stop_min: int = 2, stop_chunk: int = 1,
 ) -> tuple[list[dict], dict]:
     """Generate, extract, score. Writes predictions.jsonl and metrics.json when output_dir is set (on the
     main process only). Records come back in the order of `examples`, each with its `index` there.
@@ -214,12 +230,8 @@ def evaluate(
     early_majority samples in rounds: stop_min samples first, then stop_chunk more per round for the
     rows of the batch whose vote is not settled at stop_threshold, never more than n per query."""
     if strategy not in STRATEGIES:
-        from metatuner.errors import MetatunerError
-
         raise MetatunerError(f"inference.strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if batch_size < 1:
-        from metatuner.errors import MetatunerError
-
         raise MetatunerError(f"eval.batch_size: expected an integer >= 1, got {batch_size!r}")
     if prompts is None:
         prompts = task.prompt
@@ -248,7 +260,7 @@ def evaluate(
         batch = [texts[i] for i in idx]
         if strategy == "early_majority":  # rounds of samples, each round in its own batch_context
             gens, ntoks = _sample_until_settled(model, tokenizer, task, examples, idx, texts, max_new, temperature,
-                                                top_p, k, (stop_threshold, stop_min, stop_chunk), batch_context)
+                                                top_p, k, (stop_threshold, stop_min, stop_chunk), batch_context, answer_end)
             logps = None
         else:
             with batch_context(idx) if batch_context else contextlib.nullcontext():
@@ -261,7 +273,8 @@ def evaluate(
                 else:
                     gens, ntoks, logps = generate_texts(model, tokenizer, batch, max_new, do_sample=sample,
                                                         temperature=temperature, top_p=top_p, num_return_sequences=k,
-                                                        return_logprobs=(strategy == "best_of_n" and verifier is None))
+                                                        return_logprobs=(strategy == "best_of_n" and verifier is None),
+                                                        answer_end=answer_end)
         for j, i in enumerate(idx):
             ex = examples[i]
             tokens += sum(ntoks[j])
@@ -315,7 +328,7 @@ STRATEGIES = ("greedy", "best_of_n", "majority", "early_majority")
 
 
 def _sample_until_settled(model, tokenizer, task, examples, idx, texts, max_new, temperature, top_p, cap, rule,
-                          batch_context) -> tuple[list[list[str]], list[list[int]]]:
+                          batch_context, answer_end) -> tuple[list[list[str]], list[list[int]]]:
     """early_majority for one batch (rows `idx`): draw stop_min samples per row, then stop_chunk more per
     round for the rows whose vote (metatuner.voting.vote_settled) is not settled, at most `cap` per row.
     Each round's generation runs inside batch_context(rows still sampling), so a per-query LoRA follows
@@ -331,7 +344,8 @@ def _sample_until_settled(model, tokenizer, task, examples, idx, texts, max_new,
         rows = [idx[a] for a in active]
         with batch_context(rows) if batch_context else contextlib.nullcontext():
             g, nt, _ = generate_texts(model, tokenizer, [texts[i] for i in rows], max_new, do_sample=True,
-                                      temperature=temperature, top_p=top_p, num_return_sequences=k)
+                                      temperature=temperature, top_p=top_p, num_return_sequences=k,
+                                      answer_end=answer_end)
         for a, gs, ns in zip(active, g, nt):
             gens[a] += gs
             ntoks[a] += ns

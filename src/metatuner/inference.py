@@ -138,7 +138,7 @@ def accuracy_with_allocation(samples: list[dict], alloc: list[int], strategy: st
 def draw_samples(model, tok, task, examples, prompt: str, n: int, temperature: float, top_p: float,
                  batch_size: int = 16, verifier: Callable | None = None, scores: bool = True) -> list[dict]:
     """n samples per query with one prompt: answers, correctness, scores (verifier or mean log-prob;
-    none without `scores`)."""
+    none without `scores`). Generation stops at the task's answer_end, as evaluate() does."""
     from metatuner.evaluate import chat_text, generate_texts
 
     out = []
@@ -146,7 +146,8 @@ def draw_samples(model, tok, task, examples, prompt: str, n: int, temperature: f
         exs = examples[s : s + batch_size]
         texts = [chat_text(tok, task.render(prompt, ex.query)) for ex in exs]
         gens, _, lps = generate_texts(model, tok, texts, task.max_new_tokens, do_sample=True, temperature=temperature,
-                                      top_p=top_p, num_return_sequences=n, return_logprobs=scores and verifier is None)
+                                      top_p=top_p, num_return_sequences=n, return_logprobs=scores and verifier is None,
+                                      answer_end=getattr(task, "answer_end", ""))
         for j, ex in enumerate(exs):
             answers = [task.extract_for(g, ex) for g in gens[j]]
             correct = [bool(task.score(a, ex)["correct"]) for a in answers]
