@@ -139,7 +139,8 @@ def select_arm(cfg: Config, arms: list[Arm], val: list, nmax: int, draw) -> tupl
         for a in arms:
             fill(a, data[a.group], rule, sc.subsets, cfg.seed)
         chosen = choose_lcb(arms, sc.confidence, sc.cost_weight, cfg.seed)
-        return chosen, data, {"validation_queries": q, "validation_samples": per_query * q}
+        return chosen, data, {"validation_queries": q, "validation_samples": per_query * q,
+                              "explore_budget": sc.explore_budget}
     budget = sc.explore_budget or per_query * len(val) // 2
     res = successive_halving(arms, len(val), budget, draw, cost, rule, sc.subsets, cfg.seed)
     describe(arms, sc.confidence, sc.cost_weight, cfg.seed)
@@ -235,7 +236,8 @@ def run(cfg: Config) -> dict:
                     "fixed_majority_accuracy": fixed, "budget_used": budget["used"],
                     "budget_accuracy": budget["test_accuracy_of_used"], "budget_samples": budget["test"][budget["used"]]["total_samples"],
                     "validation_samples": sel["validation_samples"],
-                    "generation_calls": sel["validation_samples"] + metrics["total_samples"] + new_samples
+                    # beyond the chosen arm's own evaluation: validation, test top-ups, greedy baselines
+                    "generation_calls": sel["validation_samples"] + new_samples
                     + len(test) * ((c.strategy != "greedy") + (c.prompt != 0))})
     if is_main_process():
         write_json(out / "select.json", report)
