@@ -116,6 +116,17 @@ def top_up(actor, tok, task, examples, prompt, records, cap, temperature, cfg) -
     return out, sum(m * len(idx) for m, idx in by_missing.items())
 
 
+def early_vs_fixed(samples: list[dict], inf, nmax: int) -> dict:
+    """Fixed majority at N=nmax against early-stopping majority capped at nmax, replayed on the same test
+    samples in the order drawn (inference.stop_threshold / stop_min)."""
+    ok, spent = early_stop_run(samples, inf.stop_threshold, inf.stop_min, nmax)
+    fixed = accuracy_with_allocation(samples, [nmax] * len(samples), "majority")
+    acc, mean = sum(ok) / max(1, len(ok)), sum(spent) / max(1, len(spent))
+    return {"cap": nmax, "threshold": inf.stop_threshold, "min_samples": inf.stop_min,
+            "fixed_majority_accuracy": fixed, "fixed_mean_samples": nmax, "early_accuracy": acc,
+            "early_mean_samples": mean, "sample_ratio": mean / nmax, "accuracy_gap_points": 100 * (fixed - acc)}
+
+
 def versus(a: list[bool], b: list[bool]) -> dict:
     from metatuner.stats import mcnemar_exact, paired_bootstrap
 
@@ -209,17 +220,16 @@ def run(cfg: Config) -> dict:
         own = records if c.temperature == t_s else None
         test_samples, new_samples = top_up(actor, tok, task, test, prompt, own, cap, t_s, cfg)
         val_s = data.get(("sampled", c.prompt, t_s)) or draw(("sampled", c.prompt, t_s), 0, len(val))
-        feats = lambda exs: query_features(actor, tok, [chat_text(tok, task.render(prompt, ex.query)) for ex in exs], bs)  # noqa: E731
+
+        def feats(exs):
+            return query_features(actor, tok, [chat_text(tok, task.render(prompt, ex.query)) for ex in exs], bs)
+
         budget = compare_budgets(val_s, feats(val[: len(val_s)]), test_samples, feats(test), sc.budget,
                                  sc.max_per_query, cfg.seed)
 
-    early_ok, early_k = early_stop_run(test_samples, inf.stop_threshold, inf.stop_min, nmax)
-    fixed = accuracy_with_allocation(test_samples, [nmax] * len(test_samples), "majority")
-    early_acc, early_mean = sum(early_ok) / max(1, len(early_ok)), sum(early_k) / max(1, len(early_k))
-    early_block = {"prompt": prompt, "temperature": t_s, "cap": nmax, "threshold": inf.stop_threshold,
-                   "min_samples": inf.stop_min, "fixed_majority_accuracy": fixed, "fixed_mean_samples": nmax,
-                   "early_accuracy": early_acc, "early_mean_samples": early_mean, "sample_ratio": early_mean / nmax,
-                   "accuracy_gap_points": 100 * (fixed - early_acc)}
+    early_block = {"prompt": prompt, "temperature": t_s, **early_vs_fixed(test_samples, inf, nmax)}
+    fixed, early_acc, early_mean = (early_block[k] for k in ("fixed_majority_accuracy", "early_accuracy",
+                                                             "early_mean_samples"))
     vs = {"chosen_accuracy": metrics["accuracy"], "greedy_same_prompt_accuracy": sum(same) / len(same),
           "greedy_ptilde_accuracy": sum(ptilde) / len(ptilde), "vs_same_prompt": versus(chosen_ok, same),
           "vs_ptilde": versus(chosen_ok, ptilde)}
