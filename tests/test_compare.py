@@ -252,10 +252,12 @@ def test_report_shows_inference_strategy_and_method_notes(tmp_path):
     _fake_run(root, "continual", 0, [True, True], method="continual", accuracy_matrix=[[0.4], [0.3, 0.5]],
               mean_forgetting=0.1)
     _fake_run(root, "select", 0, [False, True], method="inference_select", strategy="majority", samples_per_query=4,
-              chosen_n=4, best_prompt_changes_with_n=True, adaptive_accuracy=0.35, uniform_accuracy=0.3,
-              budget_samples=200)
+              chosen_arm="P1 majority@4 T=0.7", greedy_same_prompt_accuracy=0.25, vs_greedy_p_value=0.5,
+              early_stop_accuracy=0.45, early_stop_mean_samples=2.5, fixed_majority_accuracy=0.5,
+              budget_used="uniform", budget_accuracy=0.3, budget_samples=200)
+    _fake_run(root, "early", 0, [True, True], strategy="early_majority", samples_per_query=8, mean_samples=2.25)
     spec = {"path": "c.yaml", "output_dir": str(root), "seeds": [0],
-            "methods": [{"name": n, "method": n} for n in ("sft_sapo", "continual", "select")]}
+            "methods": [{"name": n, "method": n} for n in ("sft_sapo", "continual", "select", "early")]}
     res = summarize(spec, {})
     by = {r["name"]: r for r in res["methods"]}
     md = markdown(res)
@@ -264,6 +266,8 @@ def test_report_shows_inference_strategy_and_method_notes(tmp_path):
     assert by["select"]["inference"] == acc["select"][-3] == "majority@4"
     assert "SAPO prompt: 'Be brief / exact.'" in cost["sft_sapo"][-1]
     assert "after each stage: 40; 30/50" in cost["continual"][-1] and "mean forgetting 10.0 pts" in cost["continual"][-1]
-    assert "adaptive 35.0 vs uniform 30.0 at 200 samples" in cost["select"][-1]
-    assert "best prompt changes with N: True" in cost["select"][-1]
+    assert by["early"]["inference"] == acc["early"][-3] == "early_majority@8 (2.2/q)"
+    assert "chosen P1 majority@4 T=0.7; greedy same prompt 25.0 (McNemar p=0.5)" in cost["select"][-1]
+    assert "early stop 45.0 at 2.50 samples vs fixed majority 50.0" in cost["select"][-1]
+    assert "budget: uniform 30.0 at 200 samples" in cost["select"][-1]
     assert all(r[-1] == "complete" for r in acc.values()) and all(len(r) == 9 for r in cost.values())

@@ -49,26 +49,65 @@ def test_continual_with_sapo_end_to_end(tiny_model_path, tmp_path):
     assert preds and all("multiplication" in p["query"] for p in preds)
 
 
-def test_inference_select_end_to_end(tiny_model_path, tmp_path):
+def test_inference_select_end_to_end(tiny_model_path, tmp_path, capsys):
     out = tmp_path / "sel"
     args = ["train", "method=inference_select", f"model.name={tiny_model_path}", f"output_dir={out}", *SMALL,
-            "inference.strategy=majority", "select.n_values=[1,2,4]", "select.val_examples=4", "select.opro_prompts=0",
-            "select.rewrites=1", "select.prompts=[Add.,Sum them.]", "select.budget=2", "select.max_per_query=4"]
+            "select.n_values=[1,2,4]", "select.temperatures=[0.5,1.0]", "select.val_examples=4", "select.opro_prompts=0",
+            "select.rewrites=1", "select.prompts=[Add.,Sum them.]", "select.budget=2", "select.max_per_query=4",
+            "select.subsets=20", "inference.stop_threshold=0.85"]
     assert main(args) == 0
     rep = json.loads((out / "select.json").read_text())
-    prompts = [c["prompt"] for c in rep["curves"].values()]
+    prompts = rep["prompts"]
     assert len(prompts) >= 3 and "Add." in prompts and "Sum them." in prompts
-    for c in rep["curves"].values():
-        assert sorted(int(n) for n in c["accuracy"]) == [1, 2, 4]
-        assert all(0.0 <= a <= 1.0 for a in c["accuracy"].values())
-    # the choice maximizes accuracy - cost_weight * N over every (prompt, N)
-    w = rep["chosen"]["cost_weight"]
-    best = max(c["accuracy"][n] - w * int(n) for c in rep["curves"].values() for n in c["accuracy"])
-    assert rep["chosen"]["objective"] == pytest.approx(best)
-    b = rep["adaptive_budget"]
-    assert b["total_samples"] == b["uniform_total_samples"] == 2 * 3
+    arms = rep["arms"]
+    assert arms[0]["label"] == "P0 greedy" and sum(a["strategy"] == "greedy" for a in arms) == len(prompts)
+    assert len(arms) == len(prompts) * (1 + 2 * (3 + 2 + 1))
+    for a in arms:
+        lo, hi = a["interval"]
+        assert a["queries"] == 4 and 0 <= lo <= a["accuracy"] <= hi <= 1
+        assert 1 <= a["mean_samples"] <= a["n"]
+    # the choice: eligible (not below greedy with its prompt nor with p~), best score among eligible arms
+    ch = rep["chosen"]
+    same = next(a for a in arms if a["strategy"] == "greedy" and a["prompt"] == ch["prompt"])
+    assert ch["eligible"] and ch["accuracy"] >= same["accuracy"] and ch["accuracy"] >= arms[0]["accuracy"]
+    assert ch["score"] == pytest.approx(max(a["score"] for a in arms if a["eligible"]))
+    assert rep["validation_samples"] == 4 * len(prompts) * (1 + 2 * 4)
+    # test: the chosen arm through the harness, greedy baselines on the same examples, early stop vs fixed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["chosen_arm"] == ch["label"] and metrics["strategy"] == ch["strategy"] and metrics["n"] == 3
+    assert metrics["prompt"] == ch["prompt_text"] == prompts[ch["prompt"]]
+    vs = rep["vs_greedy"]
+    assert vs["chosen_accuracy"] == metrics["accuracy"]
+    assert metrics["greedy_same_prompt_accuracy"] == vs["greedy_same_prompt_accuracy"]
+    assert metrics["vs_greedy_p_value"] == vs["vs_same_prompt"]["p_value"] and 0 <= metrics["vs_greedy_p_value"] <= 1
+    assert vs["vs_same_prompt"]["n_examples"] == 3
+    e = rep["early_stop_vs_fixed"]
+    assert e["cap"] == 4 and e["fixed_mean_samples"] == 4 and 2 <= e["early_mean_samples"] <= 4
+    assert e["sample_ratio"] == pytest.approx(e["early_mean_samples"] / 4) and e["threshold"] == 0.85
+    b = rep["budget"]
+    assert b["used"] in ("probe", "uniform", "early_stop") and b["why"]
+    for split, q in (("validation", 4), ("test", 3)):
+        assert b[split]["probe"]["total_samples"] == b[split]["uniform"]["total_samples"] == 2 * q
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 3 and all(p["samples"] <= max(1, ch["n"]) for p in preds)
+    assert metrics["total_samples"] == sum(p["samples"] for p in preds)
     png = (out / "select_curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["strategy"] == "majority" and metrics["samples_per_query"] == rep["chosen"]["n"]
-    assert metrics["prompt"] == rep["chosen"]["prompt"] and metrics["n"] == 3
+    shown = capsys.readouterr().out
+    assert "P0 greedy" in shown and "<- chosen" in shown and "McNemar" in shown
+
+
+def test_inference_select_halving_and_greedy_only(tiny_model_path, tmp_path):
+    out = tmp_path / "halving"
+    args = ["train", "method=inference_select", f"model.name={tiny_model_path}", f"output_dir={out}", *SMALL,
+            "select.n_values=[1,2]", "select.temperatures=[0.7]", "select.val_examples=4", "select.opro_prompts=0",
+            "select.rewrites=0", "select.prompts=[Add.]", "select.rule=halving", "select.explore_budget=30",
+            "select.max_per_query=2", "select.subsets=10"]
+    assert main(args) == 0
+    rep = json.loads((out / "select.json").read_text())
+    assert rep["rule"] == "halving" and rep["explore_budget"] == 30 and rep["validation_samples"] <= 30
+    assert rep["halving_rounds"] and rep["chosen"]["eligible"]
+    bad = ["train", "method=inference_select", f"model.name={tiny_model_path}", f"output_dir={tmp_path / 'bad'}",
+           *SMALL, "select.n_values=[1,2]", "select.temperatures=[0.7]", "select.val_examples=4",
+           "select.opro_prompts=0", "select.rewrites=0", "select.rule=halving", "select.explore_budget=5"]
+    assert main(bad) == 2

@@ -282,7 +282,7 @@ def test_majority_strategy_picks_most_frequent_answer(tiny_model, make_task, mon
     assert [r["extracted"] for r in recs] == ["7", "2"]  # q0: 7/8 tie -> first seen
     assert [r["generation"] for r in recs] == ["7 a", "2 b"]  # the first sample with the voted answer
     assert [r["correct"] for r in recs] == [True, True]
-    assert recs[0]["samples"] == samples["q0"]
+    assert recs[0]["generations"] == samples["q0"] and recs[0]["samples"] == 4
     call = fake.calls[0]
     assert call["do_sample"] is True and call["num_return_sequences"] == 4
     assert call["temperature"] == 0.5 and call["top_p"] == 0.9
@@ -413,13 +413,13 @@ def test_real_sampling_majority_runs(tiny_model, make_task):
     torch.manual_seed(0)
     recs, m = evaluate(model, tok, task, task.test, strategy="majority", n=3, batch_size=2, progress=False)
     for r in recs:
-        assert len(r["samples"]) == 3
-        assert r["extracted"] == majority_vote([task.extract(s) for s in r["samples"]])
-        assert r["generation"] in r["samples"]
+        assert len(r["generations"]) == r["samples"] == 3
+        assert r["extracted"] == majority_vote([task.extract(s) for s in r["generations"]])
+        assert r["generation"] in r["generations"]
     assert m["n"] == 3 and m["samples_per_query"] == 3
     torch.manual_seed(0)
     recs2, _ = evaluate(model, tok, task, task.test, strategy="best_of_n", n=3, batch_size=3, progress=False)
-    assert all(r["generation"] in r["samples"] for r in recs2)
+    assert all(r["generation"] in r["generations"] for r in recs2)
 
 
 def test_generation_stops_at_every_end_token_of_the_generation_config(tiny_model_path):
@@ -496,3 +496,19 @@ def test_two_processes_split_the_examples_and_gather_them_in_order(tiny_model, t
     assert metrics["n"] == len(queries) and metrics["tokens_generated"] == ranks[0]["tokens"] == ranks[1]["tokens"]
     assert metrics["tokens_generated"] == sum(len(p["generation"]) for p in preds) + sum(
         1 for p in preds if len(p["generation"]) < 6)
+
+
+def test_sampling_stops_at_the_answer_end_like_greedy(tiny_model):
+    model, tok = tiny_model
+    texts = [chat_text(tok, [{"role": "user", "content": q}]) for q in QUERIES[:3]]
+    torch.manual_seed(0)
+    free, free_n, _ = generate_texts(model, tok, texts, 8, do_sample=True, num_return_sequences=3)
+    torch.manual_seed(0)
+    cut, cut_n, _ = generate_texts(model, tok, texts, 8, do_sample=True, num_return_sequences=3, answer_end=r"\S\S")
+    for fs, cs, ns, fns in zip(free, cut, cut_n, free_n):
+        for f, c, n, fn in zip(fs, cs, ns, fns):
+            assert f.startswith(c) and n <= fn
+            m = re.search(r"\S\S", f)
+            if m:  # a row stops on the token that completes the match (one char per token here)
+                assert c == f[: m.end()]
+    assert any(len(c) < len(f) for fs, cs in zip(free, cut) for f, c in zip(fs, cs))

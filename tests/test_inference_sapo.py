@@ -64,10 +64,13 @@ def test_random_subsets_approach_exact():
     assert abs(est_mc - exact) < 0.1
 
 
-def test_select_pair_trades_accuracy_against_cost():
-    curves = {"p1": {1: 0.50, 8: 0.60}, "p2": {1: 0.45, 8: 0.70}}
-    assert inference.select_pair(curves, 0.0)[:2] == ("p2", 8)
-    assert inference.select_pair(curves, 0.05)[:2] == ("p1", 1)  # 0.50 - 0.05 > 0.70 - 0.40
+def test_per_query_accuracy_is_the_estimate_query_by_query():
+    samples = [{"answers": ["1", "1", "2"], "correct": [True, True, False]},
+               {"answers": ["3", "4", "4"], "correct": [False, True, True]}]
+    per = inference.per_query_accuracy(samples, 1, "majority")
+    assert per == pytest.approx([2 / 3, 2 / 3])
+    assert inference.per_query_accuracy(samples, 3, "majority") == [1.0, 1.0]
+    assert sum(per) / 2 == pytest.approx(inference.estimate_accuracy(samples, 1, "majority"))
 
 
 def test_allocator_spends_exact_budget_and_favours_uncertain():

@@ -5,8 +5,10 @@ comparable. A method that changes the actor per query (MetaTuner's generated LoR
 `batch_context(indices)`, a context manager entered around each batch's generation.
 
 Inference strategies: greedy (default), `majority` (self-consistency: the most frequent
-extracted answer over N samples) and `best_of_n` (the sample the scorer likes best: the task's
-verifier when given, else the actor's own mean token log-probability).
+extracted answer over N samples), `best_of_n` (the sample the scorer likes best: the task's
+verifier when given, else the actor's own mean token log-probability) and `early_majority`
+(majority vote that stops sampling a query once its vote is settled, `metatuner.voting`, N = cap).
+Every record says how many samples it cost (`samples`); sampled records keep them (`generations`).
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ import math
 import os
 import re
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
+from metatuner.errors import MetatunerError
 from metatuner.io import write_json, write_jsonl
 from metatuner.tasks import Example, Task
+from metatuner.voting import best_of_n, majority_vote, vote_settled  # noqa: F401 (re-exported)
 
 
 def chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
@@ -127,6 +131,17 @@ def greedy_texts(
     return gens, [[len(x)] for x in new]
 
 
+class AnswerEnd(StoppingCriteria):
+    """Per-row stop once the generated text (after `start` input tokens) matches the regex `pattern`."""
+
+    def __init__(self, tokenizer, pattern: str, start: int):
+        self.tokenizer, self.pattern, self.start = tokenizer, re.compile(pattern), start
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
+        return torch.tensor([bool(self.pattern.search(t)) for t in texts], device=input_ids.device)
+
+
 @torch.no_grad()
 def generate_texts(
     model,
@@ -138,13 +153,18 @@ def generate_texts(
     top_p: float = 1.0,
     num_return_sequences: int = 1,
     return_logprobs: bool = False,
+    answer_end: str = "",
 ):
-    """Generate for one batch of already-rendered texts. Returns (generations[b][n], n_tokens[b][n], mean_logprob[b][n])."""
+    """Generate for one batch of already-rendered texts. Returns (generations[b][n], n_tokens[b][n], mean_logprob[b][n]).
+    A row stops at an end token, at max_new_tokens, or once its text matches the regex `answer_end` (as
+    in greedy_texts, so sampled and greedy answers are cut by the same rule)."""
     tokenizer.padding_side = "left"
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     stop = stop_token_ids(model, tokenizer)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_return_sequences,
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
+    if answer_end:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([AnswerEnd(tokenizer, answer_end, enc["input_ids"].shape[1])])
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p)
     else:
@@ -173,23 +193,6 @@ def generate_texts(
     return group(gens), group(ntoks), (group(logps) if return_logprobs else None)
 
 
-def majority_vote(answers: list[str | None]) -> str | None:
-    """The most frequent non-empty answer; ties go to the one seen first."""
-    counts = Counter(a for a in answers if a is not None and a != "")
-    if not counts:
-        return None
-    best = max(counts.values())
-    for a in answers:
-        if a is not None and counts.get(a) == best:
-            return a
-    return None
-
-
-def best_of_n(samples: list[str], scores: list[float]) -> int:
-    """Index of the highest-scoring sample (first on ties)."""
-    return max(range(len(samples)), key=lambda i: (scores[i], -i))
-
-
 def evaluate(
     model,
     tokenizer,
@@ -212,6 +215,7 @@ def evaluate(
     fast_greedy: bool = True,
     max_new_tokens: int | None = None,
     diagnose: bool = True,
+    stop_threshold: float = 0.95, stop_min: int = 2, stop_chunk: int = 1,
 ) -> tuple[list[dict], dict]:
     """Generate, extract, score. Writes predictions.jsonl and metrics.json when output_dir is set (on the
     main process only). Records come back in the order of `examples`, each with its `index` there.
@@ -222,14 +226,12 @@ def evaluate(
     once its text matches the task's `answer_end` regex. max_new_tokens defaults to the task's.
     With several processes (torchrun / accelerate launch) each evaluates a contiguous slice of the
     examples and the records are gathered in order on every process. `diagnose` adds the floor and
-    collapse diagnostics (metatuner.diagnostics) when the task has a train split."""
-    if strategy not in ("greedy", "best_of_n", "majority"):
-        from metatuner.errors import MetatunerError
-
-        raise MetatunerError(f"inference.strategy: expected greedy, best_of_n or majority, got {strategy!r}")
+    collapse diagnostics (metatuner.diagnostics) when the task has a train split.
+    early_majority samples in rounds: stop_min samples first, then stop_chunk more per round for the
+    rows of the batch whose vote is not settled at stop_threshold, never more than n per query."""
+    if strategy not in STRATEGIES:
+        raise MetatunerError(f"inference.strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if batch_size < 1:
-        from metatuner.errors import MetatunerError
-
         raise MetatunerError(f"eval.batch_size: expected an integer >= 1, got {batch_size!r}")
     if prompts is None:
         prompts = task.prompt
@@ -256,23 +258,28 @@ def evaluate(
     for start in range(0, len(mine), batch_size):
         idx = mine[start : start + batch_size]
         batch = [texts[i] for i in idx]
-        ctx = batch_context(idx) if batch_context else contextlib.nullcontext()
-        with ctx:
-            if not sample and (fast_greedy or answer_end):
-                per_row = batch_context is not None  # weights may differ per row: keep the batch whole
-                gens, ntoks = greedy_texts(model, tokenizer, batch, max_new, answer_end=answer_end,
-                                           share_prefix=fast_greedy and not per_row,
-                                           drop_finished=fast_greedy and not per_row)
-                logps = None
-            else:
-                gens, ntoks, logps = generate_texts(model, tokenizer, batch, max_new, do_sample=sample,
-                                                    temperature=temperature, top_p=top_p, num_return_sequences=k,
-                                                    return_logprobs=(strategy == "best_of_n" and verifier is None))
+        if strategy == "early_majority":  # rounds of samples, each round in its own batch_context
+            gens, ntoks = _sample_until_settled(model, tokenizer, task, examples, idx, texts, max_new, temperature,
+                                                top_p, k, (stop_threshold, stop_min, stop_chunk), batch_context, answer_end)
+            logps = None
+        else:
+            with batch_context(idx) if batch_context else contextlib.nullcontext():
+                if not sample and (fast_greedy or answer_end):
+                    per_row = batch_context is not None  # weights may differ per row: keep the batch whole
+                    gens, ntoks = greedy_texts(model, tokenizer, batch, max_new, answer_end=answer_end,
+                                               share_prefix=fast_greedy and not per_row,
+                                               drop_finished=fast_greedy and not per_row)
+                    logps = None
+                else:
+                    gens, ntoks, logps = generate_texts(model, tokenizer, batch, max_new, do_sample=sample,
+                                                        temperature=temperature, top_p=top_p, num_return_sequences=k,
+                                                        return_logprobs=(strategy == "best_of_n" and verifier is None),
+                                                        answer_end=answer_end)
         for j, i in enumerate(idx):
             ex = examples[i]
             tokens += sum(ntoks[j])
             answers = [task.extract_for(g, ex) for g in gens[j]]
-            if strategy == "majority":
+            if strategy in ("majority", "early_majority"):
                 pred = majority_vote(answers)
                 pick = answers.index(pred) if pred in answers else 0
             elif strategy == "best_of_n":
@@ -283,9 +290,9 @@ def evaluate(
                 pick, pred = 0, answers[0]
             sc = task.score(pred, ex)
             rec = {"index": i, "query": ex.query, "prompt": prompts[i], "generation": gens[j][pick],
-                   "extracted": pred, "reference": ex.answer, **{k_: v for k_, v in sc.items()}}
+                   "extracted": pred, "reference": ex.answer, **{k_: v for k_, v in sc.items()}, "samples": len(gens[j])}
             if sample:
-                rec["samples"] = gens[j]
+                rec["generations"] = gens[j]
             records[i] = rec
         bar.update(len(idx))
     bar.close()
@@ -303,7 +310,9 @@ def evaluate(
     for key in ("em", "f1", "score"):
         if records and key in records[0]:
             metrics[key] = sum(r[key] for r in records) / n_ex
-    metrics.update({"strategy": strategy, "samples_per_query": k, "tokens_generated": tokens,
+    spent = sum(r["samples"] for r in records)
+    metrics.update({"strategy": strategy, "samples_per_query": k, "total_samples": spent,
+                    "mean_samples": spent / max(1, n_ex), "tokens_generated": tokens,
                     "wall_seconds": round(wall, 2), "peak_memory_mb": peak_memory_mb(model.device)})
     if diagnose:
         metrics.update(task_diagnostics(task, records))
@@ -313,6 +322,37 @@ def evaluate(
         write_jsonl(Path(output_dir) / "predictions.jsonl", records)
         write_json(Path(output_dir) / "metrics.json", metrics)
     return records, metrics
+
+
+STRATEGIES = ("greedy", "best_of_n", "majority", "early_majority")
+
+
+def _sample_until_settled(model, tokenizer, task, examples, idx, texts, max_new, temperature, top_p, cap, rule,
+                          batch_context, answer_end) -> tuple[list[list[str]], list[list[int]]]:
+    """early_majority for one batch (rows `idx`): draw stop_min samples per row, then stop_chunk more per
+    round for the rows whose vote (metatuner.voting.vote_settled) is not settled, at most `cap` per row.
+    Each round's generation runs inside batch_context(rows still sampling), so a per-query LoRA follows
+    its rows (generate repeats it across the round's samples). Returns every row's samples in order."""
+    threshold, min_samples, chunk = rule
+    gens: list[list[str]] = [[] for _ in idx]
+    ntoks: list[list[int]] = [[] for _ in idx]
+    answers: list[list] = [[] for _ in idx]
+    active = list(range(len(idx)))
+    while active:
+        done = len(gens[active[0]])  # every active row has drawn the same number so far
+        k = min(cap - done, min_samples - done if done < min_samples else chunk)
+        rows = [idx[a] for a in active]
+        with batch_context(rows) if batch_context else contextlib.nullcontext():
+            g, nt, _ = generate_texts(model, tokenizer, [texts[i] for i in rows], max_new, do_sample=True,
+                                      temperature=temperature, top_p=top_p, num_return_sequences=k,
+                                      answer_end=answer_end)
+        for a, gs, ns in zip(active, g, nt):
+            gens[a] += gs
+            ntoks[a] += ns
+            answers[a] += [task.extract_for(x, examples[idx[a]]) for x in gs]
+        active = [a for a in active
+                  if len(gens[a]) < cap and not vote_settled(answers[a], threshold, min_samples)]
+    return gens, ntoks
 
 
 def peak_memory_mb(device) -> float:

@@ -3,7 +3,8 @@
 - Sample N_max answers per (prompt, query) once; the accuracy of majority vote or best-of-N at any
   N <= N_max is estimated by averaging over size-N subsets of those samples (all subsets when
   there are at most `max_subsets`, else that many random ones).
-- `select_pair` picks the (prompt, N) maximizing accuracy - cost_weight * N.
+- `per_query_accuracy` keeps that estimate per query, so arms compare query by query
+  (metatuner.arms chooses among them).
 - Adaptive budget (after Damani et al., 2025): a logistic probe on the actor's hidden state
   predicts each query's success probability p; the k-th sample of a query is worth p(1-p)^(k-1)
   (the chance it is the first success), so samples go greedily to the largest marginal value
@@ -39,34 +40,31 @@ def subset_outcome(answers: list, correct: list[bool], scores: list[float] | Non
     raise ValueError(strategy)
 
 
+def query_accuracy(s: dict, n: int, strategy: str, max_subsets: int, rng: random.Random) -> float:
+    """Expected correctness of one query at N=n: the mean over size-n subsets of its samples (all subsets
+    when C(N_max, n) <= max_subsets, else that many random ones)."""
+    nmax = len(s["answers"])
+    if n > nmax:
+        raise ValueError(f"N={n} exceeds the {nmax} samples drawn")
+    if math.comb(nmax, n) <= max_subsets:
+        subs = list(itertools.combinations(range(nmax), n))
+    else:
+        subs = [tuple(sorted(rng.sample(range(nmax), n))) for _ in range(max_subsets)]
+    return sum(subset_outcome(s["answers"], s["correct"], s.get("scores"), idx, strategy) for idx in subs) / len(subs)
+
+
+def per_query_accuracy(samples: list[dict], n: int, strategy: str = "majority", max_subsets: int = 200,
+                       seed: int = 0) -> list[float]:
+    """Expected correctness at N=n of every query (a vector, so two strategies can be compared query by query)."""
+    rng = random.Random(seed)
+    return [query_accuracy(s, n, strategy, max_subsets, rng) for s in samples]
+
+
 def estimate_accuracy(samples: list[dict], n: int, strategy: str = "majority", max_subsets: int = 200,
                       seed: int = 0) -> float:
     """Mean over queries of the expected correctness at N=n. samples[q] = {"answers", "correct", "scores"}
     with N_max entries each. Exact (all subsets) when C(N_max, n) <= max_subsets."""
-    rng = random.Random(seed)
-    total = 0.0
-    for s in samples:
-        nmax = len(s["answers"])
-        if n > nmax:
-            raise ValueError(f"N={n} exceeds the {nmax} samples drawn")
-        if math.comb(nmax, n) <= max_subsets:
-            subs = list(itertools.combinations(range(nmax), n))
-        else:
-            subs = [tuple(sorted(rng.sample(range(nmax), n))) for _ in range(max_subsets)]
-        total += sum(subset_outcome(s["answers"], s["correct"], s.get("scores"), idx, strategy) for idx in subs) / len(subs)
-    return total / max(1, len(samples))
-
-
-def select_pair(curves: dict[str, dict[int, float]], cost_weight: float) -> tuple[str, int, float]:
-    """argmax over (prompt, N) of accuracy - cost_weight * N; ties go to smaller N, then earlier prompt."""
-    best = None
-    for pi, (prompt, curve) in enumerate(curves.items()):
-        for n, acc in sorted(curve.items()):
-            obj = acc - cost_weight * n
-            key = (obj, -n, -pi)
-            if best is None or key > best[0]:
-                best = (key, prompt, n, obj)
-    return best[1], best[2], best[3]
+    return sum(per_query_accuracy(samples, n, strategy, max_subsets, seed)) / max(1, len(samples))
 
 
 def allocate_budget(p: list[float], total: int, max_per_query: int, min_per_query: int = 1) -> list[int]:
@@ -138,8 +136,9 @@ def accuracy_with_allocation(samples: list[dict], alloc: list[int], strategy: st
 
 
 def draw_samples(model, tok, task, examples, prompt: str, n: int, temperature: float, top_p: float,
-                 batch_size: int = 16, verifier: Callable | None = None) -> list[dict]:
-    """n samples per query with one prompt: answers, correctness, scores (verifier or mean log-prob)."""
+                 batch_size: int = 16, verifier: Callable | None = None, scores: bool = True) -> list[dict]:
+    """n samples per query with one prompt: answers, correctness, scores (verifier or mean log-prob;
+    none without `scores`). Generation stops at the task's answer_end, as evaluate() does."""
     from metatuner.evaluate import chat_text, generate_texts
 
     out = []
@@ -147,12 +146,13 @@ def draw_samples(model, tok, task, examples, prompt: str, n: int, temperature: f
         exs = examples[s : s + batch_size]
         texts = [chat_text(tok, task.render(prompt, ex.query)) for ex in exs]
         gens, _, lps = generate_texts(model, tok, texts, task.max_new_tokens, do_sample=True, temperature=temperature,
-                                      top_p=top_p, num_return_sequences=n, return_logprobs=verifier is None)
+                                      top_p=top_p, num_return_sequences=n, return_logprobs=scores and verifier is None,
+                                      answer_end=getattr(task, "answer_end", ""))
         for j, ex in enumerate(exs):
             answers = [task.extract_for(g, ex) for g in gens[j]]
             correct = [bool(task.score(a, ex)["correct"]) for a in answers]
-            scores = [verifier(g, ex) for g in gens[j]] if verifier else lps[j]
-            out.append({"answers": answers, "correct": correct, "scores": scores})
+            sc = ([verifier(g, ex) for g in gens[j]] if verifier else lps[j]) if scores else None
+            out.append({"answers": answers, "correct": correct, "scores": sc})
     return out
 
 

@@ -163,6 +163,31 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
     return model, tok
 
 
+def check_adapter(path: str, key: str = "model.adapter") -> Path:
+    """A PEFT adapter directory (with adapter_config.json), else a one-line MetatunerError."""
+    p = Path(path)
+    if not (p / "adapter_config.json").is_file():
+        raise MetatunerError(f"{key} = {path!r}: expected a PEFT adapter directory with adapter_config.json")
+    return p
+
+
+def merge_adapter(model, path: str, key: str = "model.adapter"):
+    """`model` with the PEFT adapter at `path` loaded and merged into its weights (eval mode)."""
+    from peft import PeftModel
+
+    p = check_adapter(path, key)
+    try:
+        model = PeftModel.from_pretrained(model, str(p)).merge_and_unload()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise MetatunerError(f"{key} = {path!r}: cannot load the adapter ({str(e).splitlines()[0]})") from None
+    model.eval()
+    return model
+
+
 def load_from_config(mcfg) -> tuple:
-    """Load from a ModelConfig-like object (name, dtype, device, trust_remote_code)."""
-    return load_model(mcfg.name, mcfg.dtype, getattr(mcfg, "device", "auto"), mcfg.trust_remote_code)
+    """Load from a ModelConfig-like object (name, dtype, device, trust_remote_code, adapter: merged when set)."""
+    model, tok = load_model(mcfg.name, mcfg.dtype, getattr(mcfg, "device", "auto"), mcfg.trust_remote_code)
+    if getattr(mcfg, "adapter", ""):
+        model = merge_adapter(model, mcfg.adapter)
+        model.name_or_path_for_metatuner = mcfg.name
+    return model, tok

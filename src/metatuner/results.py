@@ -98,6 +98,8 @@ def method_row(m: dict, runs: dict, failed: list[tuple[int, dict]], multi_seed: 
     if rss:
         row["peak_rss_mb"] = max(rss)  # the child process's peak resident memory, measured by compare
     row["inference"] = f"{first.get('strategy', 'greedy')}@{first.get('samples_per_query', 1)}"
+    if first.get("strategy") == "early_majority" and "mean_samples" in first:
+        row["inference"] += f" ({first['mean_samples']:.1f}/q)"
     row.update(diagnostics(rs))
     p0 = first.get("p_tilde", p_tilde)
     preds = rs[0]["predictions"]
@@ -129,7 +131,7 @@ def prompt_choices(rs: list[dict], p_tilde: str, pool: list[str], top: int = 5, 
 
 def notes(m: dict) -> str:
     """What a method's metrics say beyond accuracy and cost (first seed): the SAPO prompt, forgetting,
-    the (prompt, N) choice and adaptive vs uniform budget."""
+    the inference_select choice against greedy, early stopping and the sample budget."""
     out = []
     if m.get("sapo_losses"):
         out.append(f"SAPO prompt: {str(m.get('prompt', ''))[:60]!r}")
@@ -137,10 +139,12 @@ def notes(m: dict) -> str:
         acc = m.get("accuracy_matrix") or []
         out.append("after each stage: " + "; ".join("/".join(f"{100 * a:.0f}" for a in row) for row in acc))
         out.append(f"mean forgetting {100 * m['mean_forgetting']:.1f} pts")
-    if "adaptive_accuracy" in m:
-        out.append(f"chosen N={m.get('chosen_n')}; best prompt changes with N: {m.get('best_prompt_changes_with_n')}")
-        out.append(f"adaptive {100 * m['adaptive_accuracy']:.1f} vs uniform {100 * m['uniform_accuracy']:.1f} "
-                   f"at {m.get('budget_samples')} samples")
+    if "chosen_arm" in m:
+        out.append(f"chosen {m['chosen_arm']}; greedy same prompt {100 * m['greedy_same_prompt_accuracy']:.1f} "
+                   f"(McNemar p={m['vs_greedy_p_value']:.3g})")
+        out.append(f"early stop {100 * m['early_stop_accuracy']:.1f} at {m['early_stop_mean_samples']:.2f} samples "
+                   f"vs fixed majority {100 * m['fixed_majority_accuracy']:.1f}")
+        out.append(f"budget: {m['budget_used']} {100 * m['budget_accuracy']:.1f} at {m.get('budget_samples')} samples")
     return "; ".join(out).replace("|", "/").replace("\n", " ")
 
 

@@ -76,8 +76,9 @@ def eval_examples(cfg: Config, task: Task):
 
 
 def final_eval(cfg: Config, model, tokenizer, task: Task, prompts=None, batch_context=None, extra: dict | None = None,
-               output_dir: str | Path | None = None) -> dict:
-    """Evaluate with the run's inference settings and write predictions.jsonl + metrics.json."""
+               output_dir: str | Path | None = None, return_records: bool = False):
+    """Evaluate with the run's inference settings and write predictions.jsonl + metrics.json.
+    Returns the metrics, or (metrics, records) with return_records."""
     examples = eval_examples(cfg, task)
     if callable(prompts):
         prompts = prompts(examples)
@@ -88,10 +89,12 @@ def final_eval(cfg: Config, model, tokenizer, task: Task, prompts=None, batch_co
 
     stage(f"evaluating on {len(examples)} {cfg.eval.split} examples")
 
-    _, metrics = evaluate(model, tokenizer, task, examples, prompts, batch_size=cfg.eval.batch_size,
-                          strategy=cfg.inference.strategy, n=cfg.inference.n, temperature=cfg.inference.temperature,
-                          top_p=cfg.inference.top_p, batch_context=batch_context,
-                          verifier=resolve_verifier(cfg.inference.verifier, task),
-                          output_dir=(output_dir or cfg.output_dir) if is_main_process() else None,
-                          extra_metrics=metrics_extra, progress=is_main_process())
-    return metrics
+    inf = cfg.inference
+    records, metrics = evaluate(model, tokenizer, task, examples, prompts, batch_size=cfg.eval.batch_size,
+                                strategy=inf.strategy, n=inf.n, temperature=inf.temperature, top_p=inf.top_p,
+                                stop_threshold=inf.stop_threshold, stop_min=inf.stop_min, stop_chunk=inf.stop_chunk,
+                                batch_context=batch_context,
+                                verifier=resolve_verifier(inf.verifier, task),
+                                output_dir=(output_dir or cfg.output_dir) if is_main_process() else None,
+                                extra_metrics=metrics_extra, progress=is_main_process())
+    return (metrics, records) if return_records else metrics

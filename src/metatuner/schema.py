@@ -23,6 +23,7 @@ class ModelConfig:
     dtype: str = _f("auto", "Weights dtype: auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16.")
     device: str = _f("auto", "Device: auto (cuda if available, else cpu), cpu, cuda, cuda:N.")
     trust_remote_code: bool = _f(False, "Allow model repositories to run their own code (off by default).")
+    adapter: str = _f("", "A PEFT adapter directory loaded on top of model.name and merged into it (e.g. an SFT run's adapter/), so a method starts from a trained model: `metatuner train method=inference_select model.adapter=runs/x/sft/seed_0/adapter`. Empty: the base model.")
 
 
 @dataclass
@@ -63,25 +64,33 @@ class EvalConfig:
 
 @dataclass
 class InferenceConfig:
-    strategy: str = _f("greedy", "greedy, best_of_n or majority.")
-    n: int = _f(1, "Samples per query for best_of_n / majority.")
-    temperature: float = _f(0.7, "Sampling temperature (best_of_n / majority).")
-    top_p: float = _f(1.0, "Nucleus sampling top-p (best_of_n / majority).")
+    strategy: str = _f("greedy", "greedy, best_of_n, majority, or early_majority (majority vote that stops sampling a query once its vote is settled; inference.n is the cap).")
+    n: int = _f(1, "Samples per query for best_of_n / majority; the most samples per query for early_majority.")
+    temperature: float = _f(0.7, "Sampling temperature (best_of_n / majority / early_majority).")
+    top_p: float = _f(1.0, "Nucleus sampling top-p (best_of_n / majority / early_majority).")
+    stop_threshold: float = _f(0.95, "early_majority: stop sampling a query once P(leading answer beats the runner-up) >= this, under Adaptive-Consistency's Beta(c1+1, c2+1) criterion (c1, c2: counts of the top two parsable answers; unparsable ones are ignored). A unanimous vote settles after 4 samples at 0.95, after 3 at 0.93, after 2 at 0.85.")
+    stop_min: int = _f(2, "early_majority: samples drawn for every query before the stopping rule may stop it (the first round).")
+    stop_chunk: int = _f(1, "early_majority: samples added per round to each query whose vote is not settled yet.")
     verifier: str = _f("", "best_of_n scorer: empty = the actor's mean token log-probability; 'module:function' = your verifier fn(generation, example) -> float (imports that module: needs inference.trust_verifier=true); 'oracle' = the task's scorer against the reference (an upper bound, for analysis only).")
     trust_verifier: bool = _f(False, "Allow inference.verifier='module:function' to import and run that module's code (off by default, like model.trust_remote_code).")
 
 
 @dataclass
 class SelectConfig:
-    n_values: List[int] = _f([1, 2, 4, 8], "Sample counts N to consider; samples are drawn once at the largest N.")
+    n_values: List[int] = _f([1, 2, 4, 8], "Sample counts N of the majority / best_of_n arms; samples are drawn once at the largest N, which is also early_majority's cap.")
+    temperatures: List[float] = _f([0.3, 0.7], "Sampling temperatures of the sampled arms (greedy has none); every (prompt, temperature) is sampled once at the largest N.")
+    strategies: List[str] = _f(["majority", "best_of_n", "early_majority"], "Sampled strategies among the arms (greedy decoding with every prompt is always an arm); early_majority stops at inference.stop_threshold / inference.stop_min.")
+    rule: str = _f("lcb", "How an arm is chosen on validation: lcb (the largest lower confidence bound of the accuracy gain over greedy decoding with p~, minus cost_weight x mean samples) or halving (successive halving over the arms within select.explore_budget). Either way only arms whose validation accuracy is >= greedy's with the same prompt and with p~ are eligible.")
+    confidence: float = _f(0.9, "Level of the one-sided lower confidence bound (paired bootstrap over validation queries) and of the two-sided intervals in the report.")
+    explore_budget: int = _f(0, "Validation samples the selection may draw (a greedy answer or a sampled answer counts 1). 0 = auto: lcb draws every arm on all select.val_examples queries; halving gets half of that. A positive budget makes lcb use fewer queries when it cannot pay for all of them.")
     prompts: List[str] = _f([], "Extra candidate prompts (besides p~, OPRO's and the generator's).")
     opro_prompts: int = _f(2, "Best OPRO instructions added as candidates (0 = none; uses the opro.* budget).")
     rewrites: int = _f(2, "Generator paraphrases of p~ added as candidates.")
-    cost_weight: float = _f(0.005, "Objective: accuracy - cost_weight * N.")
-    subsets: int = _f(200, "Random subsets per (prompt, N) for the estimate (all subsets when fewer exist).")
+    cost_weight: float = _f(0.005, "Accuracy an arm must gain per extra sample per query: its score is the lower bound minus cost_weight x mean samples.")
+    subsets: int = _f(200, "Random subsets per (prompt, temperature, N) for the estimate (all subsets when fewer exist); also the random orders early_majority is replayed over.")
     val_examples: int = _f(64, "Validation examples the selection samples on.")
-    budget: float = _f(2.0, "Adaptive budget: average samples per test query (total = budget x test queries).")
-    max_per_query: int = _f(8, "Adaptive budget: at most this many samples for one query.")
+    budget: float = _f(2.0, "Budget comparison: average samples per query (total = budget x queries) for the probe's adaptive allocation, the uniform one and early stopping, compared on validation; the probe is used only if it beats both.")
+    max_per_query: int = _f(8, "Budget comparison: at most this many samples for one query.")
 
 
 @dataclass
@@ -232,7 +241,7 @@ class Config:
     prompt_selection: str = _f("none", "Training-prompt selection: none or sapo (lowest pre-update loss among paraphrases of p~) for sft, continual and metatuner_*.")
     prompts: PromptsConfig = field(default_factory=PromptsConfig, metadata={"help": "The candidate prompt pool."})
     sapo: SapoConfig = field(default_factory=SapoConfig, metadata={"help": "SAPO training-prompt selection."})
-    select: SelectConfig = field(default_factory=SelectConfig, metadata={"help": "Joint (prompt, N) selection and adaptive budget (method=inference_select)."})
+    select: SelectConfig = field(default_factory=SelectConfig, metadata={"help": "Choice of (prompt, strategy, N, temperature) and the budget comparison (method=inference_select)."})
     continual: ContinualConfig = field(default_factory=ContinualConfig, metadata={"help": "Tasks in sequence (method=continual)."})
     opro: OproConfig = field(default_factory=OproConfig, metadata={"help": "OPRO baseline."})
     bpo: BpoConfig = field(default_factory=BpoConfig, metadata={"help": "BPO baseline."})

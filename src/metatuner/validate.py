@@ -26,7 +26,7 @@ CHOICES = {
     "model.dtype": DTYPES,
     "generator.dtype": DTYPES,
     "eval.split": ("test", "validation", "train"),
-    "inference.strategy": ("greedy", "best_of_n", "majority"),
+    "inference.strategy": ("greedy", "best_of_n", "majority", "early_majority"),
     "hypernet.pooling": ("mean", "last"),
     "hypernet.heads": ("shared", "per_target"),
     "train.scheduler": ("constant", "linear", "cosine"),
@@ -34,6 +34,7 @@ CHOICES = {
     "rollout.criterion": ("answer", "nll"),
     "generator.prompt_space": ("free", "pool", "mixed"),
     "prompt_selection": ("none", "sapo"),
+    "select.rule": ("lcb", "halving"),
     "resume_from_checkpoint": (False, True, "auto"),
 }
 
@@ -43,14 +44,15 @@ RANGES = [
       "generator.lora_rank", "warmup.max_steps", "warmup.generator_steps", "warmup.queries", "train.max_steps",
       "train.save_steps", "train.save_total_limit", "bpo.max_steps", "opro.steps", "opro.exemplars", "sapo.candidates",
       "sapo.reselect_steps", "rollout.n", "select.opro_prompts", "select.rewrites", "bettertogether.instructions",
-      "bettertogether.demo_sets", "bettertogether.max_demos", "prompts.paraphrases", "prompts.demos"),
+      "bettertogether.demo_sets", "bettertogether.max_demos", "prompts.paraphrases", "prompts.demos",
+      "select.explore_budget"),
      lambda v: v >= 0, "an integer >= 0"),
     (("train.weight_decay", "train.max_grad_norm", "train.alpha", "select.cost_weight"),
      lambda v: v >= 0, "a number >= 0"),
     (("eval.batch_size", "train.batch_size", "train.grad_accum", "rollout.batch_size", "inference.n",
       "generator.max_prompt_tokens", "lora.rank", "hypernet.hidden", "hypernet.embed_dim", "train.sync_steps",
-      "train.alternate_steps", "train.max_length", "train.log_steps", "opro.candidates",
-      "opro.subset", "opro.top_k", "opro.max_new_tokens", "opro.max_chars", "bpo.queries", "dpo.queries",
+      "inference.stop_min", "inference.stop_chunk", "train.alternate_steps", "train.max_length", "train.log_steps",
+      "opro.candidates", "opro.subset", "opro.top_k", "opro.max_new_tokens", "opro.max_chars", "bpo.queries", "dpo.queries",
       "dpo.pairs_per_query", "sapo.subset", "sapo.max_new_tokens", "select.subsets", "select.val_examples",
       "select.max_per_query", "bettertogether.queries", "bettertogether.val_examples", "prompts.pool_size", "prompts.val_examples"),
      lambda v: v >= 1, "an integer >= 1"),
@@ -60,6 +62,8 @@ RANGES = [
     (("inference.temperature", "rollout.temperature", "generator.pool_temperature", "opro.temperature", "dpo.temperature", "sapo.temperature"),
      lambda v: v > 0, "a number > 0 (greedy decoding is inference.strategy=greedy, not temperature 0)"),
     (("generator.share_ratio", "inference.top_p", "rollout.top_p"), lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    (("select.confidence",), lambda v: 0.5 <= v < 1, "a number in [0.5, 1)"),
+    (("inference.stop_threshold",), lambda v: 0.5 <= v < 1, "a number in [0.5, 1) (the probability the vote's leader is the majority)"),
     (("lora.dropout", "train.lr_warmup_ratio"), lambda v: 0 <= v < 1, "a number in [0, 1)"),
     (("dpo.sft_steps", "task.split_seed", "task.val_size"), lambda v: v >= -1, "an integer >= -1 (-1 = the default)"),
     (("dpo.k",), lambda v: v >= 2, "an integer >= 2 (a correct and an incorrect sample make a pair)"),
@@ -67,7 +71,7 @@ RANGES = [
 ]
 
 NOT_EMPTY = ("method", "model.name", "task.name", "lora.target_modules", "dpo.loss_type",
-             "select.n_values")
+             "select.n_values", "select.temperatures")
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda|xpu|npu)(:\d+)?$")
 SLICE = re.compile(r"^\s*-?\d*\s*:\s*-?\d*\s*(:\s*-?\d*\s*)?$")
 VERIFIER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -115,6 +119,13 @@ def _check_formats(cfg) -> None:
     for n in cfg.select.n_values:
         if not isinstance(n, int) or n < 1:
             raise fail("select.n_values", cfg.select.n_values, "a list of integers >= 1")
+    for t in cfg.select.temperatures:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
+            raise fail("select.temperatures", cfg.select.temperatures, "a list of numbers > 0")
+    for st in cfg.select.strategies:
+        if st not in ("majority", "best_of_n", "early_majority"):
+            raise fail("select.strategies", cfg.select.strategies,
+                       "a list of majority, best_of_n, early_majority (greedy is always an arm)")
     for name, params in cfg.task.params_by_task.items():
         if not isinstance(params, dict):
             raise fail(f"task.params_by_task.{name}", params, "a mapping of that task's parameters")
@@ -147,13 +158,15 @@ def _check_combinations(cfg) -> None:
 
 
 def validate_models(cfg) -> None:
-    """Checks that need the models' configs (read from config.json, no weights): the generator's split
-    depth k = round(generator.share_ratio x K) must satisfy 1 <= k < K, and lora.layers must select
-    layers of the actor. Called by run code before any training."""
+    """Checks that need the models' files (config.json, no weights): model.adapter must be a PEFT adapter
+    directory; the generator's split depth k = round(generator.share_ratio x K) must satisfy 1 <= k < K;
+    lora.layers must select layers of the actor. Called by run code before any training."""
     from metatuner.generator import split_depth
     from metatuner.lora import _parse_layers
-    from metatuner.models import model_config
+    from metatuner.models import check_adapter, model_config
 
+    if cfg.model.adapter:
+        check_adapter(cfg.model.adapter)
     actor_layers = _num_layers(model_config(cfg.model.name, cfg.model.trust_remote_code, key="model.name"),
                                "model.name", cfg.model.name)
     if cfg.lora.layers.strip():

@@ -1,34 +1,39 @@
-"""Co-optimize the prompt with the inference strategy: joint (prompt, N) selection and adaptive budget.
+"""Choose the prompt together with the inference strategy, so that the choice is never below greedy decoding.
 
-    metatuner train method=inference_select inference.strategy=majority select.n_values=[1,2,4,8]
+    metatuner train method=inference_select select.n_values=[1,2,4,8] select.temperatures=[0.3,0.7]
+    metatuner train method=inference_select model.adapter=runs/x/sft/seed_0/adapter   # a trained model
 
 1. Candidate prompts: p~, the best OPRO instructions (select.opro_prompts), generator paraphrases
    (select.rewrites) and the user's (select.prompts).
-2. On validation, sample max(N) answers per (prompt, query) once; estimate the accuracy of every
-   (prompt, N) by subsampling; pick the pair maximizing accuracy - select.cost_weight * N; plot the
-   accuracy-vs-N curve per prompt (select_curves.png) and say whether the best prompt at N=1 is the
-   best at the largest N.
-3. Adaptive budget: a logistic probe on the actor's hidden state, fit on validation outcomes of the
-   chosen prompt, predicts each test query's success probability; select.budget samples per query
-   on average are allocated greedily (more to uncertain queries) and compared with the uniform
-   allocation at the same total.
-4. Test: metrics.json/predictions.jsonl for the chosen (prompt, N) with the chosen strategy;
-   select.json holds the curves, the choice and the budget comparison.
+2. Arms (metatuner.arms): greedy decoding with every prompt, and per (prompt, temperature) majority
+   and best-of-N at every N of select.n_values and early-stopping majority capped at the largest N.
+   On validation, greedy answers once per prompt and samples once per (prompt, temperature) at the
+   largest N; every arm's per-query expected correctness follows from them. select.rule=lcb picks
+   the eligible arm with the best lower confidence bound (paired bootstrap against greedy with p~)
+   minus select.cost_weight x mean samples; select.rule=halving runs successive halving within
+   select.explore_budget. Eligible = validation accuracy >= greedy's with the same prompt and with p~.
+3. Test: metrics.json/predictions.jsonl for the chosen arm (final_eval); greedy with the chosen
+   prompt and with p~ on the same test examples (paired McNemar test); fixed majority and
+   early-stopping majority at the largest N and the budget comparison (metatuner.budget: probe vs
+   uniform vs early stopping, decided on validation) from one set of test samples at the chosen
+   temperature, topped up from the chosen arm's own samples.
+4. select.json holds every arm with its interval, the choice, the paired test against greedy, early
+   stopping against fixed majority, and the budget comparison; select_curves.png plots accuracy vs N.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
 import torch
 
+from metatuner.arms import Arm, arm_specs, choose_lcb, describe, fill, successive_halving, table
+from metatuner.budget import compare_budgets, early_stop_run
 from metatuner.config import Config
 from metatuner.errors import MetatunerError
-from metatuner.evaluate import chat_text
-from metatuner.inference import (accuracy_with_allocation, allocate_budget, draw_samples, estimate_accuracy,
-                                 fit_probe, query_features, resolve_verifier, select_pair)
+from metatuner.evaluate import chat_text, evaluate
+from metatuner.inference import accuracy_with_allocation, draw_samples, query_features, resolve_verifier
 from metatuner.io import atomic_path, write_json
 
 
@@ -49,19 +54,27 @@ def candidate_prompts(cfg: Config, actor, tok, task) -> list[str]:
     return list(dict.fromkeys(c for c in cands if c.strip()))
 
 
-def plot_curves(curves: dict[str, dict[int, float]], path: Path, strategy: str) -> None:
+def plot_curves(arms: list[Arm], path: Path) -> None:
+    """Validation accuracy vs N of majority vote per (prompt, temperature); greedy per prompt as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    for i, (p, c) in enumerate(curves.items()):
-        ns = sorted(c)
-        label = f"P{i}: {p[:50]}{'...' if len(p) > 50 else ''}"
-        ax.plot(ns, [100 * c[n] for n in ns], marker="o", label=label)
+    for a in arms:
+        if a.strategy == "greedy" and a.correct:
+            ax.axhline(100 * a.accuracy, ls="--", lw=0.8, color=f"C{a.prompt % 10}", label=f"P{a.prompt} greedy")
+    curves: dict[tuple, list[Arm]] = {}
+    for a in arms:
+        if a.strategy == "majority" and a.correct:
+            curves.setdefault((a.prompt, a.temperature), []).append(a)
+    for (p, t), pts in curves.items():
+        pts.sort(key=lambda a: a.n)
+        ax.plot([a.n for a in pts], [100 * a.accuracy for a in pts], marker="o", color=f"C{p % 10}",
+                alpha=0.5 + 0.5 * (t == max(k[1] for k in curves)), label=f"P{p} majority T={t:g}")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel(f"N (samples per query, {strategy})")
+    ax.set_xlabel("N (samples per query)")
     ax.set_ylabel("validation accuracy (%)")
     ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
@@ -70,86 +83,177 @@ def plot_curves(curves: dict[str, dict[int, float]], path: Path, strategy: str) 
     plt.close(fig)
 
 
+def sample_temperature(chosen: Arm, arms: list[Arm], data: dict, default: float) -> float:
+    """The temperature of the test samples: the chosen arm's, else (greedy chosen) the one whose majority
+    at the largest N is best with the chosen prompt on validation."""
+    if chosen.temperature is not None:
+        return chosen.temperature
+    cands = [a for a in arms if a.prompt == chosen.prompt and a.strategy != "greedy" and data.get(a.group)]
+    if not cands:
+        return default
+    top = max(a.n for a in cands)
+    return max(cands, key=lambda a: (a.strategy == "majority" and a.n == top, a.accuracy)).temperature
+
+
+def top_up(actor, tok, task, examples, prompt, records, cap, temperature, cfg) -> tuple[list[dict], int]:
+    """cap samples per test query at `temperature`: the chosen arm's own samples (records' generations,
+    when it sampled at that temperature) first, then new ones. ({answers, correct} per query, new samples)."""
+    out = []
+    for ex, r in zip(examples, records or [None] * len(examples)):
+        gens = (r or {}).get("generations", [])[:cap]
+        answers = [task.extract_for(g, ex) for g in gens]
+        out.append({"answers": answers, "correct": [bool(task.score(a, ex)["correct"]) for a in answers]})
+    by_missing: dict[int, list[int]] = {}
+    for i, s in enumerate(out):
+        if len(s["answers"]) < cap:
+            by_missing.setdefault(cap - len(s["answers"]), []).append(i)
+    for m, idx in by_missing.items():
+        new = draw_samples(actor, tok, task, [examples[i] for i in idx], prompt, m, temperature, cfg.inference.top_p,
+                           cfg.eval.batch_size, scores=False)
+        for i, s in zip(idx, new):
+            out[i]["answers"] += s["answers"]
+            out[i]["correct"] += s["correct"]
+    return out, sum(m * len(idx) for m, idx in by_missing.items())
+
+
+def early_vs_fixed(samples: list[dict], inf, nmax: int) -> dict:
+    """Fixed majority at N=nmax against early-stopping majority capped at nmax, replayed on the same test
+    samples in the order drawn (inference.stop_threshold / stop_min)."""
+    ok, spent = early_stop_run(samples, inf.stop_threshold, inf.stop_min, nmax)
+    fixed = accuracy_with_allocation(samples, [nmax] * len(samples), "majority")
+    acc, mean = sum(ok) / max(1, len(ok)), sum(spent) / max(1, len(spent))
+    return {"cap": nmax, "threshold": inf.stop_threshold, "min_samples": inf.stop_min,
+            "fixed_majority_accuracy": fixed, "fixed_mean_samples": nmax, "early_accuracy": acc,
+            "early_mean_samples": mean, "sample_ratio": mean / nmax, "accuracy_gap_points": 100 * (fixed - acc)}
+
+
+def versus(a: list[bool], b: list[bool]) -> dict:
+    from metatuner.stats import mcnemar_exact, paired_bootstrap
+
+    diff, lo, hi = paired_bootstrap(a, b)
+    return {"diff": diff, "ci95": [lo, hi], "p_value": mcnemar_exact(a, b), "n_examples": len(a)}
+
+
+def select_arm(cfg: Config, arms: list[Arm], val: list, nmax: int, draw) -> tuple[int, dict, dict]:
+    """(chosen index, data per group, report fields) by select.rule."""
+    sc = cfg.select
+    rule = (cfg.inference.stop_threshold, cfg.inference.stop_min)
+    groups = list(dict.fromkeys(a.group for a in arms))
+    cost = lambda g: 1 if g[0] == "greedy" else nmax  # noqa: E731
+    per_query = sum(cost(g) for g in groups)
+    if sc.rule == "lcb":
+        q = len(val) if not sc.explore_budget else min(len(val), sc.explore_budget // per_query)
+        if q < 1:
+            raise MetatunerError(f"select.explore_budget = {sc.explore_budget}: expected 0 (auto) or at least "
+                                 f"{per_query} (one validation query for every arm) with select.rule=lcb")
+        data = {g: draw(g, 0, q) for g in groups}
+        for a in arms:
+            fill(a, data[a.group], rule, sc.subsets, cfg.seed)
+        chosen = choose_lcb(arms, sc.confidence, sc.cost_weight, cfg.seed)
+        return chosen, data, {"validation_queries": q, "validation_samples": per_query * q,
+                              "explore_budget": sc.explore_budget}
+    budget = sc.explore_budget or per_query * len(val) // 2
+    res = successive_halving(arms, len(val), budget, draw, cost, rule, sc.subsets, cfg.seed)
+    describe(arms, sc.confidence, sc.cost_weight, cfg.seed)
+    return res["chosen"], res["data"], {"validation_queries": len(val), "validation_samples": res["spent"],
+                                        "explore_budget": budget, "halving_rounds": res["rounds"],
+                                        "halving_winner": arms[res["winner"]].label}
+
+
 def run(cfg: Config) -> dict:
     from metatuner.models import load_from_config
-    from metatuner.run import eval_examples, final_eval, is_main_process, start_run
+    from metatuner.run import eval_examples, final_eval, is_main_process, stage, start_run
 
     t0 = time.time()
-    sc = cfg.select
-    strategy = cfg.inference.strategy if cfg.inference.strategy != "greedy" else "majority"
+    sc, inf = cfg.select, cfg.inference
     n_values = sorted({int(n) for n in sc.n_values})
-    if not n_values or n_values[0] < 1:
-        raise MetatunerError(f"select.n_values: expected positive integers, got {sc.n_values}")
     nmax = n_values[-1]
+    temps = list(dict.fromkeys(float(t) for t in sc.temperatures))
     task = start_run(cfg)
     actor, tok = load_from_config(cfg.model)
-    verifier = resolve_verifier(cfg.inference.verifier, task)
+    verifier = resolve_verifier(inf.verifier, task)
     val = task.validation[: sc.val_examples]
     if not val:
         raise MetatunerError(f"task {task.name!r}: inference_select needs validation examples (task.val_size > 0)")
     out = Path(cfg.output_dir)
+    bs = cfg.eval.batch_size
     with torch.no_grad():
         prompts = candidate_prompts(cfg, actor, tok, task)
-        samples = {p: draw_samples(actor, tok, task, val, p, nmax, cfg.inference.temperature, cfg.inference.top_p,
-                                   cfg.eval.batch_size, verifier) for p in prompts}
-    curves = {p: {n: estimate_accuracy(samples[p], n, strategy, sc.subsets, cfg.seed) for n in n_values} for p in prompts}
-    best_p, best_n, best_obj = select_pair(curves, sc.cost_weight)
-    best_at_1 = max(prompts, key=lambda p: curves[p][n_values[0]])
-    best_at_max = max(prompts, key=lambda p: curves[p][nmax])
-    if is_main_process():
-        plot_curves(curves, out / "select_curves.png", strategy)
+    arms = arm_specs(len(prompts), temps, n_values, list(sc.strategies))
 
-    # adaptive budget with a probe fit on validation outcomes of the chosen prompt
-    test = eval_examples(cfg, task)
+    def greedy_correct(prompt: str, examples: list) -> list[bool]:
+        recs, _ = evaluate(actor, tok, task, examples, prompt, batch_size=bs, progress=False, diagnose=False)
+        return [bool(r["correct"]) for r in recs]
+
+    def draw(group: tuple, start: int, stop: int) -> list:
+        if group[0] == "greedy":
+            return greedy_correct(prompts[group[1]], val[start:stop])
+        return draw_samples(actor, tok, task, val[start:stop], prompts[group[1]], nmax, group[2], inf.top_p, bs,
+                            verifier, scores="best_of_n" in sc.strategies)
+
+    stage(f"choosing among {len(arms)} arms ({len(prompts)} prompts x greedy/{'/'.join(sc.strategies)} x "
+          f"N {n_values} x T {temps}) on {len(val)} validation queries, rule {sc.rule}")
     with torch.no_grad():
-        feats_val = query_features(actor, tok, [chat_text(tok, task.render(best_p, ex.query)) for ex in val], cfg.eval.batch_size)
-        # soft labels: each query's success rate over its samples (a 0/1 threshold degenerates when the
-        # model rarely succeeds: every query falls on one side and the probe learns nothing)
-        labels = torch.tensor([sum(s["correct"]) / len(s["correct"]) for s in samples[best_p]], dtype=torch.float)
-        if labels.min() == labels.max():  # nothing to learn: the probe predicts the base rate
-            rate = float(labels.mean())
-            predict = lambda f: [min(max(rate, 0.05), 0.95)] * f.shape[0]  # noqa: E731
-        else:
-            predict = fit_probe(feats_val, labels)
-        feats_test = query_features(actor, tok, [chat_text(tok, task.render(best_p, ex.query)) for ex in test], cfg.eval.batch_size)
-        p_hat = predict(feats_test)
-        cap = max(sc.max_per_query, 1)
-        test_samples = draw_samples(actor, tok, task, test, best_p, cap, cfg.inference.temperature, cfg.inference.top_p,
-                                    cfg.eval.batch_size, verifier)
-    total = int(round(sc.budget * len(test)))
-    adaptive = allocate_budget(p_hat, total, cap)
-    uniform_n = max(1, min(cap, total // max(1, len(test))))
-    uniform = [uniform_n] * len(test)
-    # spend exactly the same total on the uniform side when the budget is not a multiple of |test|
-    extra = min(total, cap * len(test)) - sum(uniform)
-    for i in range(max(0, extra)):
-        uniform[i % len(test)] += 1
-    budget = {"total_samples": sum(adaptive), "uniform_total_samples": sum(uniform),
-              "adaptive_accuracy": accuracy_with_allocation(test_samples, adaptive, strategy),
-              "uniform_accuracy": accuracy_with_allocation(test_samples, uniform, strategy),
-              "probe_mean_p": sum(p_hat) / max(1, len(p_hat)),
-              "samples_to_most_uncertain_quartile": _uncertain_share(p_hat, adaptive)}
-    report = {"strategy": strategy, "n_values": n_values, "prompts": prompts,
-              "curves": {f"P{i}": {"prompt": p, "accuracy": curves[p]} for i, p in enumerate(prompts)},
-              "chosen": {"prompt": best_p, "n": best_n, "objective": best_obj, "cost_weight": sc.cost_weight},
-              "best_prompt_at_n1": best_at_1, "best_prompt_at_nmax": best_at_max,
-              "best_prompt_changes_with_n": best_at_1 != best_at_max, "adaptive_budget": budget}
+        ci, data, sel = select_arm(cfg, arms, val, nmax, draw)
+    c = arms[ci]
+    prompt = prompts[c.prompt]
+    if is_main_process():
+        print(table(arms, ci) + "\n" + "\n".join(f"P{i}: {p}" for i, p in enumerate(prompts)), flush=True)
+        plot_curves(arms, out / "select_curves.png")
+    stage(f"chosen: {c.label} (validation {100 * c.accuracy:.1f}%, greedy with p~ {100 * arms[0].accuracy:.1f}%)")
+
+    # test: the chosen arm through the common harness, then greedy with its prompt and with p~
+    test = eval_examples(cfg, task)
+    inf.strategy, inf.n = c.strategy, c.n
+    if c.temperature is not None:
+        inf.temperature = c.temperature
+    t_s = sample_temperature(c, arms, data, temps[0])
+    chosen_fields = {"prompt": prompt, "chosen_arm": c.label, "chosen_strategy": c.strategy, "chosen_n": c.n,
+                     "chosen_temperature": c.temperature, "train_steps": 0, "train_examples": 0,
+                     "train_seconds": round(time.time() - t0, 1)}
+    with torch.no_grad():
+        metrics, records = final_eval(cfg, actor, tok, task, prompt, extra=chosen_fields, return_records=True)
+        chosen_ok = [bool(r["correct"]) for r in records]
+        same = chosen_ok if c.strategy == "greedy" else greedy_correct(prompt, test)
+        ptilde = same if c.prompt == 0 else greedy_correct(prompts[0], test)
+        cap = max(nmax, sc.max_per_query)
+        own = records if c.temperature == t_s else None
+        test_samples, new_samples = top_up(actor, tok, task, test, prompt, own, cap, t_s, cfg)
+        val_s = data.get(("sampled", c.prompt, t_s)) or draw(("sampled", c.prompt, t_s), 0, len(val))
+
+        def feats(exs):
+            return query_features(actor, tok, [chat_text(tok, task.render(prompt, ex.query)) for ex in exs], bs)
+
+        budget = compare_budgets(val_s, feats(val[: len(val_s)]), test_samples, feats(test), sc.budget,
+                                 sc.max_per_query, cfg.seed)
+
+    early_block = {"prompt": prompt, "temperature": t_s, **early_vs_fixed(test_samples, inf, nmax)}
+    fixed, early_acc, early_mean = (early_block[k] for k in ("fixed_majority_accuracy", "early_accuracy",
+                                                             "early_mean_samples"))
+    vs = {"chosen_accuracy": metrics["accuracy"], "greedy_same_prompt_accuracy": sum(same) / len(same),
+          "greedy_ptilde_accuracy": sum(ptilde) / len(ptilde), "vs_same_prompt": versus(chosen_ok, same),
+          "vs_ptilde": versus(chosen_ok, ptilde)}
+    arm_rows = [{"label": a.label, "prompt": a.prompt, "strategy": a.strategy, "n": a.n, "temperature": a.temperature,
+                 **a.stats} for a in arms]
+    report = {"prompts": prompts, "rule": sc.rule, "confidence": sc.confidence, "cost_weight": sc.cost_weight,
+              **sel, "stop_rule": {"threshold": inf.stop_threshold, "min_samples": inf.stop_min}, "arms": arm_rows,
+              "chosen": {**arm_rows[ci], "prompt_text": prompt}, "vs_greedy": vs, "early_stop_vs_fixed": early_block,
+              "budget": budget, "test_sample_temperature": t_s}
+    metrics.update({"greedy_same_prompt_accuracy": vs["greedy_same_prompt_accuracy"],
+                    "greedy_ptilde_accuracy": vs["greedy_ptilde_accuracy"],
+                    "vs_greedy_diff": vs["vs_same_prompt"]["diff"], "vs_greedy_p_value": vs["vs_same_prompt"]["p_value"],
+                    "early_stop_accuracy": early_acc, "early_stop_mean_samples": early_mean,
+                    "fixed_majority_accuracy": fixed, "budget_used": budget["used"],
+                    "budget_accuracy": budget["test_accuracy_of_used"], "budget_samples": budget["test"][budget["used"]]["total_samples"],
+                    "validation_samples": sel["validation_samples"],
+                    # beyond the chosen arm's own evaluation: validation, test top-ups, greedy baselines
+                    "generation_calls": sel["validation_samples"] + new_samples
+                    + len(test) * ((c.strategy != "greedy") + (c.prompt != 0))})
     if is_main_process():
         write_json(out / "select.json", report)
-    cfg.inference.strategy, cfg.inference.n = strategy, best_n
-    with torch.no_grad():
-        return final_eval(cfg, actor, tok, task, best_p, extra={
-            "prompt": best_p, "chosen_n": best_n, "best_prompt_changes_with_n": best_at_1 != best_at_max,
-            "adaptive_accuracy": budget["adaptive_accuracy"], "uniform_accuracy": budget["uniform_accuracy"],
-            "budget_samples": budget["total_samples"], "train_steps": 0, "train_examples": 0,
-            "generation_calls": len(prompts) * len(val) * nmax + len(test) * cap,
-            "train_seconds": round(time.time() - t0, 1)})
-
-
-def _uncertain_share(p_hat: list[float], alloc: list[int]) -> float:
-    """Share of all samples given to the quarter of queries whose p is closest to 0.5."""
-    if not alloc:
-        return 0.0
-    order = sorted(range(len(p_hat)), key=lambda i: abs(p_hat[i] - 0.5))
-    top = order[: max(1, math.ceil(len(order) / 4))]
-    return sum(alloc[i] for i in top) / max(1, sum(alloc))
+        write_json(out / "metrics.json", metrics)
+    stage(f"test: chosen {100 * vs['chosen_accuracy']:.1f}% vs greedy same prompt "
+          f"{100 * vs['greedy_same_prompt_accuracy']:.1f}% (McNemar p={vs['vs_same_prompt']['p_value']:.3g}); "
+          f"early stop {100 * early_acc:.1f}% at {early_mean:.2f} samples vs majority@{nmax} {100 * fixed:.1f}%; "
+          f"budget: {budget['why']}")
+    return metrics

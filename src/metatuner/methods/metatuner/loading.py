@@ -16,10 +16,11 @@ def device_of(cfg: Config) -> str:
 
 
 def load_actor(cfg: Config):
-    """(actor, tokenizer) as model.* says, freshly loaded."""
-    from metatuner.models import load_model
+    """(actor, tokenizer) as model.* says (model.adapter merged when set), freshly loaded."""
+    from metatuner.models import load_model, merge_adapter
 
-    return load_model(cfg.model.name, cfg.model.dtype, device_of(cfg), cfg.model.trust_remote_code)
+    actor, tok = load_model(cfg.model.name, cfg.model.dtype, device_of(cfg), cfg.model.trust_remote_code)
+    return (merge_adapter(actor, cfg.model.adapter) if cfg.model.adapter else actor), tok
 
 
 def load_generator(cfg: Config):

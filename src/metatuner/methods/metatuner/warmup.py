@@ -41,6 +41,7 @@ def warmup_key(cfg: Config, task: Task, world: int) -> str:
     t = cfg.train
     parts = {
         "model": model_fingerprint(cfg.model.name), "dtype": cfg.model.dtype,
+        **({"adapter": model_fingerprint(cfg.model.adapter)} if cfg.model.adapter else {}),
         "task": {k: v for k, v in vars(cfg.task).items()}, "prompt": task.prompt, "seed": cfg.seed,
         "lora": vars(cfg.lora), "steps": cfg.warmup.max_steps, "lr": cfg.warmup.lr,
         "train": [t.batch_size, t.grad_accum, t.max_length, t.bf16, t.gradient_checkpointing, t.weight_decay,

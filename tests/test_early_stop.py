@@ -1,0 +1,208 @@
+"""Early-stopping majority: the stopping rule (metatuner.voting) and inference.strategy=early_majority in
+evaluate(), with canned samples, real sampling on a tiny random model, and per-query LoRA."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import metatuner.evaluate as ev
+from metatuner.evaluate import evaluate
+from metatuner.voting import early_expectation, early_outcome, lead_probability, stop_point, vote_settled
+
+
+# ----------------------------------------------------------------------------- the stopping rule
+
+
+def test_lead_probability_is_the_beta_tail():
+    # P(X > 1/2) for X ~ Beta(c1+1, 1) is 1 - 2^-(c1+1)
+    for c1 in range(1, 8):
+        assert lead_probability(c1, 0) == pytest.approx(1 - 0.5 ** (c1 + 1))
+    assert lead_probability(3, 3) == pytest.approx(0.5)
+    assert lead_probability(5, 1) > lead_probability(4, 2) > lead_probability(3, 3)
+
+
+def test_unanimous_votes_stop_and_split_votes_continue():
+    assert vote_settled(["7"] * 4, 0.95, 2)  # 1 - 2^-5 = 0.969
+    assert not vote_settled(["7"] * 3, 0.95, 2)  # 0.9375
+    assert vote_settled(["7", "7"], 0.85, 2)  # 0.875
+    assert not vote_settled(["7"], 0.5, 2)  # fewer than stop_min samples: never
+    assert vote_settled(["7"], 0.5, 1)
+    for threshold in (0.6, 0.8, 0.95, 0.99):
+        assert not vote_settled(["7", "8", "7", "8"], threshold, 2)  # a 2-2 split
+        assert not vote_settled(["7", "8"], threshold, 2)
+    # unparsable samples are ignored: they do not settle a vote
+    assert not vote_settled([None, None, None, None], 0.6, 2)
+    assert vote_settled([None, "3", "3", "3", "3"], 0.95, 2) and not vote_settled([None, "3", "3", "3"], 0.95, 2)
+
+
+def test_a_higher_threshold_never_stops_earlier():
+    seqs = [["1", "1", "2", "1", "1", "1", "1", "1"], ["1", "2", "3", "1", "1", "1", "2", "1"], ["4"] * 8,
+            ["1", "2"] * 4, [None, "5", "5", "6", "5", "5", "5", "5"]]
+    for seq in seqs:
+        points = [stop_point(seq, t, 2, 8) for t in (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)]
+        assert points == sorted(points) and all(2 <= p <= 8 for p in points)
+        assert not vote_settled(seq[: points[-1] - 1], 0.99, 2) or points[-1] == 2
+    assert stop_point(["1", "2"] * 4, 0.95, 2, 8) == 8  # never settled: the cap
+    assert stop_point(["1", "2"] * 4, 0.95, 2, 5) == 5
+
+
+def test_replay_of_the_rule_over_orders():
+    answers, correct = ["7", "7", "7", "7", "8"], [True, True, True, True, False]
+    ok, k = early_outcome(answers, correct, [4, 0, 1, 2, 3], 0.9, 2, 5)
+    assert k == 5 and ok  # 8 first: 7 needs 4 votes against 1 to reach 0.9 -> cap
+    ok, k = early_outcome(answers, correct, [0, 1, 2, 3, 4], 0.9, 2, 5)
+    assert (ok, k) == (True, 3)
+    acc, spent = early_expectation(answers, correct, 0.9, 2, 5, orders=300)
+    assert acc == 1.0 and 3 <= spent <= 5
+    acc, spent = early_expectation(["8"] * 4, [False] * 4, 0.85, 2, 4)
+    assert (acc, spent) == (0.0, 2.0)
+
+
+# ----------------------------------------------------------------------------- evaluate(strategy=early_majority)
+
+
+class SequentialGen:
+    """Stands in for generate_texts: each query's canned samples are handed out in order, so a query
+    that gets k more samples gets its next k; every generation is counted per query."""
+
+    def __init__(self, samples: dict[str, list[str]]):
+        self.samples, self.given, self.calls = samples, {q: 0 for q in samples}, []
+
+    def key(self, text):
+        return next(q for q in self.samples if q in text)
+
+    def __call__(self, model, tokenizer, texts, max_new_tokens, **kw):
+        k = kw.get("num_return_sequences", 1)
+        self.calls.append(([self.key(t) for t in texts], k))
+        gens = []
+        for t in texts:
+            q = self.key(t)
+            gens.append(self.samples[q][self.given[q] : self.given[q] + k])
+            self.given[q] += k
+            assert len(gens[-1]) == k, "asked for more samples than exist"
+        return gens, [[len(s) for s in g] for g in gens], None
+
+
+def test_early_majority_spends_exactly_what_it_records(tiny_model, make_task, monkeypatch):
+    model, tok = tiny_model
+    samples = {"qa": ["5"] * 8,  # unanimous: stops at 4 (threshold 0.95)
+               "qb": ["1", "2"] * 4,  # split: runs to the cap
+               "qc": ["3", "3", "4", "3", "3", "3", "3", "3"],  # settles once 3 leads 6-1 (0.965)
+               "qd": [x for x in "xyzwxyzw"]}  # four answers, two votes each: runs to the cap
+    fake = SequentialGen(samples)
+    monkeypatch.setattr(ev, "generate_texts", fake)
+    seen = []
+
+    @contextlib.contextmanager
+    def ctx(idx):
+        seen.append(sorted(idx))
+        yield
+
+    task = make_task([("qa", "5"), ("qb", "2"), ("qc", "3"), ("qd", "x")])
+    recs, m = evaluate(model, tok, task, task.test, strategy="early_majority", n=8, stop_threshold=0.95, stop_min=2,
+                       batch_size=4, batch_context=ctx, progress=False)
+    assert [r["samples"] for r in recs] == [4, 8, 7, 8]
+    assert [r["samples"] for r in recs] == [fake.given[q] for q in ("qa", "qb", "qc", "qd")]
+    assert all(r["generations"] == samples[r["query"]][: r["samples"]] for r in recs)
+    assert [r["extracted"] for r in recs] == ["5", "1", "3", "x"]
+    assert m["total_samples"] == 27 == sum(fake.given.values()) and m["mean_samples"] == pytest.approx(27 / 4)
+    assert m["samples_per_query"] == 8 and m["strategy"] == "early_majority"
+    # rounds: 2 samples each first, then one more for the rows still open, each round in its own context
+    assert fake.calls[0][1] == 2 and all(k == 1 for _, k in fake.calls[1:])
+    assert seen[0] == [0, 1, 2, 3] and seen[2] == [0, 1, 2, 3] and seen[3] == [1, 2, 3] and seen[-1] == [1, 3]
+    assert [sorted(task.test.index(e) for e in task.test if e.query in qs) for qs, _ in fake.calls] == seen
+    # stop_chunk and a cap below stop_min
+    fake2 = SequentialGen(samples)
+    monkeypatch.setattr(ev, "generate_texts", fake2)
+    recs, m = evaluate(model, tok, task, task.test, strategy="early_majority", n=8, stop_threshold=0.95, stop_min=2,
+                       stop_chunk=3, batch_size=2, progress=False)
+    assert [r["samples"] for r in recs] == [5, 8, 8, 8]  # 2, then 3 at a time (capped)
+    fake3 = SequentialGen(samples)
+    monkeypatch.setattr(ev, "generate_texts", fake3)
+    recs, _ = evaluate(model, tok, task, task.test, strategy="early_majority", n=1, batch_size=4, progress=False)
+    assert [r["samples"] for r in recs] == [1, 1, 1, 1]
+    assert len(fake3.calls) == 1 and sorted(fake3.calls[0][0]) == ["qa", "qb", "qc", "qd"] and fake3.calls[0][1] == 1
+
+
+def test_fixed_strategies_record_their_samples(tiny_model, make_task, monkeypatch):
+    model, tok = tiny_model
+    fake = SequentialGen({"qa": ["5"] * 8, "qb": ["1"] * 8})
+    monkeypatch.setattr(ev, "generate_texts", fake)
+    task = make_task([("qa", "5"), ("qb", "2")])
+    recs, m = evaluate(model, tok, task, task.test, strategy="majority", n=3, progress=False)
+    assert [r["samples"] for r in recs] == [3, 3] and m["total_samples"] == 6 and m["mean_samples"] == 3
+    recs, m = evaluate(model, tok, task, task.test, progress=False, fast_greedy=False, stop_at_answer=False)
+    assert [r["samples"] for r in recs] == [1, 1] and m["mean_samples"] == 1 and "generations" not in recs[0]
+
+
+def _counting(monkeypatch):
+    """Wrap the real generate_texts, counting generations per rendered text."""
+    real, counts = ev.generate_texts, {}
+
+    def wrapped(model, tok, texts, max_new, **kw):
+        for t in texts:
+            counts[t] = counts.get(t, 0) + kw.get("num_return_sequences", 1)
+        return real(model, tok, texts, max_new, **kw)
+
+    monkeypatch.setattr(ev, "generate_texts", wrapped)
+    return counts
+
+
+def test_early_majority_with_real_sampling_never_exceeds_the_cap(tiny_model, make_task, monkeypatch):
+    model, tok = tiny_model
+    counts = _counting(monkeypatch)
+    task = make_task([(q, "x") for q in ["1+2=", "What is 12 + 35?", "abc", "Q", "9 - 4", "zz"]], max_new_tokens=3)
+    torch.manual_seed(0)
+    recs, m = evaluate(model, tok, task, task.test, strategy="early_majority", n=5, temperature=1.0,
+                       stop_threshold=0.9, batch_size=4, progress=False)
+    for r in recs:
+        assert 2 <= r["samples"] <= 5 and len(r["generations"]) == r["samples"]
+        assert r["samples"] == counts[ev.chat_text(tok, task.render("", r["query"]))]
+        assert r["extracted"] == ev.majority_vote([task.extract(g) for g in r["generations"]])
+    assert m["total_samples"] == sum(counts.values()) == sum(r["samples"] for r in recs)
+
+
+def test_early_majority_with_per_query_lora(tiny_model_path, make_task, monkeypatch):
+    """MetaTuner's per-query LoRA: each round's context gets the rows still sampling; generate repeats
+    their factors across the round's samples (a wrong row count raises in PerQueryLoRA)."""
+    from metatuner.lora import PerQueryLoRA, find_targets
+    from metatuner.models import load_model
+
+    model, tok = load_model(str(tiny_model_path), dtype="float32", device="cpu")
+    targets = find_targets(model, ["q_proj", "v_proj"])
+    lora = PerQueryLoRA(model, targets, 2, 4.0)
+    g = torch.Generator().manual_seed(0)
+    per_ex = [{t.key: (torch.randn(1, 2, t.in_features, generator=g), torch.randn(1, t.out_features, 2, generator=g))
+               for t in targets} for _ in range(5)]
+    rows = []
+
+    @contextlib.contextmanager
+    def ctx(idx):
+        rows.append(list(idx))
+        lora.set_factors({k: (torch.cat([per_ex[i][k][0] for i in idx]), torch.cat([per_ex[i][k][1] for i in idx]))
+                          for k in per_ex[0]})
+        try:
+            yield
+        finally:
+            lora.clear_factors()
+
+    counts = _counting(monkeypatch)
+    task = make_task([(q, "x") for q in ["1+2=", "abc", "Q", "9 - 4", "zz"]], max_new_tokens=3)
+    torch.manual_seed(1)
+    recs, m = evaluate(model, tok, task, task.test, strategy="early_majority", n=4, temperature=1.0,
+                       stop_threshold=0.8, batch_size=5, batch_context=ctx, progress=False)
+    assert all(2 <= r["samples"] <= 4 for r in recs) and m["total_samples"] == sum(counts.values())
+    assert rows[0] and all(set(b) <= set(rows[0]) for b in rows[1:])
+    assert sum(len(b) for b in rows) == len(rows[0]) + sum(r["samples"] - 2 for r in recs)
+    # near-zero temperature: every sample is the greedy answer of its own row's LoRA model
+    torch.manual_seed(2)
+    low, _ = evaluate(model, tok, task, task.test, strategy="early_majority", n=4, temperature=1e-6,
+                      stop_threshold=0.85, batch_size=5, batch_context=ctx, progress=False)
+    greedy, _ = evaluate(model, tok, task, task.test, batch_size=5, batch_context=ctx, progress=False,
+                         fast_greedy=False, stop_at_answer=False)
+    assert [r["generations"][:2] for r in low] == [[r["generation"]] * 2 for r in greedy]
+    # identical samples settle at stop_min unless they hold no answer (an empty first character)
+    assert [r["samples"] for r in low] == [2 if r["extracted"] else 4 for r in greedy]
