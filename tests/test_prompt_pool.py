@@ -112,7 +112,7 @@ def test_opro_members_join_the_pool_once_and_are_read_back(model_dir, tmp_path, 
 
 def test_choose_takes_the_argmax_at_test_and_samples_in_training(model_dir, tmp_path, monkeypatch):
     cfg = make_cfg(model_dir, tmp_path / "c", "method=metatuner_j", "generator.prompt_space=pool",
-                   "generator.pool_temperature=0.01")
+                   "generator.pool_temperature=0.01", "generator.pool_score=likelihood")
     system, loop, _ = M.prepare(cfg, start_run(cfg))
     import metatuner.methods.metatuner.rollouts as R
 
@@ -122,6 +122,49 @@ def test_choose_takes_the_argmax_at_test_and_samples_in_training(model_dir, tmp_
     cands = [list(system.pool)] * 2
     assert R.choose(system, exs, cands, frozen=False, sample=False) == [cands[0][2], cands[1][0]]
     assert R.choose(system, exs, cands, frozen=True, sample=True) == [cands[0][2], cands[1][0]]  # T = 0.01
+
+
+def test_gain_scores_start_at_zero_and_move_with_the_regularizer(model_dir, tmp_path):
+    """generator.pool_score=gain: scores are the decoder's log-likelihood minus the untrained G's (LoRA
+    bypassed, equal to the base model's), so they start at 0 for every candidate; a few regularizer steps
+    on one candidate make it the argmax, where the raw likelihood keeps choosing p~ (copied from the input)."""
+    from metatuner.methods.metatuner.rollouts import choose, pool_scores
+    from metatuner.models import load_model
+    from metatuner.rewrite import rewrite_messages
+
+    cfg = make_cfg(model_dir, tmp_path / "g", "method=metatuner_j", "generator.prompt_space=pool",
+                   "train.bf16=false", "warmup.generator_steps=0")  # untrained G; exact zeros (under bf16 autocast the two passes round differently, ~1e-3)
+    system, loop, _ = M.prepare(cfg, start_run(cfg))
+    exs = system.task.train[:4]
+    cands = [list(system.pool)] * len(exs)
+    assert torch.allclose(pool_scores(system, exs, cands, frozen=False), torch.zeros(4, 3), atol=1e-5)
+    base, btok = load_model(str(model_dir), "float32", "cpu")
+    cfg.generator.pool_score = "likelihood"
+    raw = pool_scores(system, exs, cands, frozen=False)
+    ref = candidate_logprobs(base, btok, [rewrite_messages(system.p_tilde, ex.query) for ex in exs], cands,
+                             bf16=cfg.train.bf16)
+    assert torch.allclose(raw, ref, atol=1e-4)  # untrained LoRA: the base model's scores
+    target = system.pool[2]
+    opt = torch.optim.Adam(system.generator_parameters(), lr=5e-3)
+    for _ in range(15):
+        _, reg = system.joint_losses(exs, [system.p_tilde] * 4, [target] * 4, need_task=False)
+        opt.zero_grad()
+        reg.backward()
+        opt.step()
+    cfg.generator.pool_score = "gain"
+    gain = pool_scores(system, exs, cands, frozen=False)
+    assert (gain[:, 2] > gain[:, 0]).all() and (gain[:, 2] > gain[:, 1]).all()
+    assert choose(system, exs, cands, frozen=False, sample=False) == [target] * 4
+    # phi_p' (training's sampler) moves only at a sync
+    assert not torch.allclose(pool_scores(system, exs, cands, frozen=True), gain, atol=1e-3)
+    system.gen.sync_frozen()
+    assert torch.allclose(pool_scores(system, exs, cands, frozen=True), gain, atol=1e-5)
+
+
+def test_gain_needs_generator_lora(model_dir, tmp_path):
+    with pytest.raises(MetatunerError, match="generator.pool_score = .gain.: expected likelihood with generator.lora_rank=0"):
+        start_run(make_cfg(model_dir, tmp_path / "r0", "method=metatuner_j", "generator.prompt_space=pool",
+                           "generator.lora_rank=0"))
 
 
 @pytest.mark.parametrize("space", ["pool", "mixed"])

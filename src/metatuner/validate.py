@@ -33,6 +33,7 @@ CHOICES = {
     "train.report_to": ("jsonl", "tensorboard", "none"),
     "rollout.criterion": ("answer", "nll"),
     "generator.prompt_space": ("free", "pool", "mixed"),
+    "generator.pool_score": ("gain", "likelihood"),
     "prompt_selection": ("none", "sapo"),
     "select.rule": ("lcb", "halving"),
     "resume_from_checkpoint": (False, True, "auto"),
@@ -139,6 +140,10 @@ def _check_combinations(cfg) -> None:
     if m == "dpo" and cfg.dpo.sft_steps > train.max_steps:
         raise fail("dpo.sft_steps", cfg.dpo.sft_steps,
                    f"-1 or <= train.max_steps ({train.max_steps}): train.max_steps is the total, SFT included")
+    g = cfg.generator
+    if m in METATUNER_METHODS and g.prompt_space != "free" and g.pool_score == "gain" and g.lora_rank == 0:
+        raise fail("generator.pool_score", g.pool_score,
+                   "likelihood with generator.lora_rank=0 (gain compares G with and without its LoRA)")
     if train.batch_size % train.grad_accum:
         raise fail("train.grad_accum", train.grad_accum, f"a divisor of train.batch_size ({train.batch_size})")
     if cfg.inference.strategy == "greedy" and cfg.inference.n != 1:

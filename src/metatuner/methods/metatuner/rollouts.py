@@ -19,6 +19,8 @@ from metatuner.pool import candidate_logprobs
 from metatuner.rewrite import clean_prompt, rewrite_messages
 from metatuner.tasks import Example
 
+from .system import generator_lora_disabled
+
 
 @torch.no_grad()
 def sample_prompts(system, examples: list[Example], n: int, live: bool = False, greedy: bool = False) -> list[list[str]]:
@@ -47,15 +49,28 @@ def sample_prompts(system, examples: list[Example], n: int, live: bool = False, 
     return out
 
 
+def pool_scores(system, examples: list[Example], candidates: list[list[str]], frozen: bool) -> torch.Tensor:
+    """[queries, candidates] scores of the decoder (phi_p' when frozen, else the live phi_p): the length-
+    normalised log-likelihood of each candidate given (p~, x); with generator.pool_score=gain minus the same
+    under G without its LoRA (the untrained generator), so every candidate starts at 0 and only what training
+    taught moves the choice (the raw likelihood favours copying p~ from the input)."""
+    cfg = system.cfg
+    msgs = [rewrite_messages(system.p_tilde, ex.query) for ex in examples]
+    args = (cfg.rollout.batch_size, cfg.train.max_length, cfg.train.bf16)
+    with system.gen.frozen_decoder() if frozen else contextlib.nullcontext():
+        scores = candidate_logprobs(system.gen.model, system.gen_tok, msgs, candidates, *args)
+    if cfg.generator.pool_score == "gain":
+        with generator_lora_disabled(system.gen.model):
+            scores = scores - candidate_logprobs(system.gen.model, system.gen_tok, msgs, candidates, *args)
+    return scores
+
+
 def choose(system, examples: list[Example], candidates: list[list[str]], frozen: bool, sample: bool) -> list[str]:
     """One candidate per query from the decoder's distribution restricted to that query's candidates:
-    phi_p' (frozen) or the live phi_p; sampled at generator.pool_temperature, or the argmax."""
+    phi_p' (frozen) or the live phi_p, scored by `pool_scores`; sampled at generator.pool_temperature, or
+    the argmax (the first candidate, p~, on ties)."""
     cfg = system.cfg
-    ctx = system.gen.frozen_decoder() if frozen else contextlib.nullcontext()
-    with ctx:
-        scores = candidate_logprobs(system.gen.model, system.gen_tok,
-                                    [rewrite_messages(system.p_tilde, ex.query) for ex in examples], candidates,
-                                    cfg.rollout.batch_size, cfg.train.max_length, cfg.train.bf16)
+    scores = pool_scores(system, examples, candidates, frozen)
     if sample:
         probs = torch.softmax(scores / cfg.generator.pool_temperature, dim=-1)
         pick = torch.multinomial(probs, 1).squeeze(1)
