@@ -1,0 +1,68 @@
+"""The inference-strategy selection results of finished `method=inference_select` runs, as markdown tables.
+
+    .venv/bin/python scripts/inference_select_table.py runs/inference_select runs/inference_select_ba ...
+
+Each argument is a compare output_dir (its inference_select/seed_*/ folders are read) or a run folder
+holding select.json. Table 1: the chosen arm against greedy decoding on the test split (paired bootstrap
+interval and exact McNemar p-value, from select.json `vs_greedy`). Table 2: early-stopping majority against
+fixed majority at the cap, on the same test samples. Table 3: the budget comparison (validation decides).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def runs(arg: str) -> list[Path]:
+    p = Path(arg)
+    if (p / "select.json").is_file():
+        return [p]
+    found = sorted(p.glob("*/seed_*/select.json"))
+    if not found:
+        sys.exit(f"{arg}: no select.json in it or in */seed_*/ (is the inference_select run finished?)")
+    return [f.parent for f in found]
+
+
+def pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def main(args: list[str]) -> None:
+    rows = []
+    for a in args:
+        for d in runs(a):
+            sel = json.loads((d / "select.json").read_text())
+            task = json.loads((d / "metrics.json").read_text()).get("task", "?")
+            rows.append((task, d, sel))
+    print("| task | run | chosen arm (validation acc %) | test acc % | greedy same prompt % | diff (95% CI) | McNemar p |")
+    print("|---|---|---|---|---|---|---|")
+    for task, d, s in rows:
+        c, v = s["chosen"], s["vs_greedy"]
+        same = v["vs_same_prompt"]
+        print(f"| {task} | {d} | {c['label']} ({pct(c['accuracy'])}) | {pct(v['chosen_accuracy'])} | "
+              f"{pct(v['greedy_same_prompt_accuracy'])} | {100 * same['diff']:+.1f} ({100 * same['ci95'][0]:+.1f} to "
+              f"{100 * same['ci95'][1]:+.1f}) | {same['p_value']:.3g} |")
+    print()
+    print("| task | prompt | T | fixed majority@cap % | early stop % | gap (pts) | early mean samples | share of fixed's samples |")
+    print("|---|---|---|---|---|---|---|---|")
+    for task, d, s in rows:
+        e = s["early_stop_vs_fixed"]
+        print(f"| {task} | {e['prompt'][:40]!r} | {e['temperature']} | {pct(e['fixed_majority_accuracy'])} | "
+              f"{pct(e['early_accuracy'])} | {100 * (e['early_accuracy'] - e['fixed_majority_accuracy']):+.1f} | "
+              f"{e['early_mean_samples']:.2f} of {e['cap']} | {100 * e['sample_ratio']:.0f}% |")
+    print()
+    print("| task | budget/query | validation: probe / uniform / early stop % | used | test: probe / uniform / early stop % |")
+    print("|---|---|---|---|---|")
+    for task, d, s in rows:
+        b = s["budget"]
+        val = " / ".join(pct(b["validation"][k]["accuracy"]) for k in ("probe", "uniform", "early_stop"))
+        test = " / ".join(pct(b["test"][k]["accuracy"]) for k in ("probe", "uniform", "early_stop"))
+        print(f"| {task} | {b['budget_per_query']} | {val} | {b['used']} | {test} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    main(sys.argv[1:])
