@@ -271,3 +271,26 @@ def test_report_shows_inference_strategy_and_method_notes(tmp_path):
     assert "early stop 45.0 at 2.50 samples vs fixed majority 50.0" in cost["select"][-1]
     assert "budget: uniform 30.0 at 200 samples" in cost["select"][-1]
     assert all(r[-1] == "complete" for r in acc.values()) and all(len(r) == 9 for r in cost.values())
+
+
+def test_report_only_runs_nothing_and_reports_what_finished(tmp_path, monkeypatch, capsys):
+    """--report-only: the finished run is reported, the unfinished one is listed as not run, nothing runs."""
+    import metatuner.compare as C
+
+    spec_path = write_spec(tmp_path / "c.yaml", output_dir=str(tmp_path / "out"),
+                           methods=[{"name": "a", "method": "zero_shot"}, {"name": "b", "method": "zero_shot"}],
+                           base=BASE)
+    spec = load_compare(str(spec_path), [])
+    run_dir = tmp_path / "out" / "a" / "seed_0"
+    run_dir.mkdir(parents=True)
+    save_config(method_config(spec, spec["methods"][0], 0, run_dir), run_dir / "config.yaml")
+    preds = [{"index": i, "query": f"q{i}", "prompt": "P", "correct": i % 2, "extracted": "1", "reference": "1"}
+             for i in range(4)]
+    (run_dir / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    (run_dir / "metrics.json").write_text(json.dumps({"n": 4, "accuracy": 0.5, "method": "zero_shot"}))
+    monkeypatch.setattr(C, "run_one", lambda *a, **k: pytest.fail("--report-only must not run anything"))
+    assert main(["compare", "--config", str(spec_path), "--report-only"]) == 0
+    out = capsys.readouterr().out
+    assert "[2/2] b seed 0: not complete, not run (--report-only)" in out
+    rows = {r["name"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())["methods"]}
+    assert rows["a"]["status"] == "complete" and rows["a"]["accuracy"] == 0.5 and rows["b"]["status"] == "not run"

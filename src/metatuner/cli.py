@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", help="YAML config file; its keys are overridden by key=value arguments.")
         p.add_argument("overrides", nargs="*", help="dotted key=value settings, e.g. task.name=gsm8k eval.limit=20")
+        if name == "compare":
+            p.add_argument("--report-only", action="store_true",
+                           help="Run nothing: write results.json/.md/.png from the runs already finished (others: not run).")
     return parser
 
 
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if not args.config:
                 raise MetatunerError("compare needs --config configs/compare/NAME.yaml")
-            run_compare(args.config, args.overrides)
+            run_compare(args.config, args.overrides, report_only=args.report_only)
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "eval":

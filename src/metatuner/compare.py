@@ -217,9 +217,10 @@ def _clock(seconds: float) -> str:
     return f"{m // 60}h{m % 60:02d}m{s:02d}s" if m >= 60 else f"{m}m{s:02d}s"
 
 
-def run_compare(path: str, overrides: list[str]) -> dict:
+def run_compare(path: str, overrides: list[str], report_only: bool = False) -> dict:
     """Run every method and seed, write the report; raises MetatunerError (exit non-zero) after writing
-    it when any run failed."""
+    it when any run failed. `report_only`: run nothing, report the runs already complete with these
+    settings (the rest show as not run)."""
     spec = load_compare(path, overrides)
     out = Path(spec["output_dir"])
     # resolve and validate every run's config before running anything: a typo fails in seconds, not hours
@@ -234,6 +235,9 @@ def run_compare(path: str, overrides: list[str]) -> dict:
         if is_done(cfg, run_dir):
             statuses[(m["name"], seed)] = {"status": "complete"}
             print(f"{tag}: already complete with these settings, skipped", flush=True)
+            continue
+        if report_only:
+            print(f"{tag}: not complete, not run (--report-only)", flush=True)
             continue
         print(f"{tag}: running (method={cfg.method}; compare elapsed {_clock(time.time() - t0)}) -> {run_dir}",
               flush=True)
