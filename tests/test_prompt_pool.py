@@ -235,3 +235,17 @@ def test_baselines_that_choose_a_prompt_get_the_same_pool(model_dir, tmp_path, m
     ins, prompt, acc, _ = bettertogether.prompt_step(cfg, model, tok, model, tok, task, task.prompt,
                                                      random.Random(0), task.validation[:2], pool=[task.prompt, *CANDS])
     assert ins == favourite and acc == 0.9
+
+
+def test_sft_with_sapo_records_the_tasks_own_p_tilde(model_dir, tmp_path):
+    """SAPO replaces the training/test prompt; metrics keep the task's p~ so the report's 'differ from p~' is
+    measured against the task's prompt, not against SAPO's pick."""
+    from metatuner.methods import sft
+
+    out = tmp_path / "sft_sapo"
+    cfg = make_cfg(model_dir, out, "method=sft", "prompt_selection=sapo", "sapo.candidates=0", "sapo.subset=2")
+    original = start_run(make_cfg(model_dir, tmp_path / "probe", "method=sft")).prompt
+    m = sft.run(cfg)
+    assert m["p_tilde"] == original and m["prompt"] in [original, *CANDS]
+    preds = [json.loads(ln) for ln in (out / "predictions.jsonl").read_text().splitlines()]
+    assert {p["prompt"] for p in preds} == {m["prompt"]}

@@ -37,7 +37,7 @@ def run(cfg: Config) -> dict:
 
     task = start_run(cfg)
     model, tok = load_from_config(cfg.model)
-    extra = {}
+    extra = {"p_tilde": task.prompt}  # SAPO below replaces task.prompt; the report compares with the task's own
     out = Path(cfg.output_dir)
     resume_from = trainer_resume_path(cfg, out)
     log = open_train_log(out, append=resume_from is not None)
@@ -51,7 +51,7 @@ def run(cfg: Config) -> dict:
             gen, gtok = load_from_config(cfg.model)
         if cfg.sapo.reselect_steps > 0:
             model, sels, stats = staged_sft(cfg, model, tok, task, cfg.train.max_steps, out, gen, gtok, log=log)
-            extra = {"train_steps": stats["steps"], "train_examples": stats["steps"] * examples_per_step(cfg),
+            extra |= {"train_steps": stats["steps"], "train_examples": stats["steps"] * examples_per_step(cfg),
                      "train_tokens": stats["tokens"], "sapo_selections": [s["prompt"] for s in sels]}
             sel = sels[0] if sels else None
         else:
