@@ -93,7 +93,7 @@ def test_opro_members_join_the_pool_once_and_are_read_back(model_dir, tmp_path, 
 
     monkeypatch.setattr(MP, "optimize", spy)
     # the tiny random model writes gibberish: make its proposals deterministic and distinct
-    monkeypatch.setattr(MP, "parse_instruction", lambda text, it=iter(range(100)): f"Proposal {next(it)}.")
+    monkeypatch.setattr(MP, "parse_instruction", lambda text: f"Proposal {sum(map(ord, text)) % 997}.")
     pool = build_pool(cfg, task)
     assert calls == [[task.prompt, *CANDS]]  # OPRO seeded with the rest of the pool, p~ first
     assert pool[:3] == [task.prompt, *CANDS] and len(pool) == 5
@@ -103,11 +103,15 @@ def test_opro_members_join_the_pool_once_and_are_read_back(model_dir, tmp_path, 
     cached = [json.loads(f.read_text()) for f in (Path(os.environ["METATUNER_CACHE"]) / "pools").glob("*.json")]
     assert any(c["members"] == pool[3:] for c in cached)
     assert build_pool(cfg, task) == pool and len(calls) == 1  # read back, OPRO not run again
+    for f in (Path(os.environ["METATUNER_CACHE"]) / "pools").glob("*.json"):
+        f.unlink()
+    torch.manual_seed(12345)  # another caller's RNG state: OPRO seeds its own, so the members are the same
+    assert build_pool(cfg, task) == pool and len(calls) == 2
     cfg.seed = 1
     build_pool(cfg, task)
-    assert len(calls) == 2
+    assert len(calls) == 3
     cfg.prompts.pool_size = 3  # a full pool leaves no room: OPRO is not run
-    assert build_pool(cfg, task) == [task.prompt, *CANDS] and len(calls) == 2
+    assert build_pool(cfg, task) == [task.prompt, *CANDS] and len(calls) == 3
 
 
 def test_choose_takes_the_argmax_at_test_and_samples_in_training(model_dir, tmp_path, monkeypatch):

@@ -155,7 +155,8 @@ def opro_members(cfg: Config, task: Task, seeds: list[str], gen=None, gtok=None,
     if gen is None:
         gen, gtok = (actor, tok) if not cfg.generator.name else load_model(
             cfg.generator.name, cfg.generator.dtype, cfg.model.device, cfg.generator.trust_remote_code)
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng():  # the same members whichever method computes them first
+        torch.manual_seed(cfg.seed)
         _, _, rows, _ = optimize(cfg, actor, tok, gen, gtok, task, seeds=seeds)
     new = [r for r in rows if r["instruction"] not in seeds]
     ranked = sorted(range(len(new)), key=lambda i: (-new[i]["train_accuracy"], i))
