@@ -83,7 +83,18 @@ def test_inference_select_end_to_end(tiny_model_path, tmp_path, capsys):
     assert vs["vs_same_prompt"]["n_examples"] == 3
     e = rep["early_stop_vs_fixed"]
     assert e["cap"] == 4 and e["fixed_mean_samples"] == 4 and 2 <= e["early_mean_samples"] <= 4
-    assert e["sample_ratio"] == pytest.approx(e["early_mean_samples"] / 4) and e["threshold"] == 0.85
+    assert e["sample_ratio"] == pytest.approx(e["early_mean_samples"] / 4) and e["rule_fitted_on_validation"]
+    # the stopping rule: fitted per (prompt, temperature) on validation, within 1 point of fixed majority@4
+    sr = rep["stop_rule"]
+    assert sr["configured"] == {"threshold": 0.85, "min_samples": 2} and sr["fit_on_validation"]
+    assert len(sr["per_group"]) == 2 * len(prompts)
+    for g in sr["per_group"]:
+        assert g["accuracy"] >= g["fixed_majority_accuracy"] - 0.01 - 1e-9 or g["min_samples"] == 4
+        early = next(a for a in arms if a["strategy"] == "early_majority" and a["prompt"] == g["prompt"]
+                     and a["temperature"] == g["temperature"])
+        assert early["accuracy"] == pytest.approx(g["accuracy"]) and early["mean_samples"] == pytest.approx(g["mean_samples"])
+    test_rule = next(g for g in sr["per_group"] if g["prompt"] == ch["prompt"] and g["temperature"] == e["temperature"])
+    assert (e["threshold"], e["min_samples"]) == (test_rule["threshold"], test_rule["min_samples"])
     b = rep["budget"]
     assert b["used"] in ("probe", "uniform", "early_stop") and b["why"]
     for split, q in (("validation", 4), ("test", 3)):
@@ -102,11 +113,17 @@ def test_inference_select_halving_and_greedy_only(tiny_model_path, tmp_path):
     args = ["train", "method=inference_select", f"model.name={tiny_model_path}", f"output_dir={out}", *SMALL,
             "select.n_values=[1,2]", "select.temperatures=[0.7]", "select.val_examples=4", "select.opro_prompts=0",
             "select.rewrites=0", "select.prompts=[Add.]", "select.rule=halving", "select.explore_budget=30",
-            "select.max_per_query=2", "select.subsets=10"]
+            "select.max_per_query=2", "select.subsets=10", "select.stop_fit=false", "inference.stop_threshold=0.9",
+            "inference.stop_min=3"]
     assert main(args) == 0
     rep = json.loads((out / "select.json").read_text())
     assert rep["rule"] == "halving" and rep["explore_budget"] == 30 and rep["validation_samples"] <= 30
     assert rep["halving_rounds"] and rep["chosen"]["eligible"]
+    # select.stop_fit=false: the configured rule everywhere
+    chosen_prompt = rep["prompts"].index(rep["early_stop_vs_fixed"]["prompt"])
+    assert rep["stop_rule"]["per_group"] == [{"prompt": chosen_prompt, "temperature": 0.7, "threshold": 0.9,
+                                              "min_samples": 3}]
+    assert (rep["early_stop_vs_fixed"]["threshold"], rep["early_stop_vs_fixed"]["min_samples"]) == (0.9, 3)
     bad = ["train", "method=inference_select", f"model.name={tiny_model_path}", f"output_dir={tmp_path / 'bad'}",
            *SMALL, "select.n_values=[1,2]", "select.temperatures=[0.7]", "select.val_examples=4",
            "select.opro_prompts=0", "select.rewrites=0", "select.rule=halving", "select.explore_budget=5"]

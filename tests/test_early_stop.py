@@ -10,7 +10,8 @@ import torch
 
 import metatuner.evaluate as ev
 from metatuner.evaluate import evaluate
-from metatuner.voting import early_expectation, early_outcome, lead_probability, stop_point, vote_settled
+from metatuner.voting import (early_expectation, early_outcome, fit_stop_rule, lead_probability, stop_point,
+                              vote_settled)
 
 
 # ----------------------------------------------------------------------------- the stopping rule
@@ -59,6 +60,44 @@ def test_replay_of_the_rule_over_orders():
     assert acc == 1.0 and 3 <= spent <= 5
     acc, spent = early_expectation(["8"] * 4, [False] * 4, 0.85, 2, 4)
     assert (acc, spent) == (0.0, 2.0)
+
+
+def _query(answers, right):
+    return {"answers": answers, "correct": [a == right for a in answers]}
+
+
+def test_fitted_rule_stops_at_one_sample_when_votes_are_unanimous():
+    samples = [_query([str(i)] * 8, str(i if i % 3 else -1)) for i in range(12)]
+    fit = fit_stop_rule(samples, 8, 0.01, orders=20)
+    assert fit["mean_samples"] == 1.0 and fit["min_samples"] == 1
+    assert fit["accuracy"] == fit["fixed_majority_accuracy"] == 8 / 12
+
+
+def test_fitted_rule_keeps_the_accuracy_of_fixed_majority_within_the_tolerance():
+    # majority is right on every query, but a single sample only 5 times in 8: stopping after one loses
+    samples = [_query(["7"] * 5 + ["1", "2", "3"], "7") for _ in range(10)]
+    strict = fit_stop_rule(samples, 8, 0.01, orders=100)
+    assert strict["fixed_majority_accuracy"] == 1.0
+    assert strict["accuracy"] >= 0.99 and strict["mean_samples"] > 1
+    loose = fit_stop_rule(samples, 8, 1.0, orders=100)  # any loss allowed: the cheapest rule
+    assert loose["mean_samples"] == 1.0 and loose["accuracy"] < 0.99
+    mid = fit_stop_rule(samples, 8, 0.2, orders=100)
+    assert loose["mean_samples"] <= mid["mean_samples"] <= strict["mean_samples"]
+    assert mid["accuracy"] >= 0.8 - 1e-9
+    # the rule reported is what a replay of it gives
+    acc = sum(early_expectation(s["answers"], s["correct"], mid["threshold"], mid["min_samples"], 8, 100, i)[0]
+              for i, s in enumerate(samples)) / 10
+    assert acc == pytest.approx(mid["accuracy"])
+
+
+def test_fitted_rule_at_zero_tolerance_never_loses_a_query():
+    # three 7s against two 1s and singles: stopping at 2 (two 1s first) or at (1,0) can pick a wrong answer;
+    # only 7 can lead by three, so some cautious rules never err; tolerance 0 must take one of them
+    samples = [_query(["7", "7", "7", "1", "1", "2", "3", "4"], "7")]
+    fit = fit_stop_rule(samples, 8, 0.0, orders=300)
+    assert fit["fixed_majority_accuracy"] == 1.0 and fit["accuracy"] == 1.0
+    assert fit["mean_samples"] < 8
+    assert fit_stop_rule(samples, 8, 1.0, orders=300)["mean_samples"] < fit["mean_samples"]
 
 
 # ----------------------------------------------------------------------------- evaluate(strategy=early_majority)

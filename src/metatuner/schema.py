@@ -80,7 +80,7 @@ class InferenceConfig:
 class SelectConfig:
     n_values: List[int] = _f([1, 2, 4, 8], "Sample counts N of the majority / best_of_n arms; samples are drawn once at the largest N, which is also early_majority's cap.")
     temperatures: List[float] = _f([0.3, 0.7], "Sampling temperatures of the sampled arms (greedy has none); every (prompt, temperature) is sampled once at the largest N.")
-    strategies: List[str] = _f(["majority", "best_of_n", "early_majority"], "Sampled strategies among the arms (greedy decoding with every prompt is always an arm); early_majority stops at inference.stop_threshold / inference.stop_min.")
+    strategies: List[str] = _f(["majority", "best_of_n", "early_majority"], "Sampled strategies among the arms (greedy decoding with every prompt is always an arm); early_majority stops by the rule fitted on validation (select.stop_fit) or at inference.stop_threshold / inference.stop_min.")
     rule: str = _f("lcb", "How an arm is chosen on validation: lcb (the largest lower confidence bound of the accuracy gain over greedy decoding with p~, minus cost_weight x mean samples) or halving (successive halving over the arms within select.explore_budget). Either way only arms whose validation accuracy is >= greedy's with the same prompt and with p~ are eligible.")
     confidence: float = _f(0.9, "Level of the one-sided lower confidence bound (paired bootstrap over validation queries) and of the two-sided intervals in the report.")
     explore_budget: int = _f(0, "Validation samples the selection may draw (a greedy answer or a sampled answer counts 1). 0 = auto: lcb draws every arm on all select.val_examples queries; halving gets half of that. A positive budget makes lcb use fewer queries when it cannot pay for all of them.")
@@ -92,6 +92,8 @@ class SelectConfig:
     val_examples: int = _f(64, "Validation examples the selection samples on.")
     budget: float = _f(2.0, "Budget comparison: average samples per query (total = budget x queries) for the probe's adaptive allocation, the uniform one and early stopping, compared on validation; the probe is used only if it beats both.")
     max_per_query: int = _f(8, "Budget comparison: at most this many samples for one query.")
+    stop_fit: bool = _f(True, "Fit early stopping's rule on validation: per (prompt, temperature), the threshold and minimum samples (of a grid) that spend the fewest samples while the replayed validation accuracy stays within select.stop_tolerance of fixed majority at the largest N. The fitted rule is used by early_majority arms, the chosen arm and the test comparison with fixed majority. false: inference.stop_threshold / inference.stop_min.")
+    stop_tolerance: float = _f(1.0, "select.stop_fit: accuracy points (validation) early stopping may lose against fixed majority at the largest N.")
 
 
 @dataclass

@@ -9,6 +9,9 @@ reaches the threshold. Unparsable answers (None or "") are ignored, as `majority
 they neither settle nor unsettle a vote, so a query whose samples never parse runs to the cap.
 At threshold 0.95 a unanimous vote settles after 4 samples (P = 1 - 2^-5 = 0.969; 3 give 0.9375),
 at 0.85 after 2 (0.875).
+
+`fit_stop_rule` picks the threshold and minimum on samples already drawn (validation): the cheapest rule
+whose replayed accuracy stays within a tolerance of fixed majority over all the samples.
 """
 
 from __future__ import annotations
@@ -93,3 +96,68 @@ def early_expectation(answers: list, correct: list[bool], threshold: float, min_
         spent += k
     n = max(1, orders)
     return hits / n, spent / n
+
+
+STOP_THRESHOLDS = (0.99, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
+
+
+def _prefix_table(answers: list, correct: list[bool], cap: int, orders: int, seed: int):
+    """For each replay order (the orders `early_expectation` uses): per prefix length k = 1..cap, the lead
+    probability (0 without a parsable leader) and whether the majority pick is correct."""
+    import numpy as np
+
+    rng = random.Random(seed)
+    idx = list(range(len(answers)))
+    last = min(cap, len(answers))
+    lead = np.zeros((max(1, orders), last))
+    right = np.zeros((max(1, orders), last), dtype=bool)
+    for r in range(max(1, orders)):
+        order = idx if r == 0 else rng.sample(idx, len(idx))
+        seq = [answers[i] for i in order]
+        for k in range(1, last + 1):
+            c1, c2 = top_two(seq[:k])
+            lead[r, k - 1] = lead_probability(c1, c2) if c1 > 0 else 0.0
+            pick = majority_vote(seq[:k])
+            right[r, k - 1] = pick is not None and bool(correct[order[seq.index(pick)]])
+    return lead, right
+
+
+def fit_stop_rule(samples: list[dict], cap: int, tolerance: float, orders: int = 200, seed: int = 0,
+                  thresholds: tuple = STOP_THRESHOLDS) -> dict:
+    """The stopping rule (threshold, min_samples) that spends the fewest expected samples per query on
+    `samples` ({answers, correct} per query, drawn at `cap` or more) while its expected accuracy stays
+    within `tolerance` (a fraction, 0.01 = 1 point) of fixed majority over the first `cap` samples.
+    Rules: every threshold of `thresholds` x min_samples 1..cap; min_samples = cap never stops early,
+    so some rule always qualifies. Ties: higher accuracy, then the more cautious rule. Expectations
+    are over the random orders of `early_expectation` (query i replayed with seed + i), so a rule's
+    accuracy and mean samples here equal `early_expectation`'s. Returns the rule with its accuracy and
+    mean samples and the fixed majority's accuracy on these samples."""
+    import numpy as np
+
+    q = max(1, len(samples))
+    fixed = 0.0
+    for s in samples:
+        pick = majority_vote(s["answers"][:cap])
+        fixed += bool(pick is not None and s["correct"][s["answers"].index(pick)])
+    fixed /= q
+    tables = [_prefix_table(s["answers"][:cap], s["correct"][:cap], cap, orders, seed + i)
+              for i, s in enumerate(samples)]
+    best = None
+    for m in range(1, cap + 1):
+        for t in thresholds:
+            acc = mean = 0.0
+            for lead, right in tables:
+                last = lead.shape[1]
+                ks = np.arange(1, last + 1)
+                settled = (lead >= t) & (ks >= m)[None, :]
+                stop = np.where(settled.any(axis=1), settled.argmax(axis=1), last - 1)
+                acc += right[np.arange(len(stop)), stop].mean()
+                mean += (stop + 1).mean()
+            acc, mean = float(acc / q), float(mean / q)
+            ok = acc >= fixed - tolerance - 1e-12 or m == cap
+            key = (round(mean, 9), -round(acc, 9), -m, -t)
+            if ok and (best is None or key < best[0]):
+                best = (key, {"threshold": t, "min_samples": m, "accuracy": acc, "mean_samples": mean})
+            if m == cap:
+                break  # at min_samples = cap every threshold stops at the cap
+    return {**best[1], "fixed_majority_accuracy": fixed, "cap": cap, "tolerance": tolerance, "queries": len(samples)}

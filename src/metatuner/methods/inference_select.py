@@ -35,6 +35,7 @@ from metatuner.errors import MetatunerError
 from metatuner.evaluate import chat_text, evaluate
 from metatuner.inference import accuracy_with_allocation, draw_samples, query_features, resolve_verifier
 from metatuner.io import atomic_path, write_json
+from metatuner.voting import fit_stop_rule
 
 
 def candidate_prompts(cfg: Config, actor, tok, task) -> list[str]:
@@ -116,13 +117,28 @@ def top_up(actor, tok, task, examples, prompt, records, cap, temperature, cfg) -
     return out, sum(m * len(idx) for m, idx in by_missing.items())
 
 
-def early_vs_fixed(samples: list[dict], inf, nmax: int) -> dict:
+def stop_rules(cfg: Config, data: dict, nmax: int) -> dict:
+    """The early-stopping rule of every sampled (prompt, temperature) group in `data`: fitted on its
+    validation samples (select.stop_fit) or inference.stop_threshold / stop_min. {group: fit dict}."""
+    sc, inf = cfg.select, cfg.inference
+    out = {}
+    for g, d in data.items():
+        if g[0] != "sampled" or not d:
+            continue
+        if sc.stop_fit:
+            out[g] = fit_stop_rule(d, nmax, sc.stop_tolerance / 100, sc.subsets, cfg.seed)
+        else:
+            out[g] = {"threshold": inf.stop_threshold, "min_samples": inf.stop_min}
+    return out
+
+
+def early_vs_fixed(samples: list[dict], rule: dict, nmax: int) -> dict:
     """Fixed majority at N=nmax against early-stopping majority capped at nmax, replayed on the same test
-    samples in the order drawn (inference.stop_threshold / stop_min)."""
-    ok, spent = early_stop_run(samples, inf.stop_threshold, inf.stop_min, nmax)
+    samples in the order drawn (rule: threshold and min_samples)."""
+    ok, spent = early_stop_run(samples, rule["threshold"], rule["min_samples"], nmax)
     fixed = accuracy_with_allocation(samples, [nmax] * len(samples), "majority")
     acc, mean = sum(ok) / max(1, len(ok)), sum(spent) / max(1, len(spent))
-    return {"cap": nmax, "threshold": inf.stop_threshold, "min_samples": inf.stop_min,
+    return {"cap": nmax, "threshold": rule["threshold"], "min_samples": rule["min_samples"],
             "fixed_majority_accuracy": fixed, "fixed_mean_samples": nmax, "early_accuracy": acc,
             "early_mean_samples": mean, "sample_ratio": mean / nmax, "accuracy_gap_points": 100 * (fixed - acc)}
 
@@ -134,8 +150,10 @@ def versus(a: list[bool], b: list[bool]) -> dict:
     return {"diff": diff, "ci95": [lo, hi], "p_value": mcnemar_exact(a, b), "n_examples": len(a)}
 
 
-def select_arm(cfg: Config, arms: list[Arm], val: list, nmax: int, draw) -> tuple[int, dict, dict]:
-    """(chosen index, data per group, report fields) by select.rule."""
+def select_arm(cfg: Config, arms: list[Arm], val: list, nmax: int, draw) -> tuple[int, dict, dict, dict]:
+    """(chosen index, data per group, report fields, stopping rule per sampled group) by select.rule. With
+    halving the arms keep inference.stop_threshold / stop_min (groups are drawn in pieces) and no rule
+    is returned: run() fits the ones it needs on full validation samples."""
     sc = cfg.select
     rule = (cfg.inference.stop_threshold, cfg.inference.stop_min)
     groups = list(dict.fromkeys(a.group for a in arms))
@@ -147,17 +165,19 @@ def select_arm(cfg: Config, arms: list[Arm], val: list, nmax: int, draw) -> tupl
             raise MetatunerError(f"select.explore_budget = {sc.explore_budget}: expected 0 (auto) or at least "
                                  f"{per_query} (one validation query for every arm) with select.rule=lcb")
         data = {g: draw(g, 0, q) for g in groups}
+        rules = stop_rules(cfg, data, nmax)
         for a in arms:
-            fill(a, data[a.group], rule, sc.subsets, cfg.seed)
+            r = rules.get(a.group)
+            fill(a, data[a.group], (r["threshold"], r["min_samples"]) if r else rule, sc.subsets, cfg.seed)
         chosen = choose_lcb(arms, sc.confidence, sc.cost_weight, cfg.seed)
         return chosen, data, {"validation_queries": q, "validation_samples": per_query * q,
-                              "explore_budget": sc.explore_budget}
+                              "explore_budget": sc.explore_budget}, rules
     budget = sc.explore_budget or per_query * len(val) // 2
     res = successive_halving(arms, len(val), budget, draw, cost, rule, sc.subsets, cfg.seed)
     describe(arms, sc.confidence, sc.cost_weight, cfg.seed)
     return res["chosen"], res["data"], {"validation_queries": len(val), "validation_samples": res["spent"],
                                         "explore_budget": budget, "halving_rounds": res["rounds"],
-                                        "halving_winner": arms[res["winner"]].label}
+                                        "halving_winner": arms[res["winner"]].label}, {}
 
 
 def run(cfg: Config) -> dict:
@@ -166,6 +186,7 @@ def run(cfg: Config) -> dict:
 
     t0 = time.time()
     sc, inf = cfg.select, cfg.inference
+    configured = {"threshold": inf.stop_threshold, "min_samples": inf.stop_min}
     n_values = sorted({int(n) for n in sc.n_values})
     nmax = n_values[-1]
     temps = list(dict.fromkeys(float(t) for t in sc.temperatures))
@@ -194,7 +215,7 @@ def run(cfg: Config) -> dict:
     stage(f"choosing among {len(arms)} arms ({len(prompts)} prompts x greedy/{'/'.join(sc.strategies)} x "
           f"N {n_values} x T {temps}) on {len(val)} validation queries, rule {sc.rule}")
     with torch.no_grad():
-        ci, data, sel = select_arm(cfg, arms, val, nmax, draw)
+        ci, data, sel, rules = select_arm(cfg, arms, val, nmax, draw)
     c = arms[ci]
     prompt = prompts[c.prompt]
     if is_main_process():
@@ -207,6 +228,10 @@ def run(cfg: Config) -> dict:
     inf.strategy, inf.n = c.strategy, c.n
     if c.temperature is not None:
         inf.temperature = c.temperature
+    if c.strategy == "early_majority":
+        if c.group not in rules:
+            rules.update(stop_rules(cfg, {c.group: data[c.group]}, nmax))
+        inf.stop_threshold, inf.stop_min = rules[c.group]["threshold"], rules[c.group]["min_samples"]
     t_s = sample_temperature(c, arms, data, temps[0])
     chosen_fields = {"prompt": prompt, "chosen_arm": c.label, "chosen_strategy": c.strategy, "chosen_n": c.n,
                      "chosen_temperature": c.temperature, "train_steps": 0, "train_examples": 0,
@@ -219,7 +244,10 @@ def run(cfg: Config) -> dict:
         cap = max(nmax, sc.max_per_query)
         own = records if c.temperature == t_s else None
         test_samples, new_samples = top_up(actor, tok, task, test, prompt, own, cap, t_s, cfg)
-        val_s = data.get(("sampled", c.prompt, t_s)) or draw(("sampled", c.prompt, t_s), 0, len(val))
+        g_s = ("sampled", c.prompt, t_s)
+        val_s = data.get(g_s) or draw(g_s, 0, len(val))
+        if g_s not in rules:
+            rules.update(stop_rules(cfg, {g_s: val_s}, nmax))
 
         def feats(exs):
             return query_features(actor, tok, [chat_text(tok, task.render(prompt, ex.query)) for ex in exs], bs)
@@ -227,7 +255,8 @@ def run(cfg: Config) -> dict:
         budget = compare_budgets(val_s, feats(val[: len(val_s)]), test_samples, feats(test), sc.budget,
                                  sc.max_per_query, cfg.seed)
 
-    early_block = {"prompt": prompt, "temperature": t_s, **early_vs_fixed(test_samples, inf, nmax)}
+    early_block = {"prompt": prompt, "temperature": t_s, "rule_fitted_on_validation": sc.stop_fit,
+                   **early_vs_fixed(test_samples, rules[g_s], nmax)}
     fixed, early_acc, early_mean = (early_block[k] for k in ("fixed_majority_accuracy", "early_accuracy",
                                                              "early_mean_samples"))
     vs = {"chosen_accuracy": metrics["accuracy"], "greedy_same_prompt_accuracy": sum(same) / len(same),
@@ -236,7 +265,11 @@ def run(cfg: Config) -> dict:
     arm_rows = [{"label": a.label, "prompt": a.prompt, "strategy": a.strategy, "n": a.n, "temperature": a.temperature,
                  **a.stats} for a in arms]
     report = {"prompts": prompts, "rule": sc.rule, "confidence": sc.confidence, "cost_weight": sc.cost_weight,
-              **sel, "stop_rule": {"threshold": inf.stop_threshold, "min_samples": inf.stop_min}, "arms": arm_rows,
+              **sel, "stop_rule": {
+                  "fit_on_validation": sc.stop_fit, "tolerance_points": sc.stop_tolerance,
+                  "configured": configured,
+                  "per_group": [{"prompt": g[1], "temperature": g[2], **r} for g, r in rules.items()]},
+              "arms": arm_rows,
               "chosen": {**arm_rows[ci], "prompt_text": prompt}, "vs_greedy": vs, "early_stop_vs_fixed": early_block,
               "budget": budget, "test_sample_temperature": t_s}
     metrics.update({"greedy_same_prompt_accuracy": vs["greedy_same_prompt_accuracy"],
