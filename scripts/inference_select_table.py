@@ -45,11 +45,13 @@ def main(args: list[str]) -> None:
               f"{pct(v['greedy_same_prompt_accuracy'])} | {100 * same['diff']:+.1f} ({100 * same['ci95'][0]:+.1f} to "
               f"{100 * same['ci95'][1]:+.1f}) | {same['p_value']:.3g} |")
     print()
-    print("| task | prompt | T | fixed majority@cap % | early stop % | gap (pts) | early mean samples | share of fixed's samples |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| task | prompt | T | rule (threshold, min; fitted on validation?) | fixed majority@cap % | early stop % | "
+          "gap (pts) | early mean samples | share of fixed's samples |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for task, d, s in rows:
         e = s["early_stop_vs_fixed"]
-        print(f"| {task} | {e['prompt'][:40]!r} | {e['temperature']} | {pct(e['fixed_majority_accuracy'])} | "
+        rule = f"{e['threshold']}, {e['min_samples']}; {'yes' if e.get('rule_fitted_on_validation') else 'no'}"
+        print(f"| {task} | {e['prompt'][:40]!r} | {e['temperature']} | {rule} | {pct(e['fixed_majority_accuracy'])} | "
               f"{pct(e['early_accuracy'])} | {100 * (e['early_accuracy'] - e['fixed_majority_accuracy']):+.1f} | "
               f"{e['early_mean_samples']:.2f} of {e['cap']} | {100 * e['sample_ratio']:.0f}% |")
     print()
