@@ -1,0 +1,60 @@
+"""What MetaTuner's prompt branch did in finished pool-mode runs: D2's composition at every rollout, the
+joint phase's losses, and which pool candidates the test queries got.
+
+    .venv/bin/python scripts/pool_run_summary.py runs/pool/metatuner_j_pool/seed_0 runs/pool_sweep/w40_a1_s5_f1e-4/seed_0
+
+Each argument is a MetaTuner run folder (train_log.jsonl, pool.json, predictions.jsonl). Per run:
+- rollouts: step, share of D2 queries with a correct best prompt, share whose best prompt is not p~, and
+  how many D2 queries each pool candidate won (candidate 0 = p~);
+- joint phase: mean task loss and regulariser over its first and last five logged steps;
+- test: how many test queries got each pool candidate (argmax of the prompt decoder), and their accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / max(1, len(xs))
+
+
+def summary(run: Path) -> str:
+    need = [run / f for f in ("train_log.jsonl", "pool.json", "predictions.jsonl")]
+    missing = [str(p) for p in need if not p.is_file()]
+    if missing:
+        sys.exit(f"{run}: missing {', '.join(missing)} (a finished MetaTuner run with generator.prompt_space=pool?)")
+    log = jsonl(need[0])
+    pool = json.loads(need[1].read_text())["pool"]
+    preds = jsonl(need[2])
+    lines = [f"## {run}", "", "pool: " + " | ".join(f"#{i} {p[:50]!r}" for i, p in enumerate(pool)), ""]
+    lines += ["| rollout at step | D2 correct % | D2 best != p~ % | D2 wins per candidate |", "|---|---|---|---|"]
+    for r in (x for x in log if x.get("stage") == "rollout"):
+        lines.append(f"| {r['step']} | {100 * r.get('d2_correct', 0):.1f} | {100 * r.get('d2_rewritten', 0):.1f} | "
+                     f"{r.get('d2_pool_counts', '-')} |")
+    joint = [x for x in log if x.get("stage") == "joint" and "task_loss" in x]
+    if joint:
+        first, last = joint[:5], joint[-5:]
+        lines += ["", f"joint phase ({len(joint)} logged steps): task loss {mean([x['task_loss'] for x in first]):.3f} -> "
+                  f"{mean([x['task_loss'] for x in last]):.3f}, regulariser {mean([x['reg'] for x in first]):.3f} -> "
+                  f"{mean([x['reg'] for x in last]):.3f} (mean of the first / last five)"]
+    lines += ["", "| test prompt | queries | accuracy % |", "|---|---|---|"]
+    by: dict[str, list[bool]] = {}
+    for p in preds:
+        by.setdefault(p["prompt"], []).append(bool(p["correct"]))
+    for prompt, ok in sorted(by.items(), key=lambda kv: -len(kv[1])):
+        name = f"#{pool.index(prompt)}" if prompt in pool else repr(prompt[:50])
+        lines.append(f"| {name} | {len(ok)} | {100 * mean(ok):.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    print("\n\n".join(summary(Path(a)) for a in sys.argv[1:]))
