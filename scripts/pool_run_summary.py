@@ -2,6 +2,7 @@
 joint phase's losses, and which pool candidates the test queries got.
 
     .venv/bin/python scripts/pool_run_summary.py runs/pool/metatuner_j_pool/seed_0 runs/pool_sweep/w40_a1_s5_f1e-4/seed_0
+    .venv/bin/python scripts/pool_run_summary.py --plot losses.png RUN ...   # also the joint phase's loss curves
 
 Each argument is a MetaTuner run folder (train_log.jsonl, pool.json, predictions.jsonl). Per run:
 - rollouts: step, share of D2 queries with a correct best prompt, share whose best prompt is not p~, and
@@ -54,7 +55,38 @@ def summary(run: Path) -> str:
     return "\n".join(lines)
 
 
+def plot(runs: list[Path], path: Path) -> None:
+    """Task loss and regulariser per logged joint step, one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for i, run in enumerate(runs):
+        joint = [x for x in jsonl(run / "train_log.jsonl") if x.get("stage") == "joint" and "task_loss" in x]
+        for ax, key in zip(axes, ("task_loss", "reg")):
+            ax.plot([x["step"] for x in joint], [x[key] for x in joint], color=f"C{i}", label=str(run)[-40:])
+    for ax, title in zip(axes, ("task loss (actor, sampled pool prompt)", "regulariser (NLL of D2's best prompt)")):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("joint step")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    tmp.replace(path)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
+    argv = sys.argv[1:]
+    out = None
+    if argv[:1] == ["--plot"]:
+        if len(argv) < 2:
+            sys.exit("--plot needs a file name: --plot losses.png RUN ...")
+        out, argv = Path(argv[1]), argv[2:]
+    if not argv:
         sys.exit(__doc__)
-    print("\n\n".join(summary(Path(a)) for a in sys.argv[1:]))
+    print("\n\n".join(summary(Path(a)) for a in argv))
+    if out:
+        plot([Path(a) for a in argv], out)
+        print(f"\nwrote {out}")
