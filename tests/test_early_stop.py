@@ -90,6 +90,17 @@ def test_fitted_rule_keeps_the_accuracy_of_fixed_majority_within_the_tolerance()
     assert acc == pytest.approx(mid["accuracy"])
 
 
+def test_fitted_rule_with_confidence_rejects_a_loss_that_only_the_point_estimate_hides():
+    # 98 unanimous queries and 2 where one sample is right 5 times in 8: stopping at once loses 0.75 points
+    # on average (within 1), but a resample holding 3+ of those 2 queries loses more than 1
+    samples = [_query(["0"] * 8, "9") for _ in range(98)] + [_query(["7"] * 5 + ["1", "2", "3"], "7")] * 2
+    point = fit_stop_rule(samples, 8, 0.01, orders=100)
+    assert point["mean_samples"] == 1.0 and 0.005 < point["loss_bound"] < 0.01
+    bound = fit_stop_rule(samples, 8, 0.01, orders=100, confidence=0.9)
+    assert bound["mean_samples"] > 1.0 and bound["loss_bound"] <= 0.01 + 1e-12
+    assert bound["accuracy"] > point["accuracy"] and bound["confidence"] == 0.9
+
+
 def test_fitted_rule_at_zero_tolerance_never_loses_a_query():
     # three 7s against two 1s and singles: stopping at 2 (two 1s first) or at (1,0) can pick a wrong answer;
     # only 7 can lead by three, so some cautious rules never err; tolerance 0 must take one of them

@@ -92,7 +92,7 @@ class SelectConfig:
     val_examples: int = _f(64, "Validation examples the selection samples on.")
     budget: float = _f(2.0, "Budget comparison: average samples per query (total = budget x queries) for the probe's adaptive allocation, the uniform one and early stopping, compared on validation; the probe is used only if it beats both.")
     max_per_query: int = _f(8, "Budget comparison: at most this many samples for one query.")
-    stop_fit: bool = _f(True, "Fit early stopping's rule on validation: per (prompt, temperature), the threshold and minimum samples (of a grid) that spend the fewest samples while the replayed validation accuracy stays within select.stop_tolerance of fixed majority at the largest N. The fitted rule is used by early_majority arms, the chosen arm and the test comparison with fixed majority. false: inference.stop_threshold / inference.stop_min.")
+    stop_fit: bool = _f(True, "Fit early stopping's rule on validation: per (prompt, temperature), the threshold and minimum samples (of a grid) that spend the fewest samples while the accuracy loss against fixed majority at the largest N (replayed on the same validation samples) stays within select.stop_tolerance with confidence select.confidence (one-sided upper bound, paired bootstrap over queries). The fitted rule is used by early_majority arms, the chosen arm and the test comparison with fixed majority. false: inference.stop_threshold / inference.stop_min.")
     stop_tolerance: float = _f(1.0, "select.stop_fit: accuracy points (validation) early stopping may lose against fixed majority at the largest N.")
 
 

@@ -123,41 +123,50 @@ def _prefix_table(answers: list, correct: list[bool], cap: int, orders: int, see
 
 
 def fit_stop_rule(samples: list[dict], cap: int, tolerance: float, orders: int = 200, seed: int = 0,
-                  thresholds: tuple = STOP_THRESHOLDS) -> dict:
+                  thresholds: tuple = STOP_THRESHOLDS, confidence: float | None = None) -> dict:
     """The stopping rule (threshold, min_samples) that spends the fewest expected samples per query on
     `samples` ({answers, correct} per query, drawn at `cap` or more) while its expected accuracy stays
     within `tolerance` (a fraction, 0.01 = 1 point) of fixed majority over the first `cap` samples.
     Rules: every threshold of `thresholds` x min_samples 1..cap; min_samples = cap never stops early,
     so some rule always qualifies. Ties: higher accuracy, then the more cautious rule. Expectations
     are over the random orders of `early_expectation` (query i replayed with seed + i), so a rule's
-    accuracy and mean samples here equal `early_expectation`'s. Returns the rule with its accuracy and
-    mean samples and the fixed majority's accuracy on these samples."""
+    accuracy and mean samples here equal `early_expectation`'s. With `confidence`, a rule qualifies only
+    if the one-sided upper bound at that level of its accuracy loss (paired bootstrap over queries) is
+    within the tolerance, not just its point estimate: on few or rarely-correct queries a point estimate
+    lets aggressive rules through. Returns the rule with its accuracy, mean samples and loss bound, and
+    the fixed majority's accuracy on these samples."""
     import numpy as np
 
     q = max(1, len(samples))
-    fixed = 0.0
-    for s in samples:
+    fixed_q = np.zeros(len(samples))
+    for i, s in enumerate(samples):
         pick = majority_vote(s["answers"][:cap])
-        fixed += bool(pick is not None and s["correct"][s["answers"].index(pick)])
-    fixed /= q
+        fixed_q[i] = bool(pick is not None and s["correct"][s["answers"].index(pick)])
+    fixed = float(fixed_q.sum() / q)
     tables = [_prefix_table(s["answers"][:cap], s["correct"][:cap], cap, orders, seed + i)
               for i, s in enumerate(samples)]
+    rows = np.random.default_rng(seed).integers(0, len(samples), size=(2000, len(samples))) if confidence else None
     best = None
     for m in range(1, cap + 1):
         for t in thresholds:
-            acc = mean = 0.0
-            for lead, right in tables:
+            acc_q, spent_q = np.zeros(len(samples)), np.zeros(len(samples))
+            for i, (lead, right) in enumerate(tables):
                 last = lead.shape[1]
                 ks = np.arange(1, last + 1)
                 settled = (lead >= t) & (ks >= m)[None, :]
                 stop = np.where(settled.any(axis=1), settled.argmax(axis=1), last - 1)
-                acc += right[np.arange(len(stop)), stop].mean()
-                mean += (stop + 1).mean()
-            acc, mean = float(acc / q), float(mean / q)
-            ok = acc >= fixed - tolerance - 1e-12 or m == cap
+                acc_q[i] = right[np.arange(len(stop)), stop].mean()
+                spent_q[i] = (stop + 1).mean()
+            acc, mean = float(acc_q.sum() / q), float(spent_q.sum() / q)
+            loss = fixed - acc
+            if rows is not None and len(samples):
+                loss = float(np.quantile((fixed_q - acc_q)[rows].mean(axis=1), confidence))
+            ok = loss <= tolerance + 1e-12 or m == cap
             key = (round(mean, 9), -round(acc, 9), -m, -t)
             if ok and (best is None or key < best[0]):
-                best = (key, {"threshold": t, "min_samples": m, "accuracy": acc, "mean_samples": mean})
+                best = (key, {"threshold": t, "min_samples": m, "accuracy": acc, "mean_samples": mean,
+                              "loss_bound": loss})
             if m == cap:
                 break  # at min_samples = cap every threshold stops at the cap
-    return {**best[1], "fixed_majority_accuracy": fixed, "cap": cap, "tolerance": tolerance, "queries": len(samples)}
+    return {**best[1], "fixed_majority_accuracy": fixed, "cap": cap, "tolerance": tolerance,
+            "confidence": confidence, "queries": len(samples)}
