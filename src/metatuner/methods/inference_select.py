@@ -153,7 +153,7 @@ def versus(a: list[bool], b: list[bool]) -> dict:
 def select_arm(cfg: Config, arms: list[Arm], val: list, nmax: int, draw) -> tuple[int, dict, dict, dict]:
     """(chosen index, data per group, report fields, stopping rule per sampled group) by select.rule. With
     halving the arms keep inference.stop_threshold / stop_min (groups are drawn in pieces) and no rule
-    is returned: run() fits the ones it needs on full validation samples."""
+    is returned: run() fits the ones it needs on the validation samples drawn for them."""
     sc = cfg.select
     rule = (cfg.inference.stop_threshold, cfg.inference.stop_min)
     groups = list(dict.fromkeys(a.group for a in arms))
