@@ -11,7 +11,8 @@ At threshold 0.95 a unanimous vote settles after 4 samples (P = 1 - 2^-5 = 0.969
 at 0.85 after 2 (0.875).
 
 `fit_stop_rule` picks the threshold and minimum on samples already drawn (validation): the cheapest rule
-whose replayed accuracy stays within a tolerance of fixed majority over all the samples.
+whose replayed accuracy loss against fixed majority over all the samples stays within a tolerance (its
+point estimate, or with `confidence` its paired-bootstrap upper bound).
 """
 
 from __future__ import annotations
