@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from metatuner.checkpoints import read_config_dict
 from metatuner.cli import main
 from metatuner.compare import is_done, load_compare, method_config, run_one
 from metatuner.config import save_config
@@ -227,6 +228,25 @@ def test_finished_run_with_same_settings_is_skipped(tmp_path):
                                      spec["methods"][0], 0, run_dir), run_dir)
     (run_dir / "config.yaml").write_text("train:\n  max_stesp: 3\n")  # an older schema: not the same
     assert not is_done(cfg, run_dir)
+
+
+def test_run_saved_before_split_order_counts_as_generation_order(tmp_path):
+    """A config.yaml written before task.split_order existed ran with the splits in generation order:
+    a compare pinned to that order skips it, one with the (new) shuffled default runs it again."""
+    spec = load_compare(str(write_spec(tmp_path / "c.yaml", methods=[{"method": "zero_shot"}],
+                                       base={**BASE, "task.split_order": "generation"})), [])
+    run_dir = tmp_path / "zero_shot" / "seed_0"
+    cfg = method_config(spec, spec["methods"][0], 0, run_dir)
+    run_dir.mkdir(parents=True)
+    save_config(cfg, run_dir / "config.yaml")
+    old = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del old["task"]["split_order"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    (run_dir / "metrics.json").write_text("{}")
+    assert is_done(cfg, run_dir)
+    cfg.task.split_order = "shuffled"
+    assert not is_done(cfg, run_dir)
+    assert read_config_dict(run_dir / "config.yaml")["task"]["split_order"] == "generation"  # resume's view
 
 
 def test_rerun_with_other_settings_drops_old_results(tmp_path):

@@ -415,6 +415,30 @@ def test_carved_splits_deterministic_and_disjoint(shared_data, name, sizes, key)
     assert not (tr & va) and not (tr & te) and not (va & te)
 
 
+def _small_share(exs):
+    return sum(abs(float(e.answer)) < 100 for e in exs) / len(exs)
+
+
+def test_procedural_splits_shuffled_are_alike_generation_order_is_not():
+    """products with 1-2 digit factors repeats its small questions: dropping repeats in generation order
+    leaves most of them in the first split (test); the default shuffles before cutting."""
+    sizes = dict(name="products", params={"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
+                 train_size=300, val_size=100, test_size=300)
+    gen = load_task(tc(split_order="generation", **sizes), seed=0)
+    shuf = load_task(tc(**sizes), seed=0)
+    assert abs(_small_share(gen.test) - _small_share(gen.validation)) > 0.15  # the bias the fix removes
+    assert abs(_small_share(shuf.test) - _small_share(shuf.validation)) < 0.08
+    assert abs(_small_share(shuf.test) - _small_share(shuf.train)) < 0.08
+    q = lambda xs: [e.query for e in xs]  # noqa: E731
+    assert q(shuf.test) == q(load_task(tc(**sizes), seed=0).test)  # deterministic given the seed
+    tr, va, te = set(q(shuf.train)), set(q(shuf.validation)), set(q(shuf.test))
+    assert len(tr) == len(shuf.train) > 150 and len(va) == 100 and len(te) == 300  # train: what is left
+    assert not (tr & va or tr & te or va & te)
+    assert "shuffled order" in shuf.origin["test"] and "generation order" in gen.origin["test"]
+    with pytest.raises(MetatunerError, match="task.split_order"):
+        load_config(None, ["task.split_order=random"])
+
+
 def test_gsm8k_splits(shared_data):
     sizes = dict(train_size=300, val_size=50, test_size=40)
     a, b, c = (load_task(tc(name="gsm8k", **sizes), seed=s) for s in (0, 0, 1))

@@ -83,7 +83,11 @@ def read_config_dict(path: Path) -> dict | None:
         data = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    from metatuner.config import saved_settings
+
+    return saved_settings(data)
 
 
 def save_checkpoint_config(cfg, ckpt_dir: str | Path) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from metatuner.config import load_config, save_config, set_key, to_dict
+from metatuner.config import load_config, load_saved_config, save_config, set_key, to_dict
 from metatuner.errors import MetatunerError
 from metatuner.io import atomic_write_text, write_json
 from metatuner.plot import plot
@@ -151,7 +151,7 @@ def is_done(cfg, run_dir: Path) -> bool:
     if not (run_dir / "metrics.json").is_file() or not (run_dir / "config.yaml").is_file():
         return False
     try:
-        old = load_config(run_dir / "config.yaml", [])
+        old = load_saved_config(run_dir / "config.yaml")
     except MetatunerError:
         return False
     return settings(old) == settings(cfg)

@@ -286,6 +286,27 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return cfg
 
 
+# Settings added with a default that changes what an older run did: a run's saved config.yaml written
+# before the key existed ran with the value here, so comparing or reloading it must use that value.
+SAVED_BEFORE = {("task", "split_order"): "generation"}
+
+
+def saved_settings(data: dict) -> dict:
+    """A saved config.yaml's dict, with the keys of SAVED_BEFORE it lacks set to what that run did."""
+    for (section, key), value in SAVED_BEFORE.items():
+        if isinstance(data.get(section), dict) and key not in data[section]:
+            data[section][key] = value
+    return data
+
+
+def load_saved_config(path: str | os.PathLike) -> Config:
+    """A run's saved config.yaml as a Config (see SAVED_BEFORE)."""
+    data = _read_yaml(Path(path))
+    missing = [f"{s}.{k}={v}" for (s, k), v in SAVED_BEFORE.items()
+               if isinstance(data.get(s), dict) and k not in data[s]]
+    return load_config(path, missing)
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 

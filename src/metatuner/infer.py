@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from metatuner.checkpoints import check_folder
-from metatuner.config import Config, load_config
+from metatuner.config import Config, load_saved_config
 from metatuner.errors import MetatunerError
 
 PROMPT_ONLY = ("zero_shot", "opro", "bpo", "inference_select")
@@ -42,7 +42,7 @@ def run_config(run_dir: str | Path) -> Config:
     if not path.is_file():
         raise MetatunerError(f"run_dir={run_dir}: no config.yaml (expected the output_dir of a finished run)")
     try:
-        return load_config(path)
+        return load_saved_config(path)
     except UnicodeDecodeError:
         raise MetatunerError(f"{path}: not a UTF-8 text file (damaged?)") from None
 

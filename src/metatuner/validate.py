@@ -26,6 +26,7 @@ CHOICES = {
     "model.dtype": DTYPES,
     "generator.dtype": DTYPES,
     "eval.split": ("test", "validation", "train"),
+    "task.split_order": ("shuffled", "generation"),
     "inference.strategy": ("greedy", "best_of_n", "majority", "early_majority"),
     "hypernet.pooling": ("mean", "last"),
     "hypernet.heads": ("shared", "per_target"),
