@@ -605,3 +605,27 @@ def test_sft_resumes_through_find_resume_checkpoint(tiny_model_path, tmp_path, m
     assert metrics["train_steps"] == 3
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and len([h for h in state["log_history"] if "loss" in h]) == 3
+
+
+def test_trained_sft_model_evaluates_like_its_saved_adapter(tiny_model_path, tmp_path):
+    """With train.bf16 the Trainer wraps forward in bf16 autocast; the model train_sft returns (the one
+    every method then evaluates) must run in its own dtype, exactly as its saved adapter loaded again."""
+    from peft import PeftModel
+
+    from metatuner.lora_sft import train_sft
+    from metatuner.models import load_model
+    from metatuner.tasks import load_task
+
+    cfg = load_config(None, ["method=sft", f"model.name={tiny_model_path}", f"output_dir={tmp_path}", *SMALL,
+                             "train.bf16=true", "model.dtype=float32"])
+    task = load_task(cfg.task, seed=0)
+    model, tok = load_model(str(tiny_model_path), dtype="float32", device="cpu")
+    trained = train_sft(cfg, model, tok, task, task.train, task.prompt, tmp_path, 2, 0.05)
+    assert "_original_forward" not in trained.__dict__  # no autocast wrapper left on forward
+    fresh = PeftModel.from_pretrained(load_model(str(tiny_model_path), dtype="float32", device="cpu")[0],
+                                      str(tmp_path / "adapter")).eval()
+    ids = tok(["12 + 7 = ", "3 4 5"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        a, b = trained(**ids).logits, fresh(**ids).logits
+    assert a.dtype == torch.float32
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()

@@ -32,6 +32,14 @@ def sft_dataset(task: Task, examples: list[Example], prompts: list[str] | str):
     ])
 
 
+def trained_model(trainer):
+    """The trainer's model without accelerate's mixed-precision wrapper. With train.bf16 the Trainer
+    wraps the model's forward in bf16 autocast, and the wrapper stays after training: every later
+    evaluation would run in bf16 (unlike the zero-shot and MetaTuner runs, and unlike the saved
+    adapter loaded again, whose greedy answers then differ)."""
+    return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+
+
 def trl_common_args(cfg: Config, output_dir: str | Path, max_steps: int, lr: float, use_cpu: bool) -> dict:
     """TrainingArguments shared by our TRL-based trainers (progress and logging: metatuner.train_log)."""
     accum = max(1, cfg.train.grad_accum)
@@ -114,7 +122,7 @@ def train_sft(cfg: Config, model, tokenizer, task: Task, examples: list[Example]
     add_callbacks(trainer, cfg, log if log is not None else open_train_log(output_dir, append=resume_from is not None),
                   phase)
     result = trainer.train(resume_from_checkpoint=resume_from)
-    peft_model = trainer.model
+    peft_model = trained_model(trainer)
     if trainer.is_world_process_zero():
         peft_model.save_pretrained(Path(output_dir) / "adapter")
         tokenizer.save_pretrained(Path(output_dir) / "adapter")
