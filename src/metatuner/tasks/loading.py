@@ -41,8 +41,8 @@ def rg_splits(tc, seed: int) -> tuple[Splits, object]:
     task.split_order=shuffled (default) shuffles the unique questions with the split seed before
     cutting, so the three splits are alike. `generation` cuts them in generation order: dropping
     repeats in that order leaves the first split (test) more of the questions that repeat often
-    (products with 1-2 digit factors: 30% of test queries had both factors < 10, 6% of
-    validation's); it reproduces numbers measured before the fix."""
+    (products with 1-2 digit factors: answers below 100 are 30% of test, 6% of validation;
+    scripts/split_stats.py); it reproduces numbers measured before the fix."""
     vs = val_size(tc, tc.train_size + (tc.val_size if tc.val_size >= 0 else 0))
     total = tc.train_size + vs + tc.test_size
     order = getattr(tc, "split_order", "shuffled")
