@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Union
+
 import dataclasses
 
 import pytest
@@ -72,6 +74,9 @@ def test_every_key_has_help_and_a_default_of_its_type():
         origin = getattr(tp, "__origin__", tp)
         if key == "resume_from_checkpoint":  # false, true or auto: typed Any, checked by validate
             assert default is False
+            continue
+        if origin is Union:  # Optional[X]: None or an X
+            assert default is None or isinstance(default, tp.__args__), (key, tp, default)
             continue
         assert isinstance(default, origin), (key, tp, default)
 
@@ -303,6 +308,11 @@ def test_yaml_floats_without_a_dot_and_typed_lists(tmp_path):
     assert cfg.select.n_values == [1, 3]
     with pytest.raises(MetatunerError, match=r"'select.n_values' expects list\[int\]"):
         load_config(None, ["select.n_values=[1, many]"])
+    # an optional number: a float, or null for off
+    assert load_config(None, ["inference.stop_score=-0.2"]).inference.stop_score == -0.2
+    assert load_config(None, ["inference.stop_score=null"]).inference.stop_score is None
+    with pytest.raises(MetatunerError, match="'inference.stop_score' expects float or null, got 'abc'"):
+        load_config(None, ["inference.stop_score=abc"])
 
 
 def test_interpolation_resolves_and_is_saved_resolved(tmp_path):

@@ -10,8 +10,8 @@ import torch
 
 import metatuner.evaluate as ev
 from metatuner.evaluate import evaluate
-from metatuner.voting import (early_expectation, early_outcome, fit_stop_rule, lead_probability, stop_point,
-                              vote_settled)
+from metatuner.voting import (agreed_score, early_expectation, early_outcome, fit_stop_rule, lead_probability,
+                              score_gates, stop_point, vote_settled)
 
 
 # ----------------------------------------------------------------------------- the stopping rule
@@ -66,6 +66,53 @@ def _query(answers, right):
     return {"answers": answers, "correct": [a == right for a in answers]}
 
 
+def test_confidence_gate_settles_agreeing_confident_samples_from_the_first_on():
+    # the gate ignores stop_min and the Beta threshold: one sample scoring >= stop_score settles
+    assert vote_settled(["7"], 0.99, 4, [-0.1], -0.2)
+    assert not vote_settled(["7"], 0.99, 4, [-0.3], -0.2)  # not confident enough
+    assert not vote_settled(["7"], 0.99, 4, None, -0.2)  # no scores: no gate
+    assert not vote_settled(["7"], 0.99, 4, [-0.1], None)  # no gate
+    assert vote_settled(["7", "7"], 0.99, 4, [-0.1, -0.15], -0.2)
+    assert not vote_settled(["7", "7"], 0.99, 4, [-0.1, -0.25], -0.2)  # every sample must pass
+    assert not vote_settled(["7", "8"], 0.99, 4, [-0.1, -0.1], -0.2)  # disagreement never passes the gate
+    assert not vote_settled([None], 0.5, 1, [-0.01], -1.0) and not vote_settled([""], 0.5, 1, [-0.01], -1.0)
+    assert agreed_score(["3", "3", "3"], [-0.5, -0.2, -0.9]) == -0.9 and agreed_score(["3", "4"], [0, 0]) == float("-inf")
+    # the Beta rule still applies beside the gate
+    assert vote_settled(["7"] * 4, 0.95, 2, [-5.0] * 4, -0.2)
+    assert stop_point(["7", "7", "8", "7"], 0.99, 4, 4, [-0.5, -0.1, -0.1, -0.1], -0.2) == 4
+    assert stop_point(["7", "7", "8", "7"], 0.99, 4, 4, [-0.1, -0.1, -0.1, -0.1], -0.2) == 1
+    ok, k = early_outcome(["8", "7", "7"], [False, True, True], [1, 0, 2], 0.99, 3, 3, [-0.5, -0.1, -0.1], -0.2)
+    assert (ok, k) == (True, 1)  # order [1, 0, 2]: the confident 7 arrives first
+
+
+def _scored(answers, scores, right):
+    return {"answers": answers, "correct": [a == right for a in answers], "scores": scores}
+
+
+def test_fitted_rule_uses_the_gate_only_when_confidence_tells_right_from_wrong():
+    # the majority answer's samples are confident (-0.1), the stray ones not (-1.0): when a confident
+    # sample arrives first the gate stops at once and picks the majority answer
+    informative = [_scored(["7"] * 5 + ["1", "2", "3"], [-0.1] * 5 + [-1.0] * 3, "7") for _ in range(10)]
+    beta_only = fit_stop_rule(informative, 8, 0.0, orders=100, gates=[])
+    gated = fit_stop_rule(informative, 8, 0.0, orders=100)
+    assert gated["stop_score"] is not None and gated["accuracy"] == 1.0 == gated["fixed_majority_accuracy"]
+    assert gated["mean_samples"] < beta_only["mean_samples"] and beta_only["stop_score"] is None
+    assert gated["gates_tried"] == score_gates(informative) and gated["gates_tried"]
+    # the reported rule is what its replay gives
+    acc, spent = zip(*(early_expectation(s["answers"], s["correct"], gated["threshold"], gated["min_samples"], 8,
+                                         100, i, s["scores"], gated["stop_score"]) for i, s in enumerate(informative)))
+    assert sum(acc) / 10 == pytest.approx(gated["accuracy"]) and sum(spent) / 10 == pytest.approx(gated["mean_samples"])
+    # confidence that says nothing (the wrong strays are the confident ones): a gate would lose, none is fit
+    misleading = [_scored(["7"] * 5 + ["1", "2", "3"], [-1.0] * 5 + [-0.1] * 3, "7") for _ in range(10)]
+    fit = fit_stop_rule(misleading, 8, 0.0, orders=100)
+    assert fit["accuracy"] == 1.0
+    if fit["stop_score"] is not None:  # a gate above every stray's score never fires: harmless
+        assert fit["stop_score"] > -0.1
+    # samples without scores: no gate is tried
+    assert score_gates([_query(["7"] * 8, "7")]) == []
+    assert fit_stop_rule([_query(["7"] * 8, "7")], 8, 0.0, orders=10)["stop_score"] is None
+
+
 def test_fitted_rule_stops_at_one_sample_when_votes_are_unanimous():
     samples = [_query([str(i)] * 8, str(i if i % 3 else -1)) for i in range(12)]
     fit = fit_stop_rule(samples, 8, 0.01, orders=20)
@@ -118,8 +165,8 @@ class SequentialGen:
     """Stands in for generate_texts: each query's canned samples are handed out in order, so a query
     that gets k more samples gets its next k; every generation is counted per query."""
 
-    def __init__(self, samples: dict[str, list[str]]):
-        self.samples, self.given, self.calls = samples, {q: 0 for q in samples}, []
+    def __init__(self, samples: dict[str, list[str]], scores: dict[str, list[float]] | None = None):
+        self.samples, self.given, self.calls, self.scores = samples, {q: 0 for q in samples}, [], scores
 
     def key(self, text):
         return next(q for q in self.samples if q in text)
@@ -127,13 +174,14 @@ class SequentialGen:
     def __call__(self, model, tokenizer, texts, max_new_tokens, **kw):
         k = kw.get("num_return_sequences", 1)
         self.calls.append(([self.key(t) for t in texts], k))
-        gens = []
+        gens, lps = [], []
         for t in texts:
             q = self.key(t)
             gens.append(self.samples[q][self.given[q] : self.given[q] + k])
+            lps.append((self.scores or {}).get(q, [0.0] * 8)[self.given[q] : self.given[q] + k])
             self.given[q] += k
             assert len(gens[-1]) == k, "asked for more samples than exist"
-        return gens, [[len(s) for s in g] for g in gens], None
+        return gens, [[len(s) for s in g] for g in gens], (lps if kw.get("return_logprobs") else None)
 
 
 def test_early_majority_spends_exactly_what_it_records(tiny_model, make_task, monkeypatch):
@@ -175,6 +223,31 @@ def test_early_majority_spends_exactly_what_it_records(tiny_model, make_task, mo
     recs, _ = evaluate(model, tok, task, task.test, strategy="early_majority", n=1, batch_size=4, progress=False)
     assert [r["samples"] for r in recs] == [1, 1, 1, 1]
     assert len(fake3.calls) == 1 and sorted(fake3.calls[0][0]) == ["qa", "qb", "qc", "qd"] and fake3.calls[0][1] == 1
+
+
+def test_early_majority_with_a_confidence_gate_stops_confident_queries_after_one_sample(tiny_model, make_task,
+                                                                                   monkeypatch):
+    model, tok = tiny_model
+    samples = {"qa": ["5"] * 8, "qb": ["5"] * 8, "qc": ["1", "2"] * 4}
+    scores = {"qa": [-0.05] * 8, "qb": [-0.9] * 8, "qc": [-0.5] + [-0.01] * 7}
+    fake = SequentialGen(samples, scores)
+    monkeypatch.setattr(ev, "generate_texts", fake)
+    task = make_task([("qa", "5"), ("qb", "5"), ("qc", "1")])
+    recs, m = evaluate(model, tok, task, task.test, strategy="early_majority", n=8, stop_threshold=0.95, stop_min=2,
+                       stop_score=-0.2, batch_size=3, progress=False)
+    # qa: one confident sample settles; qb: not confident, the Beta rule settles at 4; qc: its first sample is
+    # not confident and the later confident ones disagree with it: the cap
+    assert [r["samples"] for r in recs] == [1, 4, 8]
+    assert [r["scores"] for r in recs] == [scores[q][: r["samples"]] for q, r in zip(("qa", "qb", "qc"), recs)]
+    assert fake.calls[0][1] == 1  # the first round draws one sample per row when a gate is set
+    assert m["total_samples"] == 13 == sum(fake.given.values())
+    # a verifier's scores feed the gate instead of the log-probabilities
+    fake2 = SequentialGen(samples, scores)
+    monkeypatch.setattr(ev, "generate_texts", fake2)
+    recs, _ = evaluate(model, tok, task, task.test, strategy="early_majority", n=8, stop_threshold=0.95, stop_min=2,
+                       stop_score=0.5, verifier=lambda g, ex: 1.0 if ex.query == "qb" else 0.0, batch_size=3,
+                       progress=False)
+    assert [r["samples"] for r in recs] == [4, 1, 8]
 
 
 def test_fixed_strategies_record_their_samples(tiny_model, make_task, monkeypatch):

@@ -84,12 +84,13 @@ def arm_specs(n_prompts: int, temperatures: list[float], n_values: list[int], st
 
 def fill(arm: Arm, data: list, rule: tuple[float, int], subsets: int, seed: int) -> None:
     """Set the arm's per-query vectors from its group's data: greedy correctness (0/1 per query) or
-    samples ({answers, correct, scores} per query). rule = (stop_threshold, stop_min)."""
+    samples ({answers, correct, scores} per query). rule = (stop_threshold, stop_min[, stop_score])."""
     if arm.strategy == "greedy":
         arm.correct, arm.samples = [float(c) for c in data], [1.0] * len(data)
     elif arm.strategy == "early_majority":
-        pairs = [early_expectation(s["answers"], s["correct"], rule[0], rule[1], arm.n, subsets, seed + q)
-                 for q, s in enumerate(data)]
+        gate = rule[2] if len(rule) > 2 else None
+        pairs = [early_expectation(s["answers"], s["correct"], rule[0], rule[1], arm.n, subsets, seed + q,
+                                   s.get("scores"), gate) for q, s in enumerate(data)]
         arm.correct, arm.samples = [a for a, _ in pairs], [k for _, k in pairs]
     else:
         arm.correct = per_query_accuracy(data, arm.n, arm.strategy, subsets, seed)

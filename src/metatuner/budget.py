@@ -32,10 +32,11 @@ def uniform_allocation(q: int, total: int, cap: int) -> list[int]:
     return [total // q + (1 if i < total % q else 0) for i in range(q)]
 
 
-def early_stop_run(samples: list[dict], threshold: float, min_samples: int, cap: int) -> tuple[list[bool], list[int]]:
+def early_stop_run(samples: list[dict], threshold: float, min_samples: int, cap: int,
+                   stop_score: float | None = None) -> tuple[list[bool], list[int]]:
     """Early-stopping majority replayed on each query's samples in the order drawn: (correct, spent)."""
-    out = [early_outcome(s["answers"], s["correct"], list(range(len(s["answers"]))), threshold, min_samples, cap)
-           for s in samples]
+    out = [early_outcome(s["answers"], s["correct"], list(range(len(s["answers"]))), threshold, min_samples, cap,
+                         s.get("scores"), stop_score) for s in samples]
     return [ok for ok, _ in out], [k for _, k in out]
 
 

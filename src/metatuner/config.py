@@ -80,6 +80,8 @@ def _type_name(tp, key: str = "") -> str:
         return f"list[{typing.get_args(tp)[0].__name__}]"
     if origin is dict:
         return "dict"
+    if origin is typing.Union:  # Optional[X]
+        return " or ".join("null" if a is type(None) else a.__name__ for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 

@@ -215,7 +215,7 @@ def evaluate(
     fast_greedy: bool = True,
     max_new_tokens: int | None = None,
     diagnose: bool = True,
-    stop_threshold: float = 0.95, stop_min: int = 2, stop_chunk: int = 1,
+    stop_threshold: float = 0.95, stop_min: int = 2, stop_chunk: int = 1, stop_score: float | None = None,
 ) -> tuple[list[dict], dict]:
     """Generate, extract, score. Writes predictions.jsonl and metrics.json when output_dir is set (on the
     main process only). Records come back in the order of `examples`, each with its `index` there.
@@ -227,8 +227,11 @@ def evaluate(
     With several processes (torchrun / accelerate launch) each evaluates a contiguous slice of the
     examples and the records are gathered in order on every process. `diagnose` adds the floor and
     collapse diagnostics (metatuner.diagnostics) when the task has a train split.
-    early_majority samples in rounds: stop_min samples first, then stop_chunk more per round for the
-    rows of the batch whose vote is not settled at stop_threshold, never more than n per query."""
+    early_majority samples in rounds: stop_min samples first (one with stop_score), then stop_chunk more
+    per round for the rows of the batch whose vote is not settled (metatuner.voting.vote_settled: the Beta
+    rule at stop_threshold, or the confidence gate stop_score on the samples' verifier score or mean token
+    log-probability), never more than n per query. Sampled records keep their samples' `scores` when
+    computed (best_of_n, the gate)."""
     if strategy not in STRATEGIES:
         raise MetatunerError(f"inference.strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if batch_size < 1:
@@ -259,9 +262,9 @@ def evaluate(
         idx = mine[start : start + batch_size]
         batch = [texts[i] for i in idx]
         if strategy == "early_majority":  # rounds of samples, each round in its own batch_context
-            gens, ntoks = _sample_until_settled(model, tokenizer, task, examples, idx, texts, max_new, temperature,
-                                                top_p, k, (stop_threshold, stop_min, stop_chunk), batch_context, answer_end)
-            logps = None
+            gens, ntoks, logps = _sample_until_settled(model, tokenizer, task, examples, idx, texts, max_new,
+                                                       temperature, top_p, k, (stop_threshold, stop_min, stop_chunk),
+                                                       batch_context, answer_end, stop_score, verifier)
         else:
             with batch_context(idx) if batch_context else contextlib.nullcontext():
                 if not sample and (fast_greedy or answer_end):
@@ -293,6 +296,8 @@ def evaluate(
                    "extracted": pred, "reference": ex.answer, **{k_: v for k_, v in sc.items()}, "samples": len(gens[j])}
             if sample:
                 rec["generations"] = gens[j]
+                if logps is not None:
+                    rec["scores"] = logps[j]
             records[i] = rec
         bar.update(len(idx))
     bar.close()
@@ -328,31 +333,38 @@ STRATEGIES = ("greedy", "best_of_n", "majority", "early_majority")
 
 
 def _sample_until_settled(model, tokenizer, task, examples, idx, texts, max_new, temperature, top_p, cap, rule,
-                          batch_context, answer_end) -> tuple[list[list[str]], list[list[int]]]:
-    """early_majority for one batch (rows `idx`): draw stop_min samples per row, then stop_chunk more per
-    round for the rows whose vote (metatuner.voting.vote_settled) is not settled, at most `cap` per row.
-    Each round's generation runs inside batch_context(rows still sampling), so a per-query LoRA follows
-    its rows (generate repeats it across the round's samples). Returns every row's samples in order."""
+                          batch_context, answer_end, stop_score=None, verifier=None):
+    """early_majority for one batch (rows `idx`): draw stop_min samples per row (one with a stop_score
+    gate, which may settle a single sample), then stop_chunk more per round for the rows whose vote
+    (metatuner.voting.vote_settled) is not settled, at most `cap` per row. Each round's generation runs
+    inside batch_context(rows still sampling), so a per-query LoRA follows its rows (generate repeats it
+    across the round's samples). Returns every row's samples in order, their token counts, and with a
+    gate their scores (verifier, else mean token log-probability; None without a gate)."""
     threshold, min_samples, chunk = rule
+    first = 1 if stop_score is not None else min_samples
     gens: list[list[str]] = [[] for _ in idx]
     ntoks: list[list[int]] = [[] for _ in idx]
     answers: list[list] = [[] for _ in idx]
+    scores: list[list[float]] = [[] for _ in idx]
     active = list(range(len(idx)))
     while active:
         done = len(gens[active[0]])  # every active row has drawn the same number so far
-        k = min(cap - done, min_samples - done if done < min_samples else chunk)
+        k = min(cap - done, first - done if done < first else chunk)
         rows = [idx[a] for a in active]
         with batch_context(rows) if batch_context else contextlib.nullcontext():
-            g, nt, _ = generate_texts(model, tokenizer, [texts[i] for i in rows], max_new, do_sample=True,
-                                      temperature=temperature, top_p=top_p, num_return_sequences=k,
-                                      answer_end=answer_end)
-        for a, gs, ns in zip(active, g, nt):
+            g, nt, lp = generate_texts(model, tokenizer, [texts[i] for i in rows], max_new, do_sample=True,
+                                       temperature=temperature, top_p=top_p, num_return_sequences=k,
+                                       return_logprobs=stop_score is not None and verifier is None,
+                                       answer_end=answer_end)
+        for r, (a, gs, ns) in enumerate(zip(active, g, nt)):
             gens[a] += gs
             ntoks[a] += ns
             answers[a] += [task.extract_for(x, examples[idx[a]]) for x in gs]
-        active = [a for a in active
-                  if len(gens[a]) < cap and not vote_settled(answers[a], threshold, min_samples)]
-    return gens, ntoks
+            if stop_score is not None:
+                scores[a] += [verifier(x, examples[idx[a]]) for x in gs] if verifier else lp[r]
+        active = [a for a in active if len(gens[a]) < cap
+                  and not vote_settled(answers[a], threshold, min_samples, scores[a], stop_score)]
+    return gens, ntoks, (scores if stop_score is not None else None)
 
 
 def peak_memory_mb(device) -> float:

@@ -93,6 +93,7 @@ def final_eval(cfg: Config, model, tokenizer, task: Task, prompts=None, batch_co
     records, metrics = evaluate(model, tokenizer, task, examples, prompts, batch_size=cfg.eval.batch_size,
                                 strategy=inf.strategy, n=inf.n, temperature=inf.temperature, top_p=inf.top_p,
                                 stop_threshold=inf.stop_threshold, stop_min=inf.stop_min, stop_chunk=inf.stop_chunk,
+                                stop_score=inf.stop_score,
                                 batch_context=batch_context,
                                 verifier=resolve_verifier(inf.verifier, task),
                                 output_dir=(output_dir or cfg.output_dir) if is_main_process() else None,

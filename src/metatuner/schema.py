@@ -7,7 +7,7 @@ the resolved `config.yaml`). Parsing lives in `metatuner.config`, range checks i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 
 def _f(default, help: str):
@@ -73,6 +73,7 @@ class InferenceConfig:
     stop_threshold: float = _f(0.95, "early_majority: stop sampling a query once P(leading answer beats the runner-up) >= this, under Adaptive-Consistency's Beta(c1+1, c2+1) criterion (c1, c2: counts of the top two parsable answers; unparsable ones are ignored). A unanimous vote settles after 4 samples at 0.95, after 3 at 0.93, after 2 at 0.85.")
     stop_min: int = _f(2, "early_majority: samples drawn for every query before the stopping rule may stop it (the first round).")
     stop_chunk: int = _f(1, "early_majority: samples added per round to each query whose vote is not settled yet.")
+    stop_score: Optional[float] = _f(None, "early_majority: a confidence gate (null = off). A query also stops, from its first sample on and regardless of stop_min, once all its samples hold the same parsable answer and each one's score (the sampler's mean token log-probability, or inference.verifier's score) is >= this. method=inference_select fits it on validation (select.stop_fit).")
     verifier: str = _f("", "best_of_n scorer: empty = the actor's mean token log-probability; 'module:function' = your verifier fn(generation, example) -> float (imports that module: needs inference.trust_verifier=true); 'oracle' = the task's scorer against the reference (an upper bound, for analysis only).")
     trust_verifier: bool = _f(False, "Allow inference.verifier='module:function' to import and run that module's code (off by default, like model.trust_remote_code).")
 
@@ -93,7 +94,7 @@ class SelectConfig:
     val_examples: int = _f(64, "Validation examples the selection samples on.")
     budget: float = _f(2.0, "Budget comparison: average samples per query (total = budget x queries) for the probe's adaptive allocation, the uniform one and early stopping, compared on validation; the probe is used only if it beats both.")
     max_per_query: int = _f(8, "Budget comparison: at most this many samples for one query.")
-    stop_fit: bool = _f(True, "Fit early stopping's rule on validation: per (prompt, temperature), the threshold and minimum samples (of a grid) that spend the fewest samples while the accuracy loss against fixed majority at the largest N (replayed on the same validation samples) stays within select.stop_tolerance with confidence select.confidence (one-sided upper bound, paired bootstrap over queries). The fitted rule is used by early_majority arms, the chosen arm and the test comparison with fixed majority. false: inference.stop_threshold / inference.stop_min.")
+    stop_fit: bool = _f(True, "Fit early stopping's rule on validation: per (prompt, temperature), the threshold, minimum samples and confidence gate (inference.stop_score; of a grid: off and quantiles of the validation samples' scores) that spend the fewest samples while the accuracy loss against fixed majority at the largest N (replayed on the same validation samples) stays within select.stop_tolerance with confidence select.confidence (one-sided upper bound, paired bootstrap over queries). The fitted rule is used by early_majority arms, the chosen arm and the test comparison with fixed majority. false: inference.stop_threshold / inference.stop_min / inference.stop_score.")
     stop_tolerance: float = _f(1.0, "select.stop_fit: accuracy points (validation) early stopping may lose against fixed majority at the largest N.")
 
 

@@ -18,7 +18,9 @@
    uniform vs early stopping, decided on validation) from one set of test samples at the chosen
    temperature, topped up from the chosen arm's own samples.
 4. select.json holds every arm with its interval, the choice, the paired test against greedy, early
-   stopping against fixed majority, and the budget comparison; select_curves.png plots accuracy vs N.
+   stopping against fixed majority, and the budget comparison; select_curves.png plots accuracy vs N;
+   samples.jsonl holds every sample the comparisons replay (validation per (prompt, temperature), and
+   the test samples of early stopping and the budgets), so a stopping rule can be replayed offline.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from metatuner.config import Config
 from metatuner.errors import MetatunerError
 from metatuner.evaluate import chat_text, evaluate
 from metatuner.inference import accuracy_with_allocation, draw_samples, query_features, resolve_verifier
-from metatuner.io import atomic_path, write_json
+from metatuner.io import atomic_path, write_json, write_jsonl
 from metatuner.voting import fit_stop_rule
 
 
@@ -96,30 +98,35 @@ def sample_temperature(chosen: Arm, arms: list[Arm], data: dict, default: float)
     return max(cands, key=lambda a: (a.strategy == "majority" and a.n == top, a.accuracy)).temperature
 
 
-def top_up(actor, tok, task, examples, prompt, records, cap, temperature, cfg) -> tuple[list[dict], int]:
+def top_up(actor, tok, task, examples, prompt, records, cap, temperature, cfg, verifier=None) -> tuple[list[dict], int]:
     """cap samples per test query at `temperature`: the chosen arm's own samples (records' generations,
-    when it sampled at that temperature) first, then new ones. ({answers, correct} per query, new samples)."""
+    when it sampled at that temperature and kept their scores) first, then new ones, scored as on
+    validation (verifier, else mean token log-probability). ({answers, correct, scores} per query,
+    new samples)."""
     out = []
     for ex, r in zip(examples, records or [None] * len(examples)):
-        gens = (r or {}).get("generations", [])[:cap]
+        r = r if r and r.get("scores") is not None else {}
+        gens, sc = r.get("generations", [])[:cap], list(r.get("scores", []))[:cap]
         answers = [task.extract_for(g, ex) for g in gens]
-        out.append({"answers": answers, "correct": [bool(task.score(a, ex)["correct"]) for a in answers]})
+        out.append({"answers": answers, "correct": [bool(task.score(a, ex)["correct"]) for a in answers],
+                    "scores": sc})
     by_missing: dict[int, list[int]] = {}
     for i, s in enumerate(out):
         if len(s["answers"]) < cap:
             by_missing.setdefault(cap - len(s["answers"]), []).append(i)
     for m, idx in by_missing.items():
         new = draw_samples(actor, tok, task, [examples[i] for i in idx], prompt, m, temperature, cfg.inference.top_p,
-                           cfg.eval.batch_size, scores=False)
+                           cfg.eval.batch_size, verifier)
         for i, s in zip(idx, new):
             out[i]["answers"] += s["answers"]
             out[i]["correct"] += s["correct"]
+            out[i]["scores"] += s["scores"]
     return out, sum(m * len(idx) for m, idx in by_missing.items())
 
 
 def stop_rules(cfg: Config, data: dict, nmax: int) -> dict:
     """The early-stopping rule of every sampled (prompt, temperature) group in `data`: fitted on its
-    validation samples (select.stop_fit) or inference.stop_threshold / stop_min. {group: fit dict}."""
+    validation samples (select.stop_fit) or inference.stop_threshold / stop_min / stop_score. {group: fit dict}."""
     sc, inf = cfg.select, cfg.inference
     out = {}
     for g, d in data.items():
@@ -128,18 +135,18 @@ def stop_rules(cfg: Config, data: dict, nmax: int) -> dict:
         if sc.stop_fit:
             out[g] = fit_stop_rule(d, nmax, sc.stop_tolerance / 100, sc.subsets, cfg.seed, confidence=sc.confidence)
         else:
-            out[g] = {"threshold": inf.stop_threshold, "min_samples": inf.stop_min}
+            out[g] = {"threshold": inf.stop_threshold, "min_samples": inf.stop_min, "stop_score": inf.stop_score}
     return out
 
 
 def early_vs_fixed(samples: list[dict], rule: dict, nmax: int) -> dict:
     """Fixed majority at N=nmax against early-stopping majority capped at nmax, replayed on the same test
-    samples in the order drawn (rule: threshold and min_samples)."""
-    ok, spent = early_stop_run(samples, rule["threshold"], rule["min_samples"], nmax)
+    samples in the order drawn (rule: threshold, min_samples and stop_score)."""
+    ok, spent = early_stop_run(samples, rule["threshold"], rule["min_samples"], nmax, rule.get("stop_score"))
     fixed = accuracy_with_allocation(samples, [nmax] * len(samples), "majority")
     acc, mean = sum(ok) / max(1, len(ok)), sum(spent) / max(1, len(spent))
     return {"cap": nmax, "threshold": rule["threshold"], "min_samples": rule["min_samples"],
-            "fixed_majority_accuracy": fixed, "fixed_mean_samples": nmax, "early_accuracy": acc,
+            "stop_score": rule.get("stop_score"), "fixed_majority_accuracy": fixed, "fixed_mean_samples": nmax, "early_accuracy": acc,
             "early_mean_samples": mean, "sample_ratio": mean / nmax, "accuracy_gap_points": 100 * (fixed - acc)}
 
 
@@ -155,7 +162,7 @@ def select_arm(cfg: Config, arms: list[Arm], val: list, nmax: int, draw) -> tupl
     halving the arms keep inference.stop_threshold / stop_min (groups are drawn in pieces) and no rule
     is returned: run() fits the ones it needs on the validation samples drawn for them."""
     sc = cfg.select
-    rule = (cfg.inference.stop_threshold, cfg.inference.stop_min)
+    rule = (cfg.inference.stop_threshold, cfg.inference.stop_min, cfg.inference.stop_score)
     groups = list(dict.fromkeys(a.group for a in arms))
     cost = lambda g: 1 if g[0] == "greedy" else nmax  # noqa: E731
     per_query = sum(cost(g) for g in groups)
@@ -168,7 +175,8 @@ def select_arm(cfg: Config, arms: list[Arm], val: list, nmax: int, draw) -> tupl
         rules = stop_rules(cfg, data, nmax)
         for a in arms:
             r = rules.get(a.group)
-            fill(a, data[a.group], (r["threshold"], r["min_samples"]) if r else rule, sc.subsets, cfg.seed)
+            fill(a, data[a.group], (r["threshold"], r["min_samples"], r["stop_score"]) if r else rule, sc.subsets,
+                 cfg.seed)
         chosen = choose_lcb(arms, sc.confidence, sc.cost_weight, cfg.seed)
         return chosen, data, {"validation_queries": q, "validation_samples": per_query * q,
                               "explore_budget": sc.explore_budget}, rules
@@ -186,7 +194,7 @@ def run(cfg: Config) -> dict:
 
     t0 = time.time()
     sc, inf = cfg.select, cfg.inference
-    configured = {"threshold": inf.stop_threshold, "min_samples": inf.stop_min}
+    configured = {"threshold": inf.stop_threshold, "min_samples": inf.stop_min, "stop_score": inf.stop_score}
     n_values = sorted({int(n) for n in sc.n_values})
     nmax = n_values[-1]
     temps = list(dict.fromkeys(float(t) for t in sc.temperatures))
@@ -210,7 +218,7 @@ def run(cfg: Config) -> dict:
         if group[0] == "greedy":
             return greedy_correct(prompts[group[1]], val[start:stop])
         return draw_samples(actor, tok, task, val[start:stop], prompts[group[1]], nmax, group[2], inf.top_p, bs,
-                            verifier, scores="best_of_n" in sc.strategies)
+                            verifier)
 
     stage(f"choosing among {len(arms)} arms ({len(prompts)} prompts x greedy/{'/'.join(sc.strategies)} x "
           f"N {n_values} x T {temps}) on {len(val)} validation queries, rule {sc.rule}")
@@ -231,7 +239,8 @@ def run(cfg: Config) -> dict:
     if c.strategy == "early_majority":
         if c.group not in rules:
             rules.update(stop_rules(cfg, {c.group: data[c.group]}, nmax))
-        inf.stop_threshold, inf.stop_min = rules[c.group]["threshold"], rules[c.group]["min_samples"]
+        r = rules[c.group]
+        inf.stop_threshold, inf.stop_min, inf.stop_score = r["threshold"], r["min_samples"], r["stop_score"]
     t_s = sample_temperature(c, arms, data, temps[0])
     chosen_fields = {"prompt": prompt, "chosen_arm": c.label, "chosen_strategy": c.strategy, "chosen_n": c.n,
                      "chosen_temperature": c.temperature, "train_steps": 0, "train_examples": 0,
@@ -243,7 +252,7 @@ def run(cfg: Config) -> dict:
         ptilde = same if c.prompt == 0 else greedy_correct(prompts[0], test)
         cap = max(nmax, sc.max_per_query)
         own = records if c.temperature == t_s else None
-        test_samples, new_samples = top_up(actor, tok, task, test, prompt, own, cap, t_s, cfg)
+        test_samples, new_samples = top_up(actor, tok, task, test, prompt, own, cap, t_s, cfg, verifier)
         g_s = ("sampled", c.prompt, t_s)
         val_s = data.get(g_s) or draw(g_s, 0, len(val))
         if g_s not in rules:
@@ -283,6 +292,14 @@ def run(cfg: Config) -> dict:
                     "generation_calls": sel["validation_samples"] + new_samples
                     + len(test) * ((c.strategy != "greedy") + (c.prompt != 0))})
     if is_main_process():
+        rows = [{"split": "validation", "prompt": g[1], "temperature": g[2], "query": i, **smp}
+                for g, d in data.items() if g[0] == "sampled" for i, smp in enumerate(d)]
+        if g_s not in data:
+            rows += [{"split": "validation", "prompt": c.prompt, "temperature": t_s, "query": i, **smp}
+                     for i, smp in enumerate(val_s)]
+        rows += [{"split": "test", "prompt": c.prompt, "temperature": t_s, "query": i, **smp}
+                 for i, smp in enumerate(test_samples)]
+        write_jsonl(out / "samples.jsonl", rows)
         write_json(out / "select.json", report)
         write_json(out / "metrics.json", metrics)
     stage(f"test: chosen {100 * vs['chosen_accuracy']:.1f}% vs greedy same prompt "
