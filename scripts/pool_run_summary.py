@@ -35,10 +35,11 @@ def summary(run: Path) -> str:
     pool = json.loads(need[1].read_text())["pool"]
     preds = jsonl(need[2])
     lines = [f"## {run}", "", "pool: " + " | ".join(f"#{i} {p[:50]!r}" for i, p in enumerate(pool)), ""]
-    lines += ["| rollout at step | D2 correct % | D2 best != p~ % | D2 wins per candidate |", "|---|---|---|---|"]
+    lines += ["| rollout at step | D2 correct % | D2 with a target % | D2 best != p~ % | D2 wins per candidate |",
+              "|---|---|---|---|---|"]
     for r in (x for x in log if x.get("stage") == "rollout"):
-        lines.append(f"| {r['step']} | {100 * r.get('d2_correct', 0):.1f} | {100 * r.get('d2_rewritten', 0):.1f} | "
-                     f"{r.get('d2_pool_counts', '-')} |")
+        lines.append(f"| {r['step']} | {100 * r.get('d2_correct', 0):.1f} | {100 * r.get('d2_targets', 1):.1f} | "
+                     f"{100 * r.get('d2_rewritten', 0):.1f} | {r.get('d2_pool_counts', '-')} |")
     joint = [x for x in log if x.get("stage") == "joint" and "task_loss" in x]
     if joint:
         first, last = joint[:5], joint[-5:]

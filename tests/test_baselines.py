@@ -337,6 +337,9 @@ def test_rank_prompts_correct_first_then_nll(monkeypatch, make_task):
     got = P.rank_prompts(Dev(), None, task, task.test, cands, "answer", batch_size=2, bf16=False)
     assert got == [("RIGHT high", True, pytest.approx(2.0)), ("wrong b", False, pytest.approx(0.5)),
                    ("RIGHT c", True, pytest.approx(0.3))]
+    # decisive: whether the candidates disagree on correctness (q2 all wrong, q3 all right: no)
+    got = P.rank_prompts(Dev(), None, task, task.test, cands, "answer", batch_size=2, bf16=False, decisive=True)
+    assert [g[3] for g in got] == [True, False, False] and [g[0] for g in got] == ["RIGHT high", "wrong b", "RIGHT c"]
     # criterion=nll: no generation, the lowest NLL wins
     monkeypatch.setattr(P, "greedy_texts", lambda *a, **k: pytest.fail("nll criterion must not generate"))
     got = P.rank_prompts(Dev(), None, task, task.test, cands, "nll", batch_size=4, bf16=False)

@@ -249,6 +249,24 @@ def test_run_saved_before_split_order_counts_as_generation_order(tmp_path):
     assert read_config_dict(run_dir / "config.yaml")["task"]["split_order"] == "generation"  # resume's view
 
 
+def test_run_saved_before_stop_gate_counts_as_no_gate(tmp_path):
+    """inference_select runs saved before select.stop_gate existed fitted no confidence gate: a compare
+    pinned to stop_gate=false skips them, the (new) default runs them again."""
+    spec = load_compare(str(write_spec(tmp_path / "c.yaml", methods=[{"method": "zero_shot"}],
+                                       base={**BASE, "select.stop_gate": False})), [])
+    run_dir = tmp_path / "zero_shot" / "seed_0"
+    cfg = method_config(spec, spec["methods"][0], 0, run_dir)
+    run_dir.mkdir(parents=True)
+    save_config(cfg, run_dir / "config.yaml")
+    old = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del old["select"]["stop_gate"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    (run_dir / "metrics.json").write_text("{}")
+    assert is_done(cfg, run_dir)
+    cfg.select.stop_gate = True
+    assert not is_done(cfg, run_dir)
+
+
 def test_rerun_with_other_settings_drops_old_results(tmp_path):
     """A run that runs again must not leave the earlier settings' metrics to pass for its own if it fails."""
     spec = load_compare(str(write_spec(tmp_path / "c.yaml", methods=[{"method": "sft"}],

@@ -329,3 +329,18 @@ def test_early_majority_with_per_query_lora(tiny_model_path, make_task, monkeypa
     assert [r["generations"][:2] for r in low] == [[r["generation"]] * 2 for r in greedy]
     # identical samples settle at stop_min unless they hold no answer (an empty first character)
     assert [r["samples"] for r in low] == [2 if r["extracted"] else 4 for r in greedy]
+
+
+def test_select_stop_gate_switches_the_gate_fit():
+    from metatuner.config import load_config
+    from metatuner.methods.inference_select import stop_rules
+
+    data = {("sampled", 0, 0.7): [_scored(["7"] * 5 + ["1", "2", "3"], [-0.1] * 5 + [-1.0] * 3, "7")] * 10,
+            ("greedy", 0): [True] * 10}
+    on = stop_rules(load_config(None, ["method=inference_select", "select.subsets=50"]), data, 8)
+    off = stop_rules(load_config(None, ["method=inference_select", "select.subsets=50", "select.stop_gate=false"]), data, 8)
+    assert list(on) == list(off) == [("sampled", 0, 0.7)]  # greedy groups have no stopping rule
+    rule_on, rule_off = on[("sampled", 0, 0.7)], off[("sampled", 0, 0.7)]
+    assert rule_on["gates_tried"] and rule_on["stop_score"] is not None
+    assert rule_off["gates_tried"] == [] and rule_off["stop_score"] is None
+    assert rule_on["mean_samples"] < rule_off["mean_samples"]

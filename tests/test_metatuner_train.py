@@ -265,7 +265,8 @@ def test_d2_best_is_never_worse_than_p_tilde(scoring_system):
     cands = M.sample_prompts(system, exs, 4)
     alone = M.score_candidates(system, exs, [[] for _ in exs])  # p~ only
     best = M.score_candidates(system, exs, cands)
-    for (p0, c0, n0), (p, c, n), cs in zip(alone, best, cands):
+    for (p0, c0, n0, d0), (p, c, n, d), cs in zip(alone, best, cands):
+        assert d0 and d  # rollout.targets=all: every query has a target
         assert p0 == system.p_tilde
         assert p in cs or p == system.p_tilde
         assert (not c, n) <= (not c0, n0 + 1e-5)
@@ -286,10 +287,10 @@ def test_d2_picks_the_strictly_lower_nll_candidate(scoring_system):
             break
     assert lower and higher, "the pool should hold candidates on both sides of p~"
     best_c = lower[0][1]
-    got, correct, nll = M.score_candidates(system, [ex], [[higher[-1][1], best_c] + [c for _, c in lower[1:]]])[0]
+    got, correct, nll, _ = M.score_candidates(system, [ex], [[higher[-1][1], best_c] + [c for _, c in lower[1:]]])[0]
     assert got == best_c and not correct and nll == pytest.approx(nlls[best_c], abs=1e-5)
     # nothing better than p~: p~ stays
-    got, _, nll = M.score_candidates(system, [ex], [[c for _, c in higher]])[0]
+    got, _, nll, _ = M.score_candidates(system, [ex], [[c for _, c in higher]])[0]
     assert got == system.p_tilde and nll == pytest.approx(base, abs=1e-5)
 
 
@@ -311,8 +312,35 @@ def test_d2_ranks_correct_answers_before_nll(scoring_system, monkeypatch):
     monkeypatch.setattr(system.cfg.rollout, "criterion", "answer")
     monkeypatch.setattr(system.task, "extract", lambda g: g)
     monkeypatch.setattr(system.task, "score_fn", lambda pred, e: {"correct": pred == "RIGHT"})
-    got, correct, _ = M.score_candidates(system, [ex], [[plain, worst_magic]])[0]
+    got, correct, _, _ = M.score_candidates(system, [ex], [[plain, worst_magic]])[0]
     assert got == worst_magic and correct
+    # rollout.targets=decisive: a target only where the candidates disagree on correctness
+    monkeypatch.setattr(system.cfg.rollout, "targets", "decisive")
+    exs = system.task.train[:3]
+    got = M.score_candidates(system, exs, [[plain, worst_magic], [plain], ["MAGIC now."]])
+    assert [g[3] for g in got] == [True, False, True]  # p~ is wrong everywhere: the third one is split too
+    import metatuner.methods.metatuner.rollouts as R
+
+    monkeypatch.setattr(R, "sample_prompts", lambda system, exs, n, live=False: [[plain, worst_magic], [plain], ["Sum it."]])
+    best, task_prompts, stats = M.d2_rollout(system, exs)
+    assert best == [worst_magic, None, None] and len(task_prompts) == 3
+    assert stats["d2_targets"] == pytest.approx(1 / 3) and stats["d2_correct"] == pytest.approx(1 / 3)
+
+
+def test_queries_without_a_target_leave_the_regulariser(scoring_system):
+    """rollout.targets=decisive: a None best prompt drops its row from the regulariser's mean."""
+    system = scoring_system
+    exs = system.task.train[:2]
+    with torch.no_grad():
+        _, both = system.joint_losses(exs, [system.p_tilde] * 2, ["Add the numbers.", None], need_task=False)
+        _, alone = system.joint_losses(exs[:1], [system.p_tilde], ["Add the numbers."], need_task=False)
+        _, other = system.joint_losses(exs, [system.p_tilde] * 2, ["Add the numbers.", "Sum it."], need_task=False)
+    assert both.item() == pytest.approx(alone.item(), rel=1e-5) and other.item() != pytest.approx(alone.item(), rel=1e-5)
+    system.gen.model.zero_grad(set_to_none=True)
+    _, none = system.joint_losses(exs, [system.p_tilde] * 2, [None, None], need_task=False)
+    assert none.item() == 0.0
+    none.backward()
+    assert all(p.grad is None or not p.grad.abs().any() for p in system.generator_parameters())
 
 
 # ----------------------------------------------------------------------------- 4: resume
@@ -634,3 +662,20 @@ def test_answer_criterion_inside_the_real_loop(model_dir, tmp_path, monkeypatch)
     loop.run()
     assert calls and set(calls) == {"answer"}
     assert system.counts["generation_calls"] > 0
+
+
+def test_decisive_targets_inside_the_real_loop(model_dir, tmp_path):
+    """rollout.targets=decisive in the joint loop: the random actor answers nothing right, so no query is
+    decisive, D2 holds no target and the regulariser is 0 on every joint step; the run still trains F."""
+    cfg = make_cfg(model_dir, tmp_path / "dec", "method=metatuner_j", "warmup.max_steps=0", "warmup.generator_steps=0",
+                   "rollout.criterion=answer", "rollout.targets=decisive", "generator.prompt_space=pool",
+                   "prompts.candidates=[Add.,Sum them.]", "generator.pool_score=likelihood")
+    system, loop, _ = M.prepare(cfg, start_run(cfg))
+    before = [p.detach().clone() for p in system.decoder.parameters()]
+    loop.run()
+    assert loop.state["d2"] and all(v is None for v in loop.state["d2"].values())
+    rows = [json.loads(x) for x in (tmp_path / "dec" / "train_log.jsonl").read_text().splitlines()]
+    joint = [r for r in rows if "reg" in r and r.get("stage") != "rollout"]
+    assert joint and all(r["reg"] == 0.0 for r in joint)
+    assert [r["d2_targets"] for r in rows if r.get("stage") == "rollout"] == [0.0] * sum(r.get("stage") == "rollout" for r in rows)
+    assert any(not torch.equal(a, b) for a, b in zip(before, system.decoder.parameters()))

@@ -290,7 +290,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 # Settings added with a default that changes what an older run did: a run's saved config.yaml written
 # before the key existed ran with the value here, so comparing or reloading it must use that value.
-SAVED_BEFORE = {("task", "split_order"): "generation"}
+SAVED_BEFORE = {("task", "split_order"): "generation", ("select", "stop_gate"): False}
 
 
 def saved_settings(data: dict) -> dict:

@@ -29,10 +29,12 @@ def accuracy_of(model, tok, task: Task, examples: list[Example], prompt: str, ba
 @torch.no_grad()
 def rank_prompts(model, tok, task: Task, examples: list[Example], candidates: list[list[str]], criterion: str = "answer",
                  batch_size: int = 16, max_length: int = 512, bf16: bool = True,
-                 factors_ctx=None, desc: str | None = None) -> list[tuple[str, bool, float]]:
+                 factors_ctx=None, desc: str | None = None, decisive: bool = False) -> list[tuple]:
     """Best candidate per query: (prompt, correct, nll), ranked by (correct first, then lower NLL of the
     reference). `factors_ctx(examples)` may return a context that changes the actor per row; `desc`
-    labels a progress bar over the (query, candidate) rows (main process only)."""
+    labels a progress bar over the (query, candidate) rows (main process only). With `decisive`, each
+    tuple gains a fourth field: whether the query's candidates disagree on correctness (some right,
+    some wrong)."""
     if criterion not in ("answer", "nll"):
         from metatuner.errors import MetatunerError
 
@@ -64,10 +66,14 @@ def rank_prompts(model, tok, task: Task, examples: list[Example], candidates: li
         bar.update(len(exs))
     bar.close()
     best: dict[int, tuple] = {}
+    seen: dict[int, set] = {}
     for j, i in enumerate(owner):
         key = (not correct[j], nll[j])
+        seen.setdefault(i, set()).add(correct[j])
         if i not in best or key < best[i][0]:
             best[i] = (key, flat_p[j], correct[j], nll[j])
+    if decisive:
+        return [(best[i][1], best[i][2], best[i][3], len(seen[i]) == 2) for i in range(len(examples))]
     return [(best[i][1], best[i][2], best[i][3]) for i in range(len(examples))]
 
 

@@ -95,6 +95,7 @@ class SelectConfig:
     budget: float = _f(2.0, "Budget comparison: average samples per query (total = budget x queries) for the probe's adaptive allocation, the uniform one and early stopping, compared on validation; the probe is used only if it beats both.")
     max_per_query: int = _f(8, "Budget comparison: at most this many samples for one query.")
     stop_fit: bool = _f(True, "Fit early stopping's rule on validation: per (prompt, temperature), the threshold, minimum samples and confidence gate (inference.stop_score; of a grid: off and quantiles of the validation samples' scores) that spend the fewest samples while the accuracy loss against fixed majority at the largest N (replayed on the same validation samples) stays within select.stop_tolerance with confidence select.confidence (one-sided upper bound, paired bootstrap over queries). The fitted rule is used by early_majority arms, the chosen arm and the test comparison with fixed majority. false: inference.stop_threshold / inference.stop_min / inference.stop_score.")
+    stop_gate: bool = _f(True, "select.stop_fit: also fit the confidence gate (inference.stop_score) among off and quantiles of the validation samples' scores; false fits the threshold and minimum only (the rule of runs before 2026-11-25).")
     stop_tolerance: float = _f(1.0, "select.stop_fit: accuracy points (validation) early stopping may lose against fixed majority at the largest N.")
 
 
@@ -185,6 +186,7 @@ class RolloutConfig:
     top_p: float = _f(0.95, "Top-p of candidate prompts.")
     criterion: str = _f("answer", "How candidates are ranked: answer (correct first, then lower NLL of the reference) or nll (NLL only, no generation).")
     batch_size: int = _f(16, "Batch size of rollout generation and scoring.")
+    targets: str = _f("all", "Which queries give D2 a regularisation target: all (every query's best candidate) or decisive (only queries whose candidates disagree on correctness, some answered right and some wrong; needs rollout.criterion=answer). With a weak actor most queries have no correct candidate or only correct ones, and their 'best' is a near-tie on NLL that teaches the prompt decoder noise; decisive keeps the targets that say which prompt makes the answer right.")
 
 
 @dataclass

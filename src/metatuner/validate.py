@@ -33,6 +33,7 @@ CHOICES = {
     "train.scheduler": ("constant", "linear", "cosine"),
     "train.report_to": ("jsonl", "tensorboard", "none"),
     "rollout.criterion": ("answer", "nll"),
+    "rollout.targets": ("all", "decisive"),
     "generator.prompt_space": ("free", "pool", "mixed"),
     "generator.pool_score": ("gain", "likelihood"),
     "prompt_selection": ("none", "sapo"),
@@ -142,6 +143,9 @@ def _check_combinations(cfg) -> None:
     if m == "dpo" and cfg.dpo.sft_steps > train.max_steps:
         raise fail("dpo.sft_steps", cfg.dpo.sft_steps,
                    f"-1 or <= train.max_steps ({train.max_steps}): train.max_steps is the total, SFT included")
+    if cfg.rollout.targets == "decisive" and cfg.rollout.criterion != "answer":
+        raise fail("rollout.targets", "decisive", "all with rollout.criterion=nll (decisive needs answers to "
+                   "tell right from wrong: rollout.criterion=answer)")
     g = cfg.generator
     if m in METATUNER_METHODS and g.prompt_space != "free" and g.pool_score == "gain" and g.lora_rank == 0:
         raise fail("generator.pool_score", g.pool_score,

@@ -133,7 +133,8 @@ def stop_rules(cfg: Config, data: dict, nmax: int) -> dict:
         if g[0] != "sampled" or not d:
             continue
         if sc.stop_fit:
-            out[g] = fit_stop_rule(d, nmax, sc.stop_tolerance / 100, sc.subsets, cfg.seed, confidence=sc.confidence)
+            out[g] = fit_stop_rule(d, nmax, sc.stop_tolerance / 100, sc.subsets, cfg.seed, confidence=sc.confidence,
+                                   gates=None if sc.stop_gate else [])
         else:
             out[g] = {"threshold": inf.stop_threshold, "min_samples": inf.stop_min, "stop_score": inf.stop_score}
     return out

@@ -140,7 +140,8 @@ def train(cfg: Config, task: Task) -> tuple[MetaTunerSystem, dict]:
                   "train_tokens": warm.get("train_tokens", 0) + system.counts["train_tokens"] * world,
                   "generation_calls": system.counts["generation_calls"] * world,
                   "rollout_seconds": round(loop.rollout_seconds, 1), "train_seconds": round(time.time() - t_start, 1),
-                  "d2_rewritten": sum(v != system.p_tilde for v in d2.values()) / max(1, len(d2))})
+                  "d2_rewritten": sum(v is not None and v != system.p_tilde for v in d2.values()) / max(1, len(d2)),
+                  "d2_targets": sum(v is not None for v in d2.values()) / max(1, len(d2))})
     write_final(cfg, loop)
     return system, stats
 

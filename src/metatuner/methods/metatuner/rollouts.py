@@ -5,7 +5,10 @@ generator.prompt_space: `free` samples rollout.n prompts per query from the deco
 the decoder to the candidate pool (pool.py): every candidate is scored by its length-normalised
 log-likelihood given (p~, x) in one teacher-forced pass, the task-loss prompt is sampled from phi_p'
 over the pool at generator.pool_temperature, the test prompt is the live decoder's argmax; `mixed`
-puts rollout.n free samples beside the pool."""
+puts rollout.n free samples beside the pool.
+
+rollout.targets=decisive keeps a D2 target only for queries whose candidates disagree on correctness; the
+others get None (the regulariser skips them, `MetaTunerSystem.joint_losses`)."""
 
 from __future__ import annotations
 
@@ -94,27 +97,29 @@ def test_prompts(system, examples: list[Example]) -> list[str]:
 
 
 @torch.no_grad()
-def score_candidates(system, examples: list[Example], candidates: list[list[str]]) -> list[tuple[str, bool, float]]:
+def score_candidates(system, examples: list[Example], candidates: list[list[str]]) -> list[tuple]:
     """Best candidate per query by (correct first, then lower NLL of the reference) under the actor
-    with that query's generated LoRA. p~ is always a candidate. Returns (prompt, correct, nll)."""
+    with that query's generated LoRA. p~ is always a candidate. Returns (prompt, correct, nll, decisive):
+    decisive = the candidates disagree on correctness (always True with rollout.targets=all)."""
     from metatuner.prompts import rank_prompts
 
     cfg = system.cfg
     cands = [list(dict.fromkeys([system.p_tilde] + list(c))) for c in candidates]
     if cfg.rollout.criterion == "answer":
         system.counts["generation_calls"] += sum(len(c) for c in cands)
-    return rank_prompts(system.actor, system.tok, system.task, examples, cands, cfg.rollout.criterion,
-                        cfg.rollout.batch_size, cfg.train.max_length, cfg.train.bf16, system.with_factors,
-                        desc="D2: scoring prompts")
+    ranked = rank_prompts(system.actor, system.tok, system.task, examples, cands, cfg.rollout.criterion,
+                          cfg.rollout.batch_size, cfg.train.max_length, cfg.train.bf16, system.with_factors,
+                          desc="D2: scoring prompts", decisive=True)
+    return [r if cfg.rollout.targets == "decisive" else (*r[:3], True) for r in ranked]
 
 
-def d2_rollout(system, examples: list[Example], live: bool = False) -> tuple[list[str], list[str], dict]:
+def d2_rollout(system, examples: list[Example], live: bool = False) -> tuple[list[str | None], list[str], dict]:
     """Candidates per query (rollout.n samples and/or the pool), scored by the actor;
-    -> (best prompts, task prompts, stats)."""
+    -> (best prompts, None where the query has no target under rollout.targets=decisive; task prompts; stats)."""
     cfg = system.cfg
     n, space = cfg.rollout.n, cfg.generator.prompt_space
     if not system.use_p:  # nothing to choose from (w/o P: the actor never sees a rewrite): D2 holds p~
-        best = [(system.p_tilde, False, 0.0)] * len(examples)
+        best = [(system.p_tilde, False, 0.0, True)] * len(examples)
         return [b[0] for b in best], [system.p_tilde] * len(examples), {"d2_correct": 0.0, "d2_rewritten": 0.0}
     free = sample_prompts(system, examples, n, live=live) if (space != "pool" and n > 0) else [[] for _ in examples]
     if space == "free":
@@ -125,9 +130,11 @@ def d2_rollout(system, examples: list[Example], live: bool = False) -> tuple[lis
         width = max(len(c) for c in cands)
         padded = [c + [c[0]] * (width - len(c)) for c in cands]  # the same count per query for one batched pass
         task_prompts = choose(system, examples, padded, frozen=not live, sample=True)
-    best = score_candidates(system, examples, cands) if any(cands) else [(system.p_tilde, False, 0.0)] * len(examples)
+    best = (score_candidates(system, examples, cands) if any(cands)
+            else [(system.p_tilde, False, 0.0, cfg.rollout.targets == "all")] * len(examples))
     stats = {"d2_correct": sum(b[1] for b in best) / max(1, len(best)),
-             "d2_rewritten": sum(b[0] != system.p_tilde for b in best) / max(1, len(best))}
+             "d2_rewritten": sum(b[0] != system.p_tilde for b in best if b[3]) / max(1, len(best)),
+             "d2_targets": sum(b[3] for b in best) / max(1, len(best))}
     if space != "free":
-        stats["d2_pool_counts"] = [sum(b[0] == c for b in best) for c in system.pool]
-    return [b[0] for b in best], task_prompts, stats
+        stats["d2_pool_counts"] = [sum(b[0] == c for b in best if b[3]) for c in system.pool]
+    return [b[0] if b[3] else None for b in best], task_prompts, stats

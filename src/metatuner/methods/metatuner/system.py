@@ -110,15 +110,19 @@ class MetaTunerSystem:
 
     # -- losses
 
-    def joint_losses(self, examples: list[Example], task_prompts: list[str], best_prompts: list[str],
+    def joint_losses(self, examples: list[Example], task_prompts: list[str], best_prompts: list[str | None],
                      need_task: bool = True, need_reg: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(task loss, regularization loss), from one generator pass over (p~, x, p*) and one actor pass."""
+        """(task loss, regularization loss), from one generator pass over (p~, x, p*) and one actor pass.
+        A query without a D2 target (best prompt None, rollout.targets=decisive) is left out of the
+        regulariser's mean (its row still feeds F through h_i, with p~ as the placeholder completion)."""
         cfg = self.cfg
         dev = self.device
         zero = torch.zeros((), device=dev)
+        keep = torch.tensor([p is not None for p in best_prompts], dtype=torch.float, device=dev)
         with autocast(cfg.train.bf16, dev):
             prefixes = self.gen_prefixes(examples)
-            comps = [completion_text(self.gen_tok, rewrite_messages(self.p_tilde, ex.query), p)[1]
+            comps = [completion_text(self.gen_tok, rewrite_messages(self.p_tilde, ex.query),
+                                     self.p_tilde if p is None else p)[1]
                      for ex, p in zip(examples, best_prompts)]
             gb = lm_batch(self.gen_tok, prefixes, comps, cfg.train.max_length, dev)
             run_gen = need_reg or (need_task and self.use_f)
@@ -133,7 +137,7 @@ class MetaTunerSystem:
                     self.counts["train_tokens"] += int(gb["attention_mask"].sum())
                 hidden_k = out.hidden_states[self.gen.k]
                 if need_reg:
-                    reg = rows.mean()
+                    reg = (rows * keep).sum() / keep.sum().clamp(min=1.0)
             task = zero
             if need_task:
                 f = self.factors(examples, hidden_k, gb["prefix_mask"]) if self.use_f else None

@@ -115,8 +115,9 @@ def warmup_generator(cfg: Config, system, trainer, log) -> dict:
         bs = cfg.train.batch_size
         system.gen.model.train()
         bar = tqdm(range(cfg.warmup.generator_steps), desc="warm-up G", disable=not state.is_main_process)
+        targets = [i for i, b in enumerate(best) if b is not None] or list(range(len(mine)))  # decisive: those
         for step in bar:
-            idx = [(step * bs + j) % len(mine) for j in range(bs)]
+            idx = [targets[(step * bs + j) % len(targets)] for j in range(bs)]
             exs = [mine[i] for i in idx]
 
             def reg_loss():
