@@ -252,9 +252,9 @@ def test_run_saved_before_split_order_counts_as_generation_order(tmp_path):
 def test_run_saved_before_stop_gate_counts_as_no_gate(tmp_path):
     """inference_select runs saved before select.stop_gate existed fitted no confidence gate: a compare
     pinned to stop_gate=false skips them, the (new) default runs them again."""
-    spec = load_compare(str(write_spec(tmp_path / "c.yaml", methods=[{"method": "zero_shot"}],
+    spec = load_compare(str(write_spec(tmp_path / "c.yaml", methods=[{"method": "inference_select"}, {"method": "zero_shot"}],
                                        base={**BASE, "select.stop_gate": False})), [])
-    run_dir = tmp_path / "zero_shot" / "seed_0"
+    run_dir = tmp_path / "inference_select" / "seed_0"
     cfg = method_config(spec, spec["methods"][0], 0, run_dir)
     run_dir.mkdir(parents=True)
     save_config(cfg, run_dir / "config.yaml")
@@ -265,6 +265,17 @@ def test_run_saved_before_stop_gate_counts_as_no_gate(tmp_path):
     assert is_done(cfg, run_dir)
     cfg.select.stop_gate = True
     assert not is_done(cfg, run_dir)
+    # a method that never reads select.* keeps the default: an old zero_shot run is done under it
+    zs_dir = tmp_path / "zero_shot" / "seed_0"
+    zs = method_config(spec, spec["methods"][1], 0, zs_dir)
+    zs.select.stop_gate = True
+    zs_dir.mkdir(parents=True)
+    save_config(zs, zs_dir / "config.yaml")
+    old = yaml.safe_load((zs_dir / "config.yaml").read_text())
+    del old["select"]["stop_gate"]
+    (zs_dir / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    (zs_dir / "metrics.json").write_text("{}")
+    assert is_done(zs, zs_dir)
 
 
 def test_rerun_with_other_settings_drops_old_results(tmp_path):

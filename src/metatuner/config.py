@@ -289,24 +289,29 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 # Settings added with a default that changes what an older run did: a run's saved config.yaml written
-# before the key existed ran with the value here, so comparing or reloading it must use that value.
-SAVED_BEFORE = {("task", "split_order"): "generation", ("select", "stop_gate"): False}
+# before the key existed ran with the value here (for the methods named; None = every method), so
+# comparing or reloading it must use that value. Other methods never read the key: its default stands.
+SAVED_BEFORE = {("task", "split_order"): ("generation", None),
+                ("select", "stop_gate"): (False, ("inference_select",))}
+
+
+def _saved_before(data: dict) -> list[tuple[str, str, object]]:
+    """(section, key, value) of the SAVED_BEFORE keys a saved config dict lacks and its method read."""
+    return [(s, k, v) for (s, k), (v, methods) in SAVED_BEFORE.items()
+            if isinstance(data.get(s), dict) and k not in data[s] and (methods is None or data.get("method") in methods)]
 
 
 def saved_settings(data: dict) -> dict:
     """A saved config.yaml's dict, with the keys of SAVED_BEFORE it lacks set to what that run did."""
-    for (section, key), value in SAVED_BEFORE.items():
-        if isinstance(data.get(section), dict) and key not in data[section]:
-            data[section][key] = value
+    for section, key, value in _saved_before(data):
+        data[section][key] = value
     return data
 
 
 def load_saved_config(path: str | os.PathLike) -> Config:
     """A run's saved config.yaml as a Config (see SAVED_BEFORE)."""
     data = _read_yaml(Path(path))
-    missing = [f"{s}.{k}={v}" for (s, k), v in SAVED_BEFORE.items()
-               if isinstance(data.get(s), dict) and k not in data[s]]
-    return load_config(path, missing)
+    return load_config(path, [f"{s}.{k}={v}" for s, k, v in _saved_before(data)])
 
 
 def to_dict(cfg) -> dict:
