@@ -329,6 +329,13 @@ def test_early_majority_with_per_query_lora(tiny_model_path, make_task, monkeypa
     assert [r["generations"][:2] for r in low] == [[r["generation"]] * 2 for r in greedy]
     # identical samples settle at stop_min unless they hold no answer (an empty first character)
     assert [r["samples"] for r in low] == [2 if r["extracted"] else 4 for r in greedy]
+    # a confidence gate every score passes: one sample settles a parsable answer; scores come back per sample
+    torch.manual_seed(2)
+    gated, _ = evaluate(model, tok, task, task.test, strategy="early_majority", n=4, temperature=1e-6,
+                        stop_threshold=0.85, stop_score=-1e9, batch_size=5, batch_context=ctx, progress=False)
+    assert [r["samples"] for r in gated] == [1 if r["extracted"] else 4 for r in greedy]
+    assert any(r["extracted"] for r in greedy) and not all(r["extracted"] for r in greedy)  # both kinds of row
+    assert all(len(r["scores"]) == r["samples"] and all(x <= 0 for x in r["scores"]) for r in gated)
 
 
 def test_select_stop_gate_switches_the_gate_fit():
