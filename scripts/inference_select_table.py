@@ -5,7 +5,9 @@
 Each argument is a compare output_dir (its inference_select/seed_*/ folders are read) or a run folder
 holding select.json. Table 1: the chosen arm against greedy decoding on the test split (paired bootstrap
 interval and exact McNemar p-value, from select.json `vs_greedy`). Table 2: early-stopping majority against
-fixed majority at the cap, on the same test samples. Table 3: the budget comparison (validation decides).
+fixed majority at the cap, on the same test samples (rule: threshold, minimum samples, confidence gate).
+Table 3: the budget comparison (validation decides). Table 4: the stopping rule fitted per (prompt,
+temperature) on validation, with its accuracy and samples there.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ def pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
+def gate(x) -> str:
+    return "no gate" if x is None else f"gate {x:.3f}"
+
+
 def main(args: list[str]) -> None:
     rows = []
     for a in args:
@@ -45,12 +51,13 @@ def main(args: list[str]) -> None:
               f"{pct(v['greedy_same_prompt_accuracy'])} | {100 * same['diff']:+.1f} ({100 * same['ci95'][0]:+.1f} to "
               f"{100 * same['ci95'][1]:+.1f}) | {same['p_value']:.3g} |")
     print()
-    print("| task | prompt | T | rule (threshold, min; fitted on validation?) | fixed majority@cap % | early stop % | "
+    print("| task | prompt | T | rule (threshold, min, gate; fitted on validation?) | fixed majority@cap % | early stop % | "
           "gap (pts) | early mean samples | share of fixed's samples |")
     print("|---|---|---|---|---|---|---|---|---|")
     for task, d, s in rows:
         e = s["early_stop_vs_fixed"]
-        rule = f"{e['threshold']}, {e['min_samples']}; {'yes' if e.get('rule_fitted_on_validation') else 'no'}"
+        rule = (f"{e['threshold']}, {e['min_samples']}, {gate(e.get('stop_score'))}; "
+                f"{'yes' if e.get('rule_fitted_on_validation') else 'no'}")
         print(f"| {task} | {e['prompt'][:40]!r} | {e['temperature']} | {rule} | {pct(e['fixed_majority_accuracy'])} | "
               f"{pct(e['early_accuracy'])} | {100 * (e['early_accuracy'] - e['fixed_majority_accuracy']):+.1f} | "
               f"{e['early_mean_samples']:.2f} of {e['cap']} | {100 * e['sample_ratio']:.0f}% |")
@@ -62,6 +69,17 @@ def main(args: list[str]) -> None:
         val = " / ".join(pct(b["validation"][k]["accuracy"]) for k in ("probe", "uniform", "early_stop"))
         test = " / ".join(pct(b["test"][k]["accuracy"]) for k in ("probe", "uniform", "early_stop"))
         print(f"| {task} | {b['budget_per_query']} | {val} | {b['used']} | {test} |")
+    print()
+    print("| task | prompt | T | rule (threshold, min, gate) | validation: fixed majority@cap % | early stop % | "
+          "mean samples (share) |")
+    print("|---|---|---|---|---|---|---|")
+    for task, d, s in rows:
+        for g in s["stop_rule"]["per_group"]:
+            if "accuracy" not in g:  # select.stop_fit=false: the configured rule, not fitted
+                continue
+            print(f"| {task} | P{g['prompt']} | {g['temperature']} | {g['threshold']}, {g['min_samples']}, "
+                  f"{gate(g.get('stop_score'))} | {pct(g['fixed_majority_accuracy'])} | {pct(g['accuracy'])} | "
+                  f"{g['mean_samples']:.2f} of {g['cap']} ({100 * g['mean_samples'] / g['cap']:.0f}%) |")
 
 
 if __name__ == "__main__":
