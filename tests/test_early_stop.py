@@ -76,7 +76,12 @@ def test_confidence_gate_settles_agreeing_confident_samples_from_the_first_on():
     assert not vote_settled(["7", "7"], 0.99, 4, [-0.1, -0.25], -0.2)  # every sample must pass
     assert not vote_settled(["7", "8"], 0.99, 4, [-0.1, -0.1], -0.2)  # disagreement never passes the gate
     assert not vote_settled([None], 0.5, 1, [-0.01], -1.0) and not vote_settled([""], 0.5, 1, [-0.01], -1.0)
-    assert agreed_score(["3", "3", "3"], [-0.5, -0.2, -0.9]) == -0.9 and agreed_score(["3", "4"], [0, 0]) == float("-inf")
+    assert agreed_score(["3", "3", "3"], [-0.5, -0.2, -0.9]) == -0.9 and agreed_score(["3", "4"], [0, 0]) is None
+    # no agreement, a missing or a NaN score never passes, whatever the gate
+    for answers, scores in ((["7", "8"], [-0.1, -0.1]), ([None], [-0.1]), (["7", "7"], [-0.1, float("nan")]),
+                            (["7", "7"], [float("nan"), -0.1]), (["7", "7"], [-0.1]), (["7"], [])):
+        assert agreed_score(answers, scores) is None
+        assert not vote_settled(answers, 0.999, 9, scores, -1e30)
     # the Beta rule still applies beside the gate
     assert vote_settled(["7"] * 4, 0.95, 2, [-5.0] * 4, -0.2)
     assert stop_point(["7", "7", "8", "7"], 0.99, 4, 4, [-0.5, -0.1, -0.1, -0.1], -0.2) == 4
@@ -105,9 +110,7 @@ def test_fitted_rule_uses_the_gate_only_when_confidence_tells_right_from_wrong()
     # confidence that says nothing (the wrong strays are the confident ones): a gate would lose, none is fit
     misleading = [_scored(["7"] * 5 + ["1", "2", "3"], [-1.0] * 5 + [-0.1] * 3, "7") for _ in range(10)]
     fit = fit_stop_rule(misleading, 8, 0.0, orders=100)
-    assert fit["accuracy"] == 1.0
-    if fit["stop_score"] is not None:  # a gate above every stray's score never fires: harmless
-        assert fit["stop_score"] > -0.1
+    assert fit["accuracy"] == 1.0 and fit["stop_score"] is None and fit["gates_tried"] == [-1.0, -0.1]
     # samples without scores: no gate is tried
     assert score_gates([_query(["7"] * 8, "7")]) == []
     assert fit_stop_rule([_query(["7"] * 8, "7")], 8, 0.0, orders=10)["stop_score"] is None
@@ -351,3 +354,32 @@ def test_select_stop_gate_switches_the_gate_fit():
     assert rule_on["gates_tried"] and rule_on["stop_score"] is not None
     assert rule_off["gates_tried"] == [] and rule_off["stop_score"] is None
     assert rule_on["mean_samples"] < rule_off["mean_samples"]
+
+
+def test_top_up_reuses_the_chosen_arms_samples_and_draws_the_rest(make_task, monkeypatch):
+    import metatuner.methods.inference_select as IS
+    from metatuner.config import load_config
+
+    drawn = []
+
+    def fake_draw(actor, tok, task, examples, prompt, n, temperature, top_p, batch_size, verifier=None):
+        drawn.append((len(examples), n))
+        return [{"answers": ["9"] * n, "correct": [False] * n, "scores": [-0.5] * n} for _ in examples]
+
+    monkeypatch.setattr(IS, "draw_samples", fake_draw)
+    cfg = load_config(None, ["method=inference_select"])
+    task = make_task([("qa", "5"), ("qb", "2")])
+    scored = [{"generations": ["5", "5"], "scores": [-0.1, -0.2]}, {"generations": ["2"], "scores": [-0.3]}]
+    out, new = IS.top_up(None, None, task, task.test, "", scored, 4, 0.7, cfg)
+    assert [o["answers"] for o in out] == [["5", "5", "9", "9"], ["2", "9", "9", "9"]]
+    assert [o["scores"] for o in out] == [[-0.1, -0.2, -0.5, -0.5], [-0.3, -0.5, -0.5, -0.5]]
+    assert [o["correct"] for o in out] == [[True, True, False, False], [True, False, False, False]]
+    assert new == 5 and sorted(drawn) == [(1, 2), (1, 3)]
+    # records without scores (a majority arm) are reused too; their queries carry no scores
+    out, new = IS.top_up(None, None, task, task.test, "", [{"generations": ["5"] * 4}, {"generations": ["2"]}], 4, 0.7, cfg)
+    assert [o["answers"] for o in out] == [["5"] * 4, ["2", "9", "9", "9"]] and [o["scores"] for o in out] == [None, None]
+    assert new == 3
+    # no records: everything is drawn, with scores
+    drawn.clear()
+    out, new = IS.top_up(None, None, task, task.test, "", None, 4, 0.7, cfg)
+    assert new == 8 and drawn == [(2, 4)] and all(o["scores"] == [-0.5] * 4 for o in out)

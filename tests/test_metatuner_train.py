@@ -667,10 +667,11 @@ def test_answer_criterion_inside_the_real_loop(model_dir, tmp_path, monkeypatch)
 def test_decisive_targets_inside_the_real_loop(model_dir, tmp_path):
     """rollout.targets=decisive in the joint loop: the random actor answers nothing right, so no query is
     decisive, D2 holds no target and the regulariser is 0 on every joint step; the run still trains F."""
-    cfg = make_cfg(model_dir, tmp_path / "dec", "method=metatuner_j", "warmup.max_steps=0", "warmup.generator_steps=0",
+    cfg = make_cfg(model_dir, tmp_path / "dec", "method=metatuner_j", "warmup.max_steps=0", "warmup.generator_steps=2",
                    "rollout.criterion=answer", "rollout.targets=decisive", "generator.prompt_space=pool",
                    "prompts.candidates=[Add.,Sum them.]", "generator.pool_score=likelihood")
-    system, loop, _ = M.prepare(cfg, start_run(cfg))
+    system, loop, stats = M.prepare(cfg, start_run(cfg))
+    assert "no warm-up query has a D2 target" in stats["warmup_generator_skipped"]  # G's warm-up had nothing to learn
     before = [p.detach().clone() for p in system.decoder.parameters()]
     loop.run()
     assert loop.state["d2"] and all(v is None for v in loop.state["d2"].values())

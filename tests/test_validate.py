@@ -57,6 +57,7 @@ def error(*overrides) -> str:
         ("select.rule=ucb", "select.rule = 'ucb': expected one of lcb, halving"),
         ("inference.stop_threshold=1", "inference.stop_threshold = 1.0: expected a number in [0.5, 1)"),
         ("inference.stop_min=0", "inference.stop_min = 0: expected an integer >= 1"),
+        ("inference.stop_score=-.inf", "inference.stop_score = -inf: expected null (no gate) or a finite number"),
         ("inference.stop_chunk=0", "inference.stop_chunk = 0: expected an integer >= 1"),
         ("lora.target_modules=[]", "lora.target_modules = []: expected a non-empty value"),
         ("model.name=", "model.name = '': expected a non-empty value"),

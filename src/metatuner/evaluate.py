@@ -231,7 +231,7 @@ def evaluate(
     per round for the rows of the batch whose vote is not settled (metatuner.voting.vote_settled: the Beta
     rule at stop_threshold, or the confidence gate stop_score on the samples' verifier score or mean token
     log-probability), never more than n per query. Sampled records keep their samples' `scores` when
-    computed (best_of_n, the gate)."""
+    computed (best_of_n: the verifier's or the mean log-probabilities; early_majority with a gate)."""
     if strategy not in STRATEGIES:
         raise MetatunerError(f"inference.strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if batch_size < 1:
@@ -282,6 +282,7 @@ def evaluate(
             ex = examples[i]
             tokens += sum(ntoks[j])
             answers = [task.extract_for(g, ex) for g in gens[j]]
+            scores = logps[j] if logps is not None else None
             if strategy in ("majority", "early_majority"):
                 pred = majority_vote(answers)
                 pick = answers.index(pred) if pred in answers else 0
@@ -296,8 +297,8 @@ def evaluate(
                    "extracted": pred, "reference": ex.answer, **{k_: v for k_, v in sc.items()}, "samples": len(gens[j])}
             if sample:
                 rec["generations"] = gens[j]
-                if logps is not None:
-                    rec["scores"] = logps[j]
+                if scores is not None:
+                    rec["scores"] = scores
             records[i] = rec
         bar.update(len(idx))
     bar.close()

@@ -10,6 +10,7 @@ by run code before training. Every error is one line: the key, the value and wha
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -117,6 +118,9 @@ def _check_formats(cfg) -> None:
     steps = [s.strip() for s in cfg.bettertogether.strategy.split("->")]
     if not all(s in ("p", "w") for s in steps):
         raise fail("bettertogether.strategy", cfg.bettertogether.strategy, "steps p and w joined by '->', e.g. 'p -> w -> p'")
+    g = cfg.inference.stop_score
+    if g is not None and not math.isfinite(g):
+        raise fail("inference.stop_score", g, "null (no gate) or a finite number (a sample's score to stop at)")
     v = cfg.inference.verifier
     if v not in ("", "oracle") and not VERIFIER.match(v):
         raise fail("inference.verifier", v, "'' (the actor's log-probability), 'oracle' or 'module:function'")

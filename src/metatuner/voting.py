@@ -61,12 +61,15 @@ def top_two(answers: list[str | None]) -> tuple[int, int]:
     return (counts[0] if counts else 0, counts[1] if len(counts) > 1 else 0)
 
 
-def agreed_score(answers: list[str | None], scores: list[float] | None) -> float:
-    """The lowest score among the samples when all of them hold the same parsable answer, else -inf (no
-    scores: -inf). What the confidence gate compares with `stop_score`."""
-    if not answers or scores is None or answers[0] is None or answers[0] == "" or any(a != answers[0] for a in answers):
-        return -math.inf
-    return min(scores[: len(answers)])
+def agreed_score(answers: list[str | None], scores: list[float] | None) -> float | None:
+    """The lowest score among the samples when all of them hold the same parsable answer and each has a
+    finite score, else None. What the confidence gate compares with `stop_score`."""
+    if not answers or answers[0] is None or answers[0] == "" or any(a != answers[0] for a in answers):
+        return None
+    sc = list(scores or [])[: len(answers)]
+    if len(sc) < len(answers) or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in sc):
+        return None
+    return min(sc)
 
 
 def vote_settled(answers: list[str | None], threshold: float, min_samples: int = 2,
@@ -74,8 +77,10 @@ def vote_settled(answers: list[str | None], threshold: float, min_samples: int =
     """Stop sampling? Either at least `min_samples` samples drawn (parsable or not), a parsable leader,
     and P(leader beats runner-up) >= threshold under the Beta criterion; or (with `stop_score` and the
     samples' `scores`) every sample so far holds the same parsable answer, each scoring >= stop_score."""
-    if stop_score is not None and agreed_score(answers, scores) >= stop_score:
-        return True
+    if stop_score is not None:
+        agreed = agreed_score(answers, scores)
+        if agreed is not None and agreed >= stop_score:
+            return True
     if len(answers) < min_samples:
         return False
     c1, c2 = top_two(answers)
@@ -131,7 +136,7 @@ def _prefix_table(answers: list, correct: list[bool], cap: int, orders: int, see
                   scores: list[float] | None = None):
     """For each replay order (the orders `early_expectation` uses): per prefix length k = 1..cap, the lead
     probability (0 without a parsable leader), whether the majority pick is correct, and the prefix's
-    `agreed_score` (-inf unless its samples agree; what the confidence gate compares)."""
+    `agreed_score` (NaN where it is None, so no gate passes it; what the confidence gate compares)."""
     import numpy as np
 
     rng = random.Random(seed)
@@ -139,7 +144,7 @@ def _prefix_table(answers: list, correct: list[bool], cap: int, orders: int, see
     last = min(cap, len(answers))
     lead = np.zeros((max(1, orders), last))
     right = np.zeros((max(1, orders), last), dtype=bool)
-    agree = np.full((max(1, orders), last), -np.inf)
+    agree = np.full((max(1, orders), last), np.nan)
     for r in range(max(1, orders)):
         order = idx if r == 0 else rng.sample(idx, len(idx))
         seq = [answers[i] for i in order]
@@ -149,7 +154,8 @@ def _prefix_table(answers: list, correct: list[bool], cap: int, orders: int, see
             lead[r, k - 1] = lead_probability(c1, c2) if c1 > 0 else 0.0
             pick = majority_vote(seq[:k])
             right[r, k - 1] = pick is not None and bool(correct[order[seq.index(pick)]])
-            agree[r, k - 1] = agreed_score(seq[:k], sc)
+            a = agreed_score(seq[:k], sc)
+            agree[r, k - 1] = np.nan if a is None else a
     return lead, right, agree
 
 
@@ -203,7 +209,8 @@ def fit_stop_rule(samples: list[dict], cap: int, tolerance: float, orders: int =
                     ks = np.arange(1, last + 1)
                     settled = (lead >= t) & (ks >= m)[None, :]
                     if g is not None:
-                        settled |= agree >= g
+                        with np.errstate(invalid="ignore"):
+                            settled |= agree >= g  # NaN (no agreement) never passes
                     stop = np.where(settled.any(axis=1), settled.argmax(axis=1), last - 1)
                     acc_q[i] = right[np.arange(len(stop)), stop].mean()
                     spent_q[i] = (stop + 1).mean()

@@ -100,16 +100,17 @@ def sample_temperature(chosen: Arm, arms: list[Arm], data: dict, default: float)
 
 def top_up(actor, tok, task, examples, prompt, records, cap, temperature, cfg, verifier=None) -> tuple[list[dict], int]:
     """cap samples per test query at `temperature`: the chosen arm's own samples (records' generations,
-    when it sampled at that temperature and kept their scores) first, then new ones, scored as on
-    validation (verifier, else mean token log-probability). ({answers, correct, scores} per query,
-    new samples)."""
+    when it sampled at that temperature) first, then new ones, scored as on validation (verifier, else
+    mean token log-probability). A query whose reused samples carry no scores gets scores None (the
+    caller reuses such records only when no confidence gate needs them). ({answers, correct, scores}
+    per query, new samples)."""
     out = []
     for ex, r in zip(examples, records or [None] * len(examples)):
-        r = r if r and r.get("scores") is not None else {}
-        gens, sc = r.get("generations", [])[:cap], list(r.get("scores", []))[:cap]
+        gens = (r or {}).get("generations", [])[:cap]
+        sc = (r or {}).get("scores")
         answers = [task.extract_for(g, ex) for g in gens]
         out.append({"answers": answers, "correct": [bool(task.score(a, ex)["correct"]) for a in answers],
-                    "scores": sc})
+                    "scores": list(sc or [])[:cap] if sc is not None or not gens else None})
     by_missing: dict[int, list[int]] = {}
     for i, s in enumerate(out):
         if len(s["answers"]) < cap:
@@ -120,7 +121,8 @@ def top_up(actor, tok, task, examples, prompt, records, cap, temperature, cfg, v
         for i, s in zip(idx, new):
             out[i]["answers"] += s["answers"]
             out[i]["correct"] += s["correct"]
-            out[i]["scores"] += s["scores"]
+            if out[i]["scores"] is not None:
+                out[i]["scores"] += s["scores"]
     return out, sum(m * len(idx) for m, idx in by_missing.items())
 
 
@@ -147,8 +149,8 @@ def early_vs_fixed(samples: list[dict], rule: dict, nmax: int) -> dict:
     fixed = accuracy_with_allocation(samples, [nmax] * len(samples), "majority")
     acc, mean = sum(ok) / max(1, len(ok)), sum(spent) / max(1, len(spent))
     return {"cap": nmax, "threshold": rule["threshold"], "min_samples": rule["min_samples"],
-            "stop_score": rule.get("stop_score"), "fixed_majority_accuracy": fixed, "fixed_mean_samples": nmax, "early_accuracy": acc,
-            "early_mean_samples": mean, "sample_ratio": mean / nmax, "accuracy_gap_points": 100 * (fixed - acc)}
+            "stop_score": rule.get("stop_score"), "fixed_majority_accuracy": fixed, "fixed_mean_samples": nmax,
+            "early_accuracy": acc, "early_mean_samples": mean, "sample_ratio": mean / nmax, "accuracy_gap_points": 100 * (fixed - acc)}
 
 
 def versus(a: list[bool], b: list[bool]) -> dict:
@@ -252,12 +254,14 @@ def run(cfg: Config) -> dict:
         same = chosen_ok if c.strategy == "greedy" else greedy_correct(prompt, test)
         ptilde = same if c.prompt == 0 else greedy_correct(prompts[0], test)
         cap = max(nmax, sc.max_per_query)
-        own = records if c.temperature == t_s else None
-        test_samples, new_samples = top_up(actor, tok, task, test, prompt, own, cap, t_s, cfg, verifier)
         g_s = ("sampled", c.prompt, t_s)
         val_s = data.get(g_s) or draw(g_s, 0, len(val))
         if g_s not in rules:
             rules.update(stop_rules(cfg, {g_s: val_s}, nmax))
+        # the chosen arm's own samples are reused, unless a confidence gate needs scores they lack
+        scored = all(r.get("scores") is not None for r in records)
+        own = records if c.temperature == t_s and (scored or rules[g_s].get("stop_score") is None) else None
+        test_samples, new_samples = top_up(actor, tok, task, test, prompt, own, cap, t_s, cfg, verifier)
 
         def feats(exs):
             return query_features(actor, tok, [chat_text(tok, task.render(prompt, ex.query)) for ex in exs], bs)

@@ -114,7 +114,9 @@ class MetaTunerSystem:
                      need_task: bool = True, need_reg: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(task loss, regularization loss), from one generator pass over (p~, x, p*) and one actor pass.
         A query without a D2 target (best prompt None, rollout.targets=decisive) is left out of the
-        regulariser's mean (its row still feeds F through h_i, with p~ as the placeholder completion)."""
+        regulariser's mean (its row still feeds F through h_i, with p~ as the placeholder completion);
+        the mean is over the micro-batch's rows with a target, so with sparse targets each one weighs
+        more, as if train.alpha grew."""
         cfg = self.cfg
         dev = self.device
         zero = torch.zeros((), device=dev)

@@ -114,8 +114,11 @@ def warmup_generator(cfg: Config, system, trainer, log) -> dict:
         opt = torch.optim.AdamW(params, lr=cfg.warmup.generator_lr, weight_decay=0.0)
         bs = cfg.train.batch_size
         system.gen.model.train()
-        bar = tqdm(range(cfg.warmup.generator_steps), desc="warm-up G", disable=not state.is_main_process)
-        targets = [i for i, b in enumerate(best) if b is not None] or list(range(len(mine)))  # decisive: those
+        targets = [i for i, b in enumerate(best) if b is not None]  # rollout.targets=decisive: only those
+        steps = cfg.warmup.generator_steps if targets else 0
+        if not targets:
+            stats["warmup_generator_skipped"] = "no warm-up query has a D2 target (rollout.targets=decisive)"
+        bar = tqdm(range(steps), desc="warm-up G", disable=not state.is_main_process)
         for step in bar:
             idx = [targets[(step * bs + j) % len(targets)] for j in range(bs)]
             exs = [mine[i] for i in idx]
