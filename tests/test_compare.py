@@ -230,6 +230,16 @@ def test_finished_run_with_same_settings_is_skipped(tmp_path):
     assert not is_done(cfg, run_dir)
 
 
+def saved_without(cfg, run_dir, section: str, key: str) -> None:
+    """A finished run of cfg whose config.yaml was written before `section.key` existed."""
+    run_dir.mkdir(parents=True)
+    save_config(cfg, run_dir / "config.yaml")
+    old = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del old[section][key]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    (run_dir / "metrics.json").write_text("{}")
+
+
 def test_run_saved_before_split_order_counts_as_generation_order(tmp_path):
     """A config.yaml written before task.split_order existed ran with the splits in generation order:
     a compare pinned to that order skips it, one with the (new) shuffled default runs it again."""
@@ -237,12 +247,7 @@ def test_run_saved_before_split_order_counts_as_generation_order(tmp_path):
                                        base={**BASE, "task.split_order": "generation"})), [])
     run_dir = tmp_path / "zero_shot" / "seed_0"
     cfg = method_config(spec, spec["methods"][0], 0, run_dir)
-    run_dir.mkdir(parents=True)
-    save_config(cfg, run_dir / "config.yaml")
-    old = yaml.safe_load((run_dir / "config.yaml").read_text())
-    del old["task"]["split_order"]
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
-    (run_dir / "metrics.json").write_text("{}")
+    saved_without(cfg, run_dir, "task", "split_order")
     assert is_done(cfg, run_dir)
     cfg.task.split_order = "shuffled"
     assert not is_done(cfg, run_dir)
@@ -256,12 +261,7 @@ def test_run_saved_before_stop_gate_counts_as_no_gate(tmp_path):
                                        base={**BASE, "select.stop_gate": False})), [])
     run_dir = tmp_path / "inference_select" / "seed_0"
     cfg = method_config(spec, spec["methods"][0], 0, run_dir)
-    run_dir.mkdir(parents=True)
-    save_config(cfg, run_dir / "config.yaml")
-    old = yaml.safe_load((run_dir / "config.yaml").read_text())
-    del old["select"]["stop_gate"]
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
-    (run_dir / "metrics.json").write_text("{}")
+    saved_without(cfg, run_dir, "select", "stop_gate")
     assert is_done(cfg, run_dir)
     cfg.select.stop_gate = True
     assert not is_done(cfg, run_dir)
@@ -269,12 +269,7 @@ def test_run_saved_before_stop_gate_counts_as_no_gate(tmp_path):
     zs_dir = tmp_path / "zero_shot" / "seed_0"
     zs = method_config(spec, spec["methods"][1], 0, zs_dir)
     zs.select.stop_gate = True
-    zs_dir.mkdir(parents=True)
-    save_config(zs, zs_dir / "config.yaml")
-    old = yaml.safe_load((zs_dir / "config.yaml").read_text())
-    del old["select"]["stop_gate"]
-    (zs_dir / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
-    (zs_dir / "metrics.json").write_text("{}")
+    saved_without(zs, zs_dir, "select", "stop_gate")
     assert is_done(zs, zs_dir)
 
 

@@ -110,3 +110,19 @@ def diagnostics(train_answers: list[str], references: list[str], predictions: li
         d["floor_letter_accuracy"] = floor_acc
         d["floor_answer"] = d["floor_letter"]
     return d
+
+
+def task_diagnostics(task, records: list[dict]) -> dict:
+    """metatuner.diagnostics over the task's train answers and the records' references and extractions
+    (no floor when the task has no train split): what evaluate() adds to metrics.json."""
+    task_key = getattr(task, "answer_key", None)
+
+    def key(a):  # no answer stays None (counted in no_answer_rate); an empty key is no answer too
+        if a is None or task_key is None:
+            return answer_key(a)
+        return task_key(a) or None
+
+    mc = getattr(task, "is_multiple_choice", None)
+    mc = mc() if callable(mc) else mc
+    return diagnostics([e.answer for e in task.train], [r["reference"] for r in records],
+                       [r["extracted"] for r in records], multiple_choice=mc, key=key)

@@ -321,6 +321,8 @@ def evaluate(
                     "mean_samples": spent / max(1, n_ex), "tokens_generated": tokens,
                     "wall_seconds": round(wall, 2), "peak_memory_mb": peak_memory_mb(model.device)})
     if diagnose:
+        from metatuner.diagnostics import task_diagnostics
+
         metrics.update(task_diagnostics(task, records))
     if extra_metrics:
         metrics.update(extra_metrics)
@@ -375,24 +377,6 @@ def peak_memory_mb(device) -> float:
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
-
-
-def task_diagnostics(task: Task, records: list[dict]) -> dict:
-    """metatuner.diagnostics over the task's train answers and the records' references and extractions
-    (no floor when the task has no train split)."""
-    from metatuner.diagnostics import answer_key, diagnostics
-
-    task_key = getattr(task, "answer_key", None)
-
-    def key(a):  # no answer stays None (counted in no_answer_rate); an empty key is no answer too
-        if a is None or task_key is None:
-            return answer_key(a)
-        return task_key(a) or None
-
-    mc = getattr(task, "is_multiple_choice", None)
-    mc = mc() if callable(mc) else mc
-    return diagnostics([e.answer for e in task.train], [r["reference"] for r in records],
-                       [r["extracted"] for r in records], multiple_choice=mc, key=key)
 
 
 def _process_state():
