@@ -31,6 +31,10 @@ def main(a_path: str, b_path: str) -> None:
     print(f"{len(both)} queries in both ({len(a) - len(both)} only in A, {len(b) - len(both)} only in B)")
     print(f"accuracy: A {acc(a):.1f}%  B {acc(b):.1f}%")
     print(f"generations that differ: {gen}; right in A only: {lost}; right in B only: {won}")
+    from metatuner.stats import mcnemar_exact
+
+    p = mcnemar_exact([bool(a[q]["correct"]) for q in both], [bool(b[q]["correct"]) for q in both])
+    print(f"exact McNemar p (paired, same queries): {p:.3g}")
 
 
 if __name__ == "__main__":
