@@ -7,7 +7,9 @@ holding select.json. Table 1: the chosen arm against greedy decoding on the test
 interval and exact McNemar p-value, from select.json `vs_greedy`). Table 2: early-stopping majority against
 fixed majority at the cap, on the same test samples (rule: threshold, minimum samples, confidence gate).
 Table 3: the budget comparison (validation decides). Table 4: the stopping rule fitted per (prompt,
-temperature) on validation, with its accuracy and samples there.
+temperature) on validation, with its accuracy and samples there. Table 5 (runs with early_stop_groups.json:
+select.early_test=cheapest|all or scripts/early_stop_test.py): early stopping against fixed majority on
+test at every compared group, with its role (chosen arm's group, cheapest on validation).
 """
 
 from __future__ import annotations
@@ -80,6 +82,23 @@ def main(args: list[str]) -> None:
             print(f"| {task} | P{g['prompt']} | {g['temperature']} | {g['threshold']}, {g['min_samples']}, "
                   f"{gate(g.get('stop_score'))} | {pct(g['fixed_majority_accuracy'])} | {pct(g['accuracy'])} | "
                   f"{g['mean_samples']:.2f} of {g['cap']} ({100 * g['mean_samples'] / g['cap']:.0f}%) |")
+
+    groups = [(task, d, json.loads((d / "early_stop_groups.json").read_text())) for task, d, _ in rows
+              if (d / "early_stop_groups.json").is_file()]
+    if not groups:
+        return
+    print()
+    print("| task | prompt | T | role (chosen on validation) | rule (threshold, min, gate) | validation: early % at share | "
+          "test: fixed majority@cap % | early stop % | gap (pts) | mean samples (share) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for task, d, eg in groups:
+        for e in eg["groups"]:
+            v = e["validation"]
+            val = f"{pct(v.get('accuracy'))} at {100 * v['mean_samples'] / e['cap']:.0f}%" if "mean_samples" in v else "-"
+            print(f"| {task} | P{e['prompt']} | {e['temperature']} | {', '.join(e['roles']) or '-'} | {e['threshold']}, "
+                  f"{e['min_samples']}, {gate(e.get('stop_score'))} | {val} | {pct(e['fixed_majority_accuracy'])} | "
+                  f"{pct(e['early_accuracy'])} | {100 * (e['early_accuracy'] - e['fixed_majority_accuracy']):+.1f} | "
+                  f"{e['early_mean_samples']:.2f} of {e['cap']} ({100 * e['sample_ratio']:.0f}%) |")
 
 
 if __name__ == "__main__":

@@ -135,3 +135,59 @@ def test_inference_select_halving_and_greedy_only(tiny_model_path, tmp_path):
            *SMALL, "select.n_values=[1,2]", "select.temperatures=[0.7]", "select.val_examples=4",
            "select.opro_prompts=0", "select.rewrites=0", "select.rule=halving", "select.explore_budget=5"]
     assert main(bad) == 2
+
+
+def test_inference_select_early_test_groups_and_script(tiny_model_path, tmp_path):
+    """select.early_test=cheapest compares early stopping on test at the chosen group and at the group
+    whose rule is cheapest on validation; scripts/early_stop_test.py adds every other group to the
+    finished run, reusing the samples on disk."""
+    import runpy
+    from pathlib import Path
+
+    from metatuner.errors import MetatunerError
+
+    out = tmp_path / "early"
+    args = ["train", "method=inference_select", f"model.name={tiny_model_path}", f"output_dir={out}", *SMALL,
+            "select.n_values=[1,2]", "select.temperatures=[0.5,1.0]", "select.val_examples=4", "select.opro_prompts=0",
+            "select.rewrites=0", "select.prompts=[Add.]", "select.max_per_query=2", "select.subsets=10",
+            "select.early_test=cheapest"]
+    assert main(args) == 0
+    rep = json.loads((out / "select.json").read_text())
+    eg = json.loads((out / "early_stop_groups.json").read_text())
+    assert eg["which"] == "cheapest" and eg["cap"] == 2
+    first, e = eg["groups"][0], rep["early_stop_vs_fixed"]
+    assert "chosen" in first["roles"] and first["temperature"] == e["temperature"]
+    for k in ("fixed_majority_accuracy", "early_accuracy", "early_mean_samples", "threshold", "min_samples"):
+        assert first[k] == e[k]
+    per = rep["stop_rule"]["per_group"]
+    assert len(per) == 4  # 2 prompts x 2 temperatures, fitted on validation
+    cheap = min(per, key=lambda g: (g["mean_samples"], -g["accuracy"], g["prompt"], g["temperature"]))
+    (marked,) = [g for g in eg["groups"] if "cheapest on validation" in g["roles"]]
+    assert (marked["prompt"], marked["temperature"]) == (cheap["prompt"], cheap["temperature"])
+    assert marked["validation"]["mean_samples"] == cheap["mean_samples"]
+    assert len(eg["groups"]) == 1 + ((cheap["prompt"], cheap["temperature"]) != (first["prompt"], first["temperature"]))
+    rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    test_groups = {(r["prompt"], r["temperature"]) for r in rows if r["split"] == "test"}
+    assert test_groups == {(g["prompt"], g["temperature"]) for g in eg["groups"]}
+    assert sum(r["split"] == "test" for r in rows) == 3 * len(test_groups)
+
+    add = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "early_stop_test.py"))["add_early_groups"]
+    rep2 = add(out, "all")
+    assert rep2["which"] == "all" and rep2["added_by"] == "scripts/early_stop_test.py"
+    assert {(g["prompt"], g["temperature"]) for g in rep2["groups"]} == {(g["prompt"], g["temperature"]) for g in per}
+    before = {(g["prompt"], g["temperature"]): g for g in eg["groups"]}
+    for g in rep2["groups"]:  # groups that had test samples are replayed on the same ones
+        if (g["prompt"], g["temperature"]) in before:
+            assert g["early_accuracy"] == before[(g["prompt"], g["temperature"])]["early_accuracy"]
+        assert 1 <= g["early_mean_samples"] <= 2 and g["fixed_mean_samples"] == 2
+    rows2 = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert rows2[: len(rows)] == rows  # nothing on disk lost
+    new = rows2[len(rows):]
+    assert len(new) == 3 * (4 - len(test_groups)) and all(r["split"] == "test" and len(r["answers"]) == 2 for r in new)
+    text = (out / "samples.jsonl").read_text()
+    assert add(out, "all")["groups"] == rep2["groups"] and (out / "samples.jsonl").read_text() == text  # no new draws
+    (tmp_path / "config.yaml").write_text((out / "config.yaml").read_text())
+    with pytest.raises(MetatunerError, match="select.json: not found"):
+        add(tmp_path, "all")
+    with pytest.raises(MetatunerError, match="expected chosen, cheapest or all"):
+        add(out, "some")

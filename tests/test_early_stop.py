@@ -383,3 +383,22 @@ def test_top_up_reuses_the_chosen_arms_samples_and_draws_the_rest(make_task, mon
     drawn.clear()
     out, new = IS.top_up(None, None, task, task.test, "", None, 4, 0.7, cfg)
     assert new == 8 and drawn == [(2, 4)] and all(o["scores"] == [-0.5] * 4 for o in out)
+
+
+def test_early_groups_picks_the_chosen_and_the_validation_cheapest():
+    from metatuner.methods.inference_select import early_groups
+
+    a, b, c = ("sampled", 0, 0.3), ("sampled", 1, 0.3), ("sampled", 1, 0.7)
+    fit = lambda m, acc: {"threshold": 0.6, "min_samples": 2, "stop_score": None, "mean_samples": m, "accuracy": acc}  # noqa: E731
+    rules = {a: fit(5.0, 0.3), b: fit(2.5, 0.2), c: fit(2.5, 0.4)}
+    assert early_groups(rules, {}, "chosen", a, 8) == [(a, ["chosen"])]
+    # cheapest: fewest validation samples; the tie between b and c goes to the more accurate c
+    assert early_groups(rules, {}, "cheapest", a, 8) == [(a, ["chosen"]), (c, ["cheapest on validation"])]
+    assert early_groups(rules, {}, "cheapest", c, 8) == [(c, ["chosen", "cheapest on validation"])]
+    assert early_groups(rules, {}, "all", b, 8) == [(b, ["chosen"]), (a, []), (c, ["cheapest on validation"])]
+    # select.stop_fit=false: the configured rule, replayed on each group's validation samples
+    conf = {"threshold": 0.6, "min_samples": 2, "stop_score": None}
+    split = [{"answers": ["1", "2", "3", "4"], "correct": [True, False, False, False], "scores": None}]
+    same = [{"answers": ["1"] * 4, "correct": [True] * 4, "scores": None}]
+    got = early_groups({a: conf, b: conf}, {a: split, b: same}, "cheapest", a, 4)
+    assert got == [(a, ["chosen"]), (b, ["cheapest on validation"])]  # b stops at 2 samples, a never

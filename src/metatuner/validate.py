@@ -39,6 +39,7 @@ CHOICES = {
     "generator.pool_score": ("gain", "likelihood"),
     "prompt_selection": ("none", "sapo"),
     "select.rule": ("lcb", "halving"),
+    "select.early_test": ("chosen", "cheapest", "all"),
     "resume_from_checkpoint": (False, True, "auto"),
 }
 

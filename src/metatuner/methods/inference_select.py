@@ -16,7 +16,9 @@
    prompt and with p~ on the same test examples (paired McNemar test); fixed majority and
    early-stopping majority at the largest N and the budget comparison (metatuner.budget: probe vs
    uniform vs early stopping, decided on validation) from one set of test samples at the chosen
-   temperature, topped up from the chosen arm's own samples.
+   temperature, topped up from the chosen arm's own samples. select.early_test=cheapest|all adds the
+   early-stopping comparison at other (prompt, temperature) groups (early_stop_groups.json; the extra
+   groups are chosen on validation only); scripts/early_stop_test.py adds it to a finished run.
 4. select.json holds every arm with its interval, the choice, the paired test against greedy, early
    stopping against fixed majority, and the budget comparison; select_curves.png plots accuracy vs N;
    samples.jsonl holds every sample the comparisons replay (validation per (prompt, temperature), and
@@ -153,6 +155,42 @@ def early_vs_fixed(samples: list[dict], rule: dict, nmax: int) -> dict:
             "early_accuracy": acc, "early_mean_samples": mean, "sample_ratio": mean / nmax, "accuracy_gap_points": 100 * (fixed - acc)}
 
 
+def early_groups(rules: dict, data: dict, which: str, chosen: tuple, nmax: int) -> list[tuple[tuple, list[str]]]:
+    """The sampled (prompt, temperature) groups whose early stopping is compared on test, with their roles:
+    the chosen arm's group always; with select.early_test=cheapest also the group whose rule spends the
+    fewest samples on its validation samples (ties: the more accurate there; decided on validation only);
+    with all, every group with a rule. [(group, roles)], the chosen group first."""
+    spend = {}
+    for g, r in rules.items():
+        if "mean_samples" in r:  # fitted: the expectation over orders the fit minimised
+            spend[g] = (r["mean_samples"], -r["accuracy"])
+        elif data.get(g):
+            e = early_vs_fixed(data[g], r, nmax)
+            spend[g] = (e["early_mean_samples"], -e["early_accuracy"])
+    cheapest = min(spend, key=lambda g: (spend[g], g[1], g[2])) if spend else None
+    picked = [chosen] + [g for g in rules if g != chosen and (which == "all" or (which == "cheapest" and g == cheapest))]
+    return [(g, ["chosen"] * (g == chosen) + ["cheapest on validation"] * (g == cheapest)) for g in picked]
+
+
+def compare_early_groups(cfg: Config, groups: list, rules: dict, have: dict, draw_test, nmax: int) -> tuple[dict, list[dict]]:
+    """Early stopping against fixed majority at nmax on test for every group of `early_groups`: the test
+    samples of `have` ({group: samples}) or drawn by draw_test(group) (nmax per query). (early_stop_groups
+    report, new sample rows for samples.jsonl)."""
+    out, rows = [], []
+    for g, roles in groups:
+        samples = have.get(g)
+        if samples is None:
+            samples = draw_test(g)
+            rows += [{"split": "test", "prompt": g[1], "temperature": g[2], "query": i, **smp}
+                     for i, smp in enumerate(samples)]
+        r = rules[g]
+        val = {k: r[k] for k in ("accuracy", "mean_samples", "fixed_majority_accuracy") if k in r}
+        out.append({"prompt": g[1], "temperature": g[2], "roles": roles, "validation": val,
+                    **early_vs_fixed(samples, r, nmax)})
+    return {"which": cfg.select.early_test, "cap": nmax, "tolerance_points": cfg.select.stop_tolerance,
+            "groups": out}, rows
+
+
 def versus(a: list[bool], b: list[bool]) -> dict:
     from metatuner.stats import mcnemar_exact, paired_bootstrap
 
@@ -269,6 +307,14 @@ def run(cfg: Config) -> dict:
         budget = compare_budgets(val_s, feats(val[: len(val_s)]), test_samples, feats(test), sc.budget,
                                  sc.max_per_query, cfg.seed)
 
+        if sc.early_test != "chosen":
+            rules.update(stop_rules(cfg, {g: d for g, d in data.items() if g not in rules}, nmax))
+        groups = early_groups(rules, {**data, g_s: val_s}, sc.early_test, g_s, nmax)
+        early_groups_report, extra_rows = compare_early_groups(
+            cfg, groups, rules, {g_s: test_samples},
+            lambda g: draw_samples(actor, tok, task, test, prompts[g[1]], nmax, g[2], inf.top_p, bs, verifier), nmax)
+        new_samples += nmax * len(test) * sum(1 for g, _ in groups if g != g_s)
+
     early_block = {"prompt": prompt, "temperature": t_s, "rule_fitted_on_validation": sc.stop_fit,
                    **early_vs_fixed(test_samples, rules[g_s], nmax)}
     fixed, early_acc, early_mean = (early_block[k] for k in ("fixed_majority_accuracy", "early_accuracy",
@@ -304,11 +350,16 @@ def run(cfg: Config) -> dict:
                      for i, smp in enumerate(val_s)]
         rows += [{"split": "test", "prompt": c.prompt, "temperature": t_s, "query": i, **smp}
                  for i, smp in enumerate(test_samples)]
-        write_jsonl(out / "samples.jsonl", rows)
+        write_jsonl(out / "samples.jsonl", rows + extra_rows)
+        write_json(out / "early_stop_groups.json", early_groups_report)
         write_json(out / "select.json", report)
         write_json(out / "metrics.json", metrics)
     stage(f"test: chosen {100 * vs['chosen_accuracy']:.1f}% vs greedy same prompt "
           f"{100 * vs['greedy_same_prompt_accuracy']:.1f}% (McNemar p={vs['vs_same_prompt']['p_value']:.3g}); "
           f"early stop {100 * early_acc:.1f}% at {early_mean:.2f} samples vs majority@{nmax} {100 * fixed:.1f}%; "
           f"budget: {budget['why']}")
+    for e in early_groups_report["groups"][1:]:
+        stage(f"early stop, P{e['prompt']} T={e['temperature']:g} ({', '.join(e['roles']) or 'select.early_test=all'}): "
+              f"{100 * e['early_accuracy']:.1f}% at {e['early_mean_samples']:.2f} samples vs majority@{nmax} "
+              f"{100 * e['fixed_majority_accuracy']:.1f}%")
     return metrics
