@@ -8,8 +8,10 @@ Reads the run's config.yaml, select.json (prompts, the stopping rule fitted per 
 samples.jsonl (validation samples per group, test samples already drawn); draws the largest N test samples
 per query for each group that has none yet (with the run's model, task, top_p and verifier; seeded with the
 run's seed, so not the same draws the run itself would have made), appends them to samples.jsonl and
-writes early_stop_groups.json (same schema as the method's). Groups are picked on validation only
-(cheapest: the rule that spends the fewest validation samples). Run again, it reuses the samples on disk.
+writes early_stop_groups.json (same schema as the method's; never replaced by one with fewer groups).
+Groups are picked on validation only (cheapest: the rule that spends the fewest validation samples; a
+select.rule=halving run gets its rules fitted here as the run would have). The new samples are checked to be
+of the run's own test queries (predictions.jsonl). Run again, it reuses the samples on disk.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def add_early_groups(run_dir: str | Path, which: str) -> dict:
     from metatuner.errors import MetatunerError
     from metatuner.inference import draw_samples, resolve_verifier
     from metatuner.io import read_jsonl, write_json, write_jsonl
-    from metatuner.methods.inference_select import compare_early_groups, early_groups
+    from metatuner.methods.inference_select import compare_early_groups, early_groups, stop_rules
     from metatuner.models import load_from_config
     from metatuner.run import eval_examples, set_seed
     from metatuner.tasks import load_task
@@ -52,6 +54,8 @@ def add_early_groups(run_dir: str | Path, which: str) -> dict:
     have = {g: v for (s, g), v in samples.items() if s == "test"}
     rules = {("sampled", g["prompt"], g["temperature"]): g for g in sel["stop_rule"]["per_group"]}
     nmax = sel["early_stop_vs_fixed"]["cap"]
+    # select.rule=halving fitted no rule during the choice: fit those of the groups it sampled, as the run would
+    rules.update(stop_rules(cfg, {g: v for g, v in val.items() if g not in rules}, nmax))
     chosen = ("sampled", sel["chosen"]["prompt"], sel["test_sample_temperature"])
     groups = early_groups(rules, val, which, chosen, nmax)
     state: dict = {}
@@ -60,7 +64,11 @@ def add_early_groups(run_dir: str | Path, which: str) -> dict:
         if not state:  # load the model and the task only when a group needs new samples
             set_seed(cfg.seed)
             state["task"] = task = load_task(cfg.task, cfg.seed)
-            state["test"] = eval_examples(cfg, task)
+            state["test"] = test = eval_examples(cfg, task)
+            ran = [r["query"] for r in read_jsonl(d / "predictions.jsonl")]
+            if [ex.query for ex in test] != ran:  # new samples must be of the run's own test queries
+                raise MetatunerError(f"{d / 'predictions.jsonl'}: its {len(ran)} test queries differ from the "
+                                     f"{len(test)} the task gives now (task data or code changed since the run)")
             state["model"] = load_from_config(cfg.model)
             state["verifier"] = resolve_verifier(cfg.inference.verifier, task)
         actor, tok = state["model"]
@@ -70,6 +78,12 @@ def add_early_groups(run_dir: str | Path, which: str) -> dict:
 
     report, new_rows = compare_early_groups(cfg, groups, rules, have, draw_test, nmax)
     report["added_by"] = "scripts/early_stop_test.py"
+    if (d / "early_stop_groups.json").is_file():  # never shrink a report already written
+        old = json.loads((d / "early_stop_groups.json").read_text())
+        key = lambda e: (e["prompt"], e["temperature"])  # noqa: E731
+        if {key(e) for e in old["groups"]} - {key(e) for e in report["groups"]}:
+            raise MetatunerError(f"{d / 'early_stop_groups.json'}: already compares more groups "
+                                 f"(early_test={old['which']}) than {which!r}; left as it is")
     if new_rows:
         write_jsonl(d / "samples.jsonl", rows + new_rows)
     write_json(d / "early_stop_groups.json", report)

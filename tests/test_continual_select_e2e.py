@@ -131,6 +131,17 @@ def test_inference_select_halving_and_greedy_only(tiny_model_path, tmp_path):
     assert rep["stop_rule"]["per_group"] == [{"prompt": chosen_prompt, "temperature": 0.7, "threshold": 0.9,
                                               "min_samples": 3, "stop_score": None}]
     assert (rep["early_stop_vs_fixed"]["threshold"], rep["early_stop_vs_fixed"]["min_samples"]) == (0.9, 3)
+    # scripts/early_stop_test.py on a halving run: every group it sampled gets a rule and a comparison
+    import runpy
+    from pathlib import Path
+
+    add = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "early_stop_test.py"))["add_early_groups"]
+    sampled = {(r["prompt"], r["temperature"]) for r in map(json.loads, (out / "samples.jsonl").read_text().splitlines())
+               if r["split"] == "validation"}
+    eg = add(out, "all")
+    assert {(g["prompt"], g["temperature"]) for g in eg["groups"]} == sampled | {(chosen_prompt, 0.7)}
+    assert eg["groups"][0]["prompt"] == chosen_prompt and "chosen" in eg["groups"][0]["roles"]
+    assert sum("cheapest on validation" in g["roles"] for g in eg["groups"]) == 1
     bad = ["train", "method=inference_select", f"model.name={tiny_model_path}", f"output_dir={tmp_path / 'bad'}",
            *SMALL, "select.n_values=[1,2]", "select.temperatures=[0.7]", "select.val_examples=4",
            "select.opro_prompts=0", "select.rewrites=0", "select.rule=halving", "select.explore_budget=5"]
@@ -178,8 +189,10 @@ def test_inference_select_early_test_groups_and_script(tiny_model_path, tmp_path
     before = {(g["prompt"], g["temperature"]): g for g in eg["groups"]}
     for g in rep2["groups"]:  # groups that had test samples are replayed on the same ones
         if (g["prompt"], g["temperature"]) in before:
-            assert g["early_accuracy"] == before[(g["prompt"], g["temperature"])]["early_accuracy"]
+            same = {k: v for k, v in before[(g["prompt"], g["temperature"])].items() if k != "roles"}
+            assert {k: v for k, v in g.items() if k != "roles"} == same
         assert 1 <= g["early_mean_samples"] <= 2 and g["fixed_mean_samples"] == 2
+        assert g["validation"]["queries"] == 4 and g["validation"]["mean_samples"] >= 1
     rows2 = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert rows2[: len(rows)] == rows  # nothing on disk lost
     new = rows2[len(rows):]
@@ -191,3 +204,42 @@ def test_inference_select_early_test_groups_and_script(tiny_model_path, tmp_path
         add(tmp_path, "all")
     with pytest.raises(MetatunerError, match="expected chosen, cheapest or all"):
         add(out, "some")
+    with pytest.raises(MetatunerError, match="already compares more groups"):  # never shrinks the report
+        add(out, "cheapest")
+    assert (out / "samples.jsonl").read_text() == text
+    # new samples only for the run's own test queries
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    (other / "early_stop_groups.json").unlink()
+    kept = [r for r in rows2 if r["split"] == "validation" or (r["prompt"], r["temperature"]) in before]
+    (other / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    preds = (other / "predictions.jsonl").read_text().splitlines()
+    (other / "predictions.jsonl").write_text("\n".join([json.dumps({**json.loads(preds[0]), "query": "x"})] + preds[1:]))
+    with pytest.raises(MetatunerError, match="test queries differ"):
+        add(other, "all")
+
+
+def test_compare_early_groups_draws_only_what_is_missing():
+    from metatuner.config import load_config
+    from metatuner.methods.inference_select import compare_early_groups
+
+    a, b = ("sampled", 0, 0.3), ("sampled", 1, 0.7)
+    rule = {"threshold": 0.6, "min_samples": 2, "stop_score": None}
+    have = {a: [{"answers": ["1"] * 4, "correct": [True] * 4, "scores": None}] * 2}
+    drawn = []
+
+    def draw(g):
+        drawn.append(g)
+        return [{"answers": ["1", "2", "3", "4"], "correct": [False, True, False, False], "scores": None}] * 2
+
+    cfg = load_config(None, ["method=inference_select", "select.early_test=all"])
+    rep, rows = compare_early_groups(cfg, [(a, ["chosen"], {}), (b, [], {"queries": 5})], {a: rule, b: rule}, have,
+                                     draw, 4)
+    assert drawn == [b] and rep["which"] == "all" and rep["cap"] == 4
+    assert [(r["split"], r["prompt"], r["temperature"], r["query"]) for r in rows] == [("test", 1, 0.7, 0), ("test", 1, 0.7, 1)]
+    ga, gb = rep["groups"]
+    assert (ga["early_mean_samples"], ga["early_accuracy"], ga["fixed_majority_accuracy"]) == (2, 1.0, 1.0)
+    assert (gb["early_mean_samples"], gb["early_accuracy"]) == (4, 0.0)  # never settles: all 4, majority of ties
+    assert gb["validation"] == {"queries": 5} and gb["roles"] == []

@@ -389,16 +389,29 @@ def test_early_groups_picks_the_chosen_and_the_validation_cheapest():
     from metatuner.methods.inference_select import early_groups
 
     a, b, c = ("sampled", 0, 0.3), ("sampled", 1, 0.3), ("sampled", 1, 0.7)
-    fit = lambda m, acc: {"threshold": 0.6, "min_samples": 2, "stop_score": None, "mean_samples": m, "accuracy": acc}  # noqa: E731
+
+    def fit(m, acc, q=100):
+        return {"threshold": 0.6, "min_samples": 2, "stop_score": None, "mean_samples": m, "accuracy": acc, "queries": q}
+
+    def picks(rules, data, which, chosen, n):
+        return [(g, roles) for g, roles, _ in early_groups(rules, data, which, chosen, n)]
+
     rules = {a: fit(5.0, 0.3), b: fit(2.5, 0.2), c: fit(2.5, 0.4)}
-    assert early_groups(rules, {}, "chosen", a, 8) == [(a, ["chosen"])]
+    assert picks(rules, {}, "chosen", a, 8) == [(a, ["chosen"])]  # no "cheapest" label when not asked
     # cheapest: fewest validation samples; the tie between b and c goes to the more accurate c
-    assert early_groups(rules, {}, "cheapest", a, 8) == [(a, ["chosen"]), (c, ["cheapest on validation"])]
-    assert early_groups(rules, {}, "cheapest", c, 8) == [(c, ["chosen", "cheapest on validation"])]
-    assert early_groups(rules, {}, "all", b, 8) == [(b, ["chosen"]), (a, []), (c, ["cheapest on validation"])]
+    assert picks(rules, {}, "cheapest", a, 8) == [(a, ["chosen"]), (c, ["cheapest on validation"])]
+    assert picks(rules, {}, "cheapest", c, 8) == [(c, ["chosen", "cheapest on validation"])]
+    assert picks(rules, {}, "all", b, 8) == [(b, ["chosen"]), (a, []), (c, ["cheapest on validation"])]
+    got = early_groups(rules, {}, "cheapest", a, 8)
+    assert got[1][2]["mean_samples"] == 2.5 and got[1][2]["accuracy"] == 0.4 and got[1][2]["queries"] == 100
+    # a group fitted on fewer validation queries (halving dropped it early) is not a candidate
+    rules[b] = fit(1.0, 0.5, q=3)
+    assert picks(rules, {}, "cheapest", a, 8) == [(a, ["chosen"]), (c, ["cheapest on validation"])]
     # select.stop_fit=false: the configured rule, replayed on each group's validation samples
     conf = {"threshold": 0.6, "min_samples": 2, "stop_score": None}
     split = [{"answers": ["1", "2", "3", "4"], "correct": [True, False, False, False], "scores": None}]
     same = [{"answers": ["1"] * 4, "correct": [True] * 4, "scores": None}]
     got = early_groups({a: conf, b: conf}, {a: split, b: same}, "cheapest", a, 4)
-    assert got == [(a, ["chosen"]), (b, ["cheapest on validation"])]  # b stops at 2 samples, a never
+    assert [(g, r) for g, r, _ in got] == [(a, ["chosen"]), (b, ["cheapest on validation"])]  # b stops at 2, a never
+    assert got[0][2]["mean_samples"] == 4 and got[1][2] == {"accuracy": 1.0, "mean_samples": 2, "queries": 1,
+                                                             "fixed_majority_accuracy": 1.0}

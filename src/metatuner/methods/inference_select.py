@@ -155,21 +155,29 @@ def early_vs_fixed(samples: list[dict], rule: dict, nmax: int) -> dict:
             "early_accuracy": acc, "early_mean_samples": mean, "sample_ratio": mean / nmax, "accuracy_gap_points": 100 * (fixed - acc)}
 
 
-def early_groups(rules: dict, data: dict, which: str, chosen: tuple, nmax: int) -> list[tuple[tuple, list[str]]]:
-    """The sampled (prompt, temperature) groups whose early stopping is compared on test, with their roles:
-    the chosen arm's group always; with select.early_test=cheapest also the group whose rule spends the
-    fewest samples on its validation samples (ties: the more accurate there; decided on validation only);
-    with all, every group with a rule. [(group, roles)], the chosen group first."""
-    spend = {}
+def early_groups(rules: dict, data: dict, which: str, chosen: tuple, nmax: int) -> list[tuple[tuple, list[str], dict]]:
+    """The sampled (prompt, temperature) groups whose early stopping is compared on test, with their roles
+    and validation numbers: the chosen arm's group always; with select.early_test=cheapest also the group
+    whose rule spends the fewest samples on its validation samples (ties: the more accurate there), among
+    the groups with the most validation queries (halving drops groups after few); with all, every group
+    with a rule. Decided on validation only. [(group, roles, validation)], the chosen group first."""
+    val = {}
     for g, r in rules.items():
         if "mean_samples" in r:  # fitted: the expectation over orders the fit minimised
-            spend[g] = (r["mean_samples"], -r["accuracy"])
-        elif data.get(g):
+            val[g] = {"accuracy": r["accuracy"], "mean_samples": r["mean_samples"], "queries": r.get("queries"),
+                      "fixed_majority_accuracy": r.get("fixed_majority_accuracy"), "loss_bound": r.get("loss_bound")}
+        elif data.get(g):  # select.stop_fit=false: the configured rule replayed in the order drawn
             e = early_vs_fixed(data[g], r, nmax)
-            spend[g] = (e["early_mean_samples"], -e["early_accuracy"])
-    cheapest = min(spend, key=lambda g: (spend[g], g[1], g[2])) if spend else None
-    picked = [chosen] + [g for g in rules if g != chosen and (which == "all" or (which == "cheapest" and g == cheapest))]
-    return [(g, ["chosen"] * (g == chosen) + ["cheapest on validation"] * (g == cheapest)) for g in picked]
+            val[g] = {"accuracy": e["early_accuracy"], "mean_samples": e["early_mean_samples"], "queries": len(data[g]),
+                      "fixed_majority_accuracy": e["fixed_majority_accuracy"]}
+    cheapest = None
+    if which != "chosen" and val:
+        most = max(v["queries"] or 0 for v in val.values())
+        cheapest = min((g for g in val if (val[g]["queries"] or 0) == most),
+                       key=lambda g: (val[g]["mean_samples"], -val[g]["accuracy"], g[1], g[2]))
+    picked = [chosen] + [g for g in rules if g != chosen and (which == "all" or g == cheapest)]
+    return [(g, ["chosen"] * (g == chosen) + ["cheapest on validation"] * (g == cheapest), val.get(g, {}))
+            for g in picked]
 
 
 def compare_early_groups(cfg: Config, groups: list, rules: dict, have: dict, draw_test, nmax: int) -> tuple[dict, list[dict]]:
@@ -177,16 +185,14 @@ def compare_early_groups(cfg: Config, groups: list, rules: dict, have: dict, dra
     samples of `have` ({group: samples}) or drawn by draw_test(group) (nmax per query). (early_stop_groups
     report, new sample rows for samples.jsonl)."""
     out, rows = [], []
-    for g, roles in groups:
+    for g, roles, val in groups:
         samples = have.get(g)
         if samples is None:
             samples = draw_test(g)
             rows += [{"split": "test", "prompt": g[1], "temperature": g[2], "query": i, **smp}
                      for i, smp in enumerate(samples)]
-        r = rules[g]
-        val = {k: r[k] for k in ("accuracy", "mean_samples", "fixed_majority_accuracy") if k in r}
         out.append({"prompt": g[1], "temperature": g[2], "roles": roles, "validation": val,
-                    **early_vs_fixed(samples, r, nmax)})
+                    **early_vs_fixed(samples, rules[g], nmax)})
     return {"which": cfg.select.early_test, "cap": nmax, "tolerance_points": cfg.select.stop_tolerance,
             "groups": out}, rows
 
@@ -313,7 +319,7 @@ def run(cfg: Config) -> dict:
         early_groups_report, extra_rows = compare_early_groups(
             cfg, groups, rules, {g_s: test_samples},
             lambda g: draw_samples(actor, tok, task, test, prompts[g[1]], nmax, g[2], inf.top_p, bs, verifier), nmax)
-        new_samples += nmax * len(test) * sum(1 for g, _ in groups if g != g_s)
+        new_samples += nmax * len(test) * sum(1 for g, _, _ in groups if g != g_s)
 
     early_block = {"prompt": prompt, "temperature": t_s, "rule_fitted_on_validation": sc.stop_fit,
                    **early_vs_fixed(test_samples, rules[g_s], nmax)}
