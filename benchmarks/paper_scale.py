@@ -1,0 +1,227 @@
+"""MetaTuner at the paper's model shapes, with random weights: memory, step cost, actor MFU, parameter
+generation time and generation throughput.
+
+    .venv/bin/python benchmarks/paper_scale.py                       # CPU: the embedded model's shapes
+    python benchmarks/paper_scale.py --shapes paper --device cuda    # GPU: Qwen2.5-7B G, Qwen2.5-3B M, bf16
+
+Shapes: `paper` = generator G at Qwen2.5-7B's and actor M at Qwen2.5-3B's config (configs/compare/paper.yaml:
+share_ratio 0.25, generator LoRA rank 64, per-query LoRA rank 16); `small` = the embedded SmolLM2-135M's
+config for both; `tiny` = a 4-layer toy (the tests). Weights are random (no download), the tokenizer is
+character-level (metatuner.testing.char_tokenizer), so sequence lengths in tokens are exact: queries of
+--query-tokens and targets of --target-tokens (the paper's GSM8K-like lengths by default).
+
+Measured, side by side in one process (medians of --reps interleaved repetitions):
+- one MetaTuner-J joint step (G over (p~, x, p*), F, actor with the generated LoRA, backward, AdamW) and
+  one LoRA SFT step of the actor (same batch, same rank), and their ratio;
+- the actor's forward+backward alone with generated LoRA, and its model FLOPs utilisation: FLOPs counted
+  as 4 N + 8 L d S per token (forward 2N + 4LdS, activation-gradient backward the same; the base weights
+  are frozen so they get no weight gradient; LoRA factors' FLOPs left out), against --peak-tflops (default:
+  989 for H100/H200 bf16 dense; none on CPU, so no MFU);
+- parameter generation (G's first K layers over (p~, x), pooling, F) per query, batch --batch;
+- greedy generation throughput of the actor with transformers at batch --gen-batch, --gen-tokens new tokens
+  each (tokens/s); vLLM's is null until generation.backend=vllm exists (issue 15);
+- peak memory (CUDA max allocated; on CPU the process's peak resident set).
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                 num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)
+QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                 num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True)
+TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=False)
+
+
+def shapes(name: str) -> tuple[dict, dict, list[str]]:
+    """(G config, M config, config overrides) for a shape set."""
+    if name == "paper":
+        return QWEN25_7B, QWEN25_3B, ["generator.share_ratio=0.25", "generator.lora_rank=64", "lora.rank=16",
+                                      "lora.alpha=32", "train.max_length=1024"]
+    if name == "small":
+        from metatuner.models import DEFAULT_MODEL, model_config
+
+        c = model_config(DEFAULT_MODEL)
+        keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "tie_word_embeddings")
+        small = {k: getattr(c, k) for k in keys}
+        return small, small, []
+    if name == "tiny":
+        return TINY, TINY, ["generator.share_ratio=0.5", "lora.rank=2", "hypernet.hidden=16", "hypernet.embed_dim=8"]
+    raise SystemExit(f"--shapes {name!r}: expected paper, small or tiny")
+
+
+def random_model(spec: dict, dtype: torch.dtype, device: torch.device, tok):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(**spec, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(cfg).to(dtype)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.eval()
+    return model
+
+
+def non_embedding_params(model) -> int:
+    emb = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+           for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in emb)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="small", help="paper | small | tiny")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch", type=int, default=8, help="training batch (queries)")
+    ap.add_argument("--query-tokens", type=int, default=200)
+    ap.add_argument("--target-tokens", type=int, default=200)
+    ap.add_argument("--gen-batch", type=int, default=64)
+    ap.add_argument("--gen-tokens", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--peak-tflops", type=float, default=None, help="device bf16 dense peak (default: known GPUs)")
+    args = ap.parse_args(argv)
+
+    from metatuner.config import load_config
+    from metatuner.evaluate import chat_text
+    from metatuner.lora import static_lora
+    from metatuner.methods.metatuner import MetaTunerSystem
+    from metatuner.models import resolve_device
+    from metatuner.tasks import Example, load_task
+    from metatuner.testing import char_tokenizer
+    from metatuner.training import actor_batch, autocast, forward_nll
+
+    dev = resolve_device(args.device)
+    cuda = dev.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32  # CPU: float32 throughout (bf16 matmuls are slow there)
+    g_spec, m_spec, overrides = shapes(args.shapes)
+    cfg = load_config(None, ["task.name=chain_sum", "task.train_size=8", "task.val_size=0", "task.test_size=8",
+                             f"train.bf16={str(cuda).lower()}", *overrides])
+    task = load_task(cfg.task, 0)
+    tok = char_tokenizer()
+    exs = [Example(query=f"{i} " + "x" * max(1, args.query_tokens - 2), answer="1", target="y" * args.target_tokens)
+           for i in range(args.batch)]
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    gen, actor = random_model(g_spec, dtype, dev, tok), random_model(m_spec, dtype, dev, tok)
+    system = MetaTunerSystem(cfg, actor, tok, gen, tok, task)
+    params = [p for g in system.trainable_groups() for p in g["params"]]
+    opt = torch.optim.AdamW(system.trainable_groups())
+    sft_model = static_lora(random_model(m_spec, dtype, dev, tok), cfg.lora)
+    sft_params = [p for p in sft_model.parameters() if p.requires_grad]
+    sft_opt = torch.optim.AdamW(sft_params, lr=1e-4)
+    prompts, best = [task.prompt] * len(exs), [task.prompt] * len(exs)
+
+    def joint_step():
+        system.gen.model.train()
+        task_loss, reg = system.joint_losses(exs, prompts, best)
+        opt.zero_grad(set_to_none=True)
+        (task_loss + cfg.train.alpha * reg).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+    def sft_step():
+        sft_model.train()
+        with autocast(cuda, dev):
+            loss = forward_nll(sft_model, actor_batch(tok, task, prompts, exs, cfg.train.max_length, dev))[0].mean()
+        sft_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(sft_params, 1.0)
+        sft_opt.step()
+
+    ab = actor_batch(tok, task, prompts, exs, cfg.train.max_length, dev)
+
+    def actor_fwd_bwd():
+        with torch.no_grad():
+            f = system.factors(exs)
+        f = {k: tuple(t.detach().requires_grad_(True) for t in v) for k, v in f.items()}
+        with autocast(cuda, dev), system.lora.use_factors(f):
+            loss = forward_nll(actor, ab)[0].mean()
+        loss.backward()
+
+    def param_generation():
+        with torch.no_grad(), autocast(cuda, dev):
+            system.factors(exs)
+
+    def timed(fn) -> float:
+        if cuda:
+            torch.cuda.synchronize(dev)
+        t = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize(dev)
+        return (time.perf_counter() - t) * 1000
+
+    fns = {"joint": joint_step, "sft": sft_step, "actor_fwd_bwd": actor_fwd_bwd, "param_gen": param_generation}
+    for fn in fns.values():
+        fn()  # warm-up
+    ms: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(args.reps):
+        for k, fn in fns.items():
+            ms[k].append(timed(fn))
+    med = {k: statistics.median(v) for k, v in ms.items()}
+
+    # model FLOPs of the actor's forward + activation-gradient backward
+    tokens = int(ab["attention_mask"].sum())
+    seq = ab["attention_mask"].shape[1]
+    n, layers, d = non_embedding_params(actor), m_spec["num_hidden_layers"], m_spec["hidden_size"]
+    flops = tokens * (4 * n + 8 * layers * d * seq)
+    peak = args.peak_tflops
+    if peak is None and cuda and any(s in torch.cuda.get_device_name(dev) for s in ("H100", "H200", "H800")):
+        peak = 989.0
+    mfu = flops / (med["actor_fwd_bwd"] / 1000) / (peak * 1e12) if peak else None
+
+    # greedy generation throughput of the actor (transformers), fixed length
+    del opt, sft_opt
+    texts = [chat_text(tok, task.render(task.prompt, exs[i % len(exs)].query)) for i in range(args.gen_batch)]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+    actor.eval()
+
+    def generate():
+        with torch.no_grad(), autocast(cuda, dev):
+            actor.generate(**enc, max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens, do_sample=False)
+
+    generate()
+    gen_ms = statistics.median(timed(generate) for _ in range(max(1, args.reps - 1)))
+    hf_tps = args.gen_batch * args.gen_tokens / (gen_ms / 1000)
+
+    res = {"shapes": args.shapes, "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
+           "generator_params_b": round(sum(p.numel() for p in gen.parameters()) / 1e9, 3),
+           "actor_params_b": round(sum(p.numel() for p in actor.parameters()) / 1e9, 3),
+           "batch": args.batch, "actor_seq_tokens": seq, "peak_memory_mb": round(peak_memory_mb(dev)),
+           "joint_step_ms": round(med["joint"], 1), "sft_step_ms": round(med["sft"], 1),
+           "ratio_joint_vs_sft": round(med["joint"] / med["sft"], 3),
+           "actor_fwd_bwd_ms": round(med["actor_fwd_bwd"], 1), "actor_model_flops": flops,
+           "peak_tflops": peak, "actor_mfu": None if mfu is None else round(mfu, 4),
+           "param_gen_ms_per_query": round(med["param_gen"] / args.batch, 3),
+           "gen_batch": args.gen_batch, "gen_tokens": args.gen_tokens, "hf_tokens_per_s": round(hf_tps, 1),
+           "vllm_tokens_per_s": None, "vllm_speedup": None,
+           "vllm_note": "not measured: generation.backend=vllm is not built yet (issue 15)"}
+    for k, v in ms.items():
+        print(f"{k} ms: {[round(x, 1) for x in v]}")
+    print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    run()
