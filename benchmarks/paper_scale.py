@@ -12,15 +12,19 @@ character-level (metatuner.testing.char_tokenizer), so sequence lengths in token
 
 Measured, side by side in one process (medians of --reps interleaved repetitions):
 - one MetaTuner-J joint step (G over (p~, x, p*), F, actor with the generated LoRA, backward, AdamW) and
-  one LoRA SFT step of the actor (same batch, same rank), and their ratio;
-- the actor's forward+backward alone with generated LoRA, and its model FLOPs utilisation: FLOPs counted
-  as 4 N + 8 L d S per token (forward 2N + 4LdS, activation-gradient backward the same; the base weights
-  are frozen so they get no weight gradient; LoRA factors' FLOPs left out), against --peak-tflops (default:
-  989 for H100/H200 bf16 dense; none on CPU, so no MFU);
-- parameter generation (G's first K layers over (p~, x), pooling, F) per query, batch --batch;
-- greedy generation throughput of the actor with transformers at batch --gen-batch, --gen-tokens new tokens
-  each (tokens/s); vLLM's is null until generation.backend=vllm exists (issue 15);
-- peak memory (CUDA max allocated; on CPU the process's peak resident set).
+  one LoRA SFT step of the actor (same batch, same rank), and their ratio; D2's prompt rollouts (once per
+  train.sync_steps window) are not in the joint step (benchmarks/step_cost.py times them);
+- the actor's forward+backward alone with generated LoRA (factors made once, outside the timing), and its
+  model FLOPs utilisation (`actor_flops`: per token 4N for the linears, forward 2N plus the activation
+  gradient 2N, the frozen base weights get no weight gradient; 12 L d S for attention, whose backward needs
+  both inputs' gradients, non-causal; 4 V d per position whose logits are computed; LoRA factors left out)
+  against --peak-tflops (default: 989 on an H200, bf16 dense; otherwise give it);
+- parameter generation (G's first K layers over (p~, x), pooling, F) for a batch of --batch queries, and
+  per query (batch time / batch: throughput, not single-query latency);
+- greedy generation throughput of the actor with transformers (per-query LoRA hooks removed) at batch
+  --gen-batch, --gen-tokens new tokens each (tokens/s); vLLM's is null until generation.backend=vllm exists;
+- memory: on CUDA the models' resident memory and the peak of each phase (counter reset per phase); on CPU
+  the process's peak resident set.
 The last line printed is one JSON object.
 """
 
@@ -32,6 +36,7 @@ import resource
 import statistics
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -45,11 +50,18 @@ TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_lay
             num_key_value_heads=2, tie_word_embeddings=False)
 
 
+PAPER_KEYS = ("generator.share_ratio", "generator.lora_rank", "generator.lora_targets", "lora.rank", "lora.alpha",
+              "train.max_length")
+
+
 def shapes(name: str) -> tuple[dict, dict, list[str]]:
-    """(G config, M config, config overrides) for a shape set."""
+    """(G config, M config, config overrides) for a shape set; paper's overrides are read from
+    configs/compare/paper.yaml's base, so the two cannot drift apart."""
     if name == "paper":
-        return QWEN25_7B, QWEN25_3B, ["generator.share_ratio=0.25", "generator.lora_rank=64", "lora.rank=16",
-                                      "lora.alpha=32", "train.max_length=1024"]
+        import yaml
+
+        base = yaml.safe_load((Path(__file__).parents[1] / "configs" / "compare" / "paper.yaml").read_text())["base"]
+        return QWEN25_7B, QWEN25_3B, [f"{k}={json.dumps(base[k])}" for k in PAPER_KEYS]
     if name == "small":
         from metatuner.models import DEFAULT_MODEL, model_config
 
@@ -63,14 +75,20 @@ def shapes(name: str) -> tuple[dict, dict, list[str]]:
     raise SystemExit(f"--shapes {name!r}: expected paper, small or tiny")
 
 
+def actor_flops(n_linear: int, layers: int, d: int, vocab: int, lengths: list[int], logit_positions: int) -> int:
+    """Model FLOPs of one forward + activation-gradient backward (the convention in the docstring):
+    4 N per token, 12 L d len^2 per sequence for attention, 4 V d per position with logits."""
+    return 4 * n_linear * sum(lengths) + 12 * layers * d * sum(n * n for n in lengths) + 4 * vocab * d * logit_positions
+
+
 def random_model(spec: dict, dtype: torch.dtype, device: torch.device, tok):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(**spec, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
                       eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen2ForCausalLM(cfg).to(dtype)
+    with torch.device(device):  # built on the device, in its dtype (no float32 copy of a 7B first)
+        model = Qwen2ForCausalLM._from_config(cfg, dtype=dtype)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.eval()
     return model
@@ -82,10 +100,8 @@ def non_embedding_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in emb)
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def mb(x: float) -> int:
+    return round(x / 2**20)
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -98,7 +114,7 @@ def run(argv: list[str] | None = None) -> dict:
     ap.add_argument("--gen-batch", type=int, default=64)
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--peak-tflops", type=float, default=None, help="device bf16 dense peak (default: known GPUs)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="device bf16 dense peak (default: 989 on an H200)")
     args = ap.parse_args(argv)
 
     from metatuner.config import load_config
@@ -108,7 +124,7 @@ def run(argv: list[str] | None = None) -> dict:
     from metatuner.models import resolve_device
     from metatuner.tasks import Example, load_task
     from metatuner.testing import char_tokenizer
-    from metatuner.training import actor_batch, autocast, forward_nll
+    from metatuner.training import actor_batch, autocast, forward_nll, logits_to_keep
 
     dev = resolve_device(args.device)
     cuda = dev.type == "cuda"
@@ -120,17 +136,31 @@ def run(argv: list[str] | None = None) -> dict:
     tok = char_tokenizer()
     exs = [Example(query=f"{i} " + "x" * max(1, args.query_tokens - 2), answer="1", target="y" * args.target_tokens)
            for i in range(args.batch)]
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(dev)
+    mem: dict[str, int] = {}
+
+    def phase_start():
+        if cuda:
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+
+    def phase_peak(name: str):
+        if cuda:
+            mem[name] = mb(torch.cuda.max_memory_allocated(dev))
 
     gen, actor = random_model(g_spec, dtype, dev, tok), random_model(m_spec, dtype, dev, tok)
+    gen_base = sum(p.numel() for p in gen.parameters())
     system = MetaTunerSystem(cfg, actor, tok, gen, tok, task)
     params = [p for g in system.trainable_groups() for p in g["params"]]
     opt = torch.optim.AdamW(system.trainable_groups())
     sft_model = static_lora(random_model(m_spec, dtype, dev, tok), cfg.lora)
     sft_params = [p for p in sft_model.parameters() if p.requires_grad]
     sft_opt = torch.optim.AdamW(sft_params, lr=1e-4)
+    if cuda:
+        mem["models_mb"] = mb(torch.cuda.memory_allocated(dev))  # G, M, M's SFT copy, F, LoRA factors
     prompts, best = [task.prompt] * len(exs), [task.prompt] * len(exs)
+    ab = actor_batch(tok, task, prompts, exs, cfg.train.max_length, dev)
+    with torch.no_grad(), autocast(cuda, dev):
+        made = system.factors(exs)  # the actor's timing below leaves the parameter generation out
 
     def joint_step():
         system.gen.model.train()
@@ -149,12 +179,8 @@ def run(argv: list[str] | None = None) -> dict:
         torch.nn.utils.clip_grad_norm_(sft_params, 1.0)
         sft_opt.step()
 
-    ab = actor_batch(tok, task, prompts, exs, cfg.train.max_length, dev)
-
     def actor_fwd_bwd():
-        with torch.no_grad():
-            f = system.factors(exs)
-        f = {k: tuple(t.detach().requires_grad_(True) for t in v) for k, v in f.items()}
+        f = {k: tuple(t.detach().requires_grad_(True) for t in v) for k, v in made.items()}
         with autocast(cuda, dev), system.lora.use_factors(f):
             loss = forward_nll(actor, ab)[0].mean()
         loss.backward()
@@ -173,26 +199,29 @@ def run(argv: list[str] | None = None) -> dict:
         return (time.perf_counter() - t) * 1000
 
     fns = {"joint": joint_step, "sft": sft_step, "actor_fwd_bwd": actor_fwd_bwd, "param_gen": param_generation}
-    for fn in fns.values():
-        fn()  # warm-up
     ms: dict[str, list[float]] = {k: [] for k in fns}
+    for k, fn in fns.items():
+        phase_start()
+        fn()  # warm-up, and this phase's peak memory
+        phase_peak(f"{k}_peak_mb")
     for _ in range(args.reps):
         for k, fn in fns.items():
             ms[k].append(timed(fn))
     med = {k: statistics.median(v) for k, v in ms.items()}
 
-    # model FLOPs of the actor's forward + activation-gradient backward
-    tokens = int(ab["attention_mask"].sum())
-    seq = ab["attention_mask"].shape[1]
-    n, layers, d = non_embedding_params(actor), m_spec["num_hidden_layers"], m_spec["hidden_size"]
-    flops = tokens * (4 * n + 8 * layers * d * seq)
+    lengths = ab["attention_mask"].sum(1).tolist()
+    keep = logits_to_keep(ab["labels"]) * len(exs)
+    flops = actor_flops(non_embedding_params(actor), m_spec["num_hidden_layers"], m_spec["hidden_size"],
+                        m_spec["vocab_size"], lengths, keep)
     peak = args.peak_tflops
-    if peak is None and cuda and any(s in torch.cuda.get_device_name(dev) for s in ("H100", "H200", "H800")):
+    if peak is None and cuda and "H200" in torch.cuda.get_device_name(dev):
         peak = 989.0
-    mfu = flops / (med["actor_fwd_bwd"] / 1000) / (peak * 1e12) if peak else None
+    achieved = flops / (med["actor_fwd_bwd"] / 1000) / 1e12
+    mfu = achieved / peak if peak else None
 
-    # greedy generation throughput of the actor (transformers), fixed length
-    del opt, sft_opt
+    # greedy generation throughput of the actor (transformers), fixed length, without the LoRA hooks
+    del opt, sft_opt, sft_model, made
+    system.lora.remove()
     texts = [chat_text(tok, task.render(task.prompt, exs[i % len(exs)].query)) for i in range(args.gen_batch)]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
     actor.eval()
@@ -201,27 +230,37 @@ def run(argv: list[str] | None = None) -> dict:
         with torch.no_grad(), autocast(cuda, dev):
             actor.generate(**enc, max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens, do_sample=False)
 
+    phase_start()
     generate()
+    phase_peak("generation_peak_mb")
     gen_ms = statistics.median(timed(generate) for _ in range(max(1, args.reps - 1)))
     hf_tps = args.gen_batch * args.gen_tokens / (gen_ms / 1000)
 
-    res = {"shapes": args.shapes, "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
-           "generator_params_b": round(sum(p.numel() for p in gen.parameters()) / 1e9, 3),
+    import peft
+    import transformers
+
+    res = {"shapes": args.shapes, "device": torch.cuda.get_device_name(dev) if cuda else "cpu", "dtype": str(dtype),
+           "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
+           "generator_base_params_b": round(gen_base / 1e9, 3),
+           "generator_trainable_params_m": round(sum(p.numel() for p in system.generator_parameters()) / 1e6, 2),
+           "generator_lora_targets": list(cfg.generator.lora_targets) or "all linears", "split_k": system.gen.k,
            "actor_params_b": round(sum(p.numel() for p in actor.parameters()) / 1e9, 3),
-           "batch": args.batch, "actor_seq_tokens": seq, "peak_memory_mb": round(peak_memory_mb(dev)),
+           "batch": args.batch, "query_tokens": args.query_tokens, "target_tokens": args.target_tokens,
+           "actor_seq_len": int(ab["attention_mask"].shape[1]), "actor_tokens": int(sum(lengths)),
+           "generator_seq_len": int(system.gen_encode(exs)["input_ids"].shape[1]),
            "joint_step_ms": round(med["joint"], 1), "sft_step_ms": round(med["sft"], 1),
            "ratio_joint_vs_sft": round(med["joint"] / med["sft"], 3),
            "actor_fwd_bwd_ms": round(med["actor_fwd_bwd"], 1), "actor_model_flops": flops,
-           "peak_tflops": peak, "actor_mfu": None if mfu is None else round(mfu, 4),
-           "param_gen_ms_per_query": round(med["param_gen"] / args.batch, 3),
-           "gen_batch": args.gen_batch, "gen_tokens": args.gen_tokens, "hf_tokens_per_s": round(hf_tps, 1),
-           "vllm_tokens_per_s": None, "vllm_speedup": None,
-           "vllm_note": "not measured: generation.backend=vllm is not built yet (issue 15)"}
+           "actor_tflops_per_s": round(achieved, 4), "peak_tflops": peak, "actor_mfu": None if mfu is None else round(mfu, 4),
+           "param_gen_batch_ms": round(med["param_gen"], 2), "param_gen_ms_per_query": round(med["param_gen"] / args.batch, 3),
+           "gen_batch": args.gen_batch, "gen_prompt_tokens": int(enc["input_ids"].shape[1]), "gen_tokens": args.gen_tokens,
+           "hf_tokens_per_s": round(hf_tps, 1), "vllm_tokens_per_s": None, "vllm_speedup": None,
+           "vllm_note": "not measured: generation.backend=vllm is not built yet (issue 15)",
+           **mem, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
     for k, v in ms.items():
         print(f"{k} ms: {[round(x, 1) for x in v]}")
     print(json.dumps(res))
     return res
-
 
 if __name__ == "__main__":
     run()

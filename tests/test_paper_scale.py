@@ -19,17 +19,30 @@ def test_paper_scale_tiny_runs_and_reports_consistent_numbers(capsys):
     assert json.loads(last) == res  # the last line printed is the JSON object
     assert res["shapes"] == "tiny" and res["device"] == "cpu" and res["batch"] == 2
     for k in ("joint_step_ms", "sft_step_ms", "actor_fwd_bwd_ms", "param_gen_ms_per_query", "hf_tokens_per_s",
-              "peak_memory_mb"):
+              "peak_rss_mb", "param_gen_batch_ms"):
         assert res[k] > 0, k
     assert res["ratio_joint_vs_sft"] == pytest.approx(res["joint_step_ms"] / res["sft_step_ms"], rel=0.01)
     # MFU = model FLOPs / time / peak (here a 1 TFLOP/s peak was given)
-    assert res["actor_mfu"] == pytest.approx(res["actor_model_flops"] / (res["actor_fwd_bwd_ms"] / 1000) / 1e12,
-                                             rel=0.02, abs=1e-4)
-    assert res["vllm_tokens_per_s"] is None and "vllm" in res["vllm_note"]
-    # the paper's shape sets are the published configs
-    shapes = runpy.run_path(str(SCRIPT))["shapes"]
-    g, m, over = shapes("paper")
-    assert (g["hidden_size"], g["num_hidden_layers"], m["hidden_size"], m["num_hidden_layers"]) == (3584, 28, 2048, 36)
-    assert "generator.share_ratio=0.25" in over
+    assert res["actor_tflops_per_s"] == pytest.approx(res["actor_model_flops"] / (res["actor_fwd_bwd_ms"] / 1000) / 1e12,
+                                                      rel=0.02, abs=1e-4)
+    assert res["actor_mfu"] == pytest.approx(res["actor_tflops_per_s"], abs=1e-4)
+    assert res["actor_tokens"] <= 2 * res["actor_seq_len"] and res["vllm_tokens_per_s"] is None
+    assert res["generator_trainable_params_m"] > 0 and res["split_k"] == 2
+
+
+def test_paper_scale_flops_and_shapes():
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    ns = runpy.run_path(str(SCRIPT))
+    # 4 N per token + 12 L d len^2 per sequence + 4 V d per logit position, by hand for a toy case
+    assert ns["actor_flops"](10, 2, 3, 7, [4, 5], 6) == 4 * 10 * 9 + 12 * 2 * 3 * (16 + 25) + 4 * 7 * 3 * 6
+    g, m, over = ns["shapes"]("paper")
+    # the published parameter counts of Qwen2.5-7B and Qwen2.5-3B (built on the meta device)
+    with torch.device("meta"):
+        assert sum(p.numel() for p in Qwen2ForCausalLM(Qwen2Config(**g)).parameters()) == 7_615_616_512
+        assert sum(p.numel() for p in Qwen2ForCausalLM(Qwen2Config(**m)).parameters()) == 3_085_938_688
+    # the paper's settings come from configs/compare/paper.yaml (G's LoRA on every linear)
+    assert {"generator.share_ratio=0.25", "generator.lora_targets=[]", "generator.lora_rank=64", "lora.rank=16"} <= set(over)
     with pytest.raises(SystemExit, match="expected paper, small or tiny"):
-        shapes("huge")
+        ns["shapes"]("huge")
