@@ -1,0 +1,105 @@
+"""How much could a per-query choice among the prompt pool gain, for a trained model with a static adapter?
+
+    .venv/bin/python scripts/pool_oracle.py runs/pool/sft_sapo/seed_0
+
+For a finished SFT-with-SAPO run (its sapo.json candidates are the pool; any run with `adapter/` and a
+candidate list works, e.g. `--pool runs/pool/metatuner_j_pool/seed_0/pool.json`), answers every validation
+and test query greedily with every pool candidate (the run's model, adapter merged; the run's task and
+splits) and reports per candidate its accuracy, the best single candidate on validation and its test
+accuracy, and the per-query oracle (a query counts as right if any candidate answers it right): the most a
+per-query prompt choice (MetaTuner's pool decoder) could add over one prompt for everyone. Also: the share
+of test queries where the validation-best candidate is wrong and another is right, and how often all
+candidates agree on correctness. Writes pool_oracle.json (with the correctness matrices) in the run folder;
+run again, it reuses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def oracle_report(correct: dict[str, list[list[bool]]], pool: list[str]) -> dict:
+    """correct[split][query][candidate] -> the report's numbers (pure; no model)."""
+    def acc(rows, j):
+        return sum(r[j] for r in rows) / max(1, len(rows))
+
+    val, test = correct["validation"], correct["test"]
+    best = max(range(len(pool)), key=lambda j: (acc(val, j), -j))
+    return {
+        "pool": pool,
+        "validation_accuracy": [acc(val, j) for j in range(len(pool))],
+        "test_accuracy": [acc(test, j) for j in range(len(pool))],
+        "best_on_validation": best,
+        "best_on_validation_test_accuracy": acc(test, best),
+        "oracle_validation_accuracy": sum(any(r) for r in val) / max(1, len(val)),
+        "oracle_test_accuracy": sum(any(r) for r in test) / max(1, len(test)),
+        "test_best_wrong_other_right": sum(not r[best] and any(r) for r in test) / max(1, len(test)),
+        "test_all_agree": sum(all(r) or not any(r) for r in test) / max(1, len(test)),
+        "queries": {"validation": len(val), "test": len(test)},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir")
+    ap.add_argument("--pool", default="", help="a pool.json ({'pool': [...]}) instead of the run's sapo.json candidates")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from metatuner.config import load_saved_config
+    from metatuner.errors import MetatunerError
+    from metatuner.evaluate import evaluate
+    from metatuner.io import write_json
+    from metatuner.models import load_from_config
+    from metatuner.run import set_seed
+    from metatuner.tasks import load_task
+
+    d = Path(args.run_dir)
+    src = Path(args.pool) if args.pool else d / "sapo.json"
+    for p in (d / "config.yaml", d / "adapter", src):
+        if not p.exists():
+            raise SystemExit(f"error: {p}: not found (expected a finished run with adapter/ and a candidate pool)")
+    data = json.loads(src.read_text())
+    pool = data.get("pool") or data.get("candidates")
+    if not pool or not all(isinstance(p, str) for p in pool):
+        raise SystemExit(f"error: {src}: expected 'pool' or 'candidates', a list of prompt strings")
+    cached = d / "pool_oracle.json"
+    if cached.is_file() and json.loads(cached.read_text()).get("pool") == pool:
+        rep = json.loads(cached.read_text())
+    else:
+        cfg = load_saved_config(d / "config.yaml")
+        cfg.model.adapter = str(d / "adapter")
+        set_seed(cfg.seed)
+        task = load_task(cfg.task, cfg.seed)
+        try:
+            model, tok = load_from_config(cfg.model)
+        except MetatunerError as e:
+            raise SystemExit(f"error: {e}") from None
+        correct = {}
+        for split in ("validation", "test"):
+            exs = task.split(split)
+            cols = []
+            for prompt in pool:
+                with torch.no_grad():
+                    recs, _ = evaluate(model, tok, task, exs, prompt, batch_size=cfg.eval.batch_size, progress=False,
+                                       diagnose=False)
+                cols.append([bool(r["correct"]) for r in recs])
+            correct[split] = [list(row) for row in zip(*cols)]
+        rep = {**oracle_report(correct, pool), "correct": correct, "run": str(d)}
+        write_json(cached, rep)
+    print("| candidate | validation % | test % |\n|---|---|---|")
+    for j, p in enumerate(pool):
+        mark = " (best on validation)" if j == rep["best_on_validation"] else ""
+        print(f"| #{j} {p[:50]!r}{mark} | {100 * rep['validation_accuracy'][j]:.1f} | {100 * rep['test_accuracy'][j]:.1f} |")
+    print(f"\nbest single on validation: test {100 * rep['best_on_validation_test_accuracy']:.1f}%; per-query oracle: "
+          f"test {100 * rep['oracle_test_accuracy']:.1f}% (validation {100 * rep['oracle_validation_accuracy']:.1f}%); "
+          f"test queries where the best is wrong and another right: {100 * rep['test_best_wrong_other_right']:.1f}%; "
+          f"all candidates agree: {100 * rep['test_all_agree']:.1f}%")
+    return rep
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""scripts/pool_oracle.py: the per-query oracle over the prompt pool, from hand-made correctness and end to
+end on a tiny SFT-with-SAPO run."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+
+from metatuner.cli import main
+
+NS = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "pool_oracle.py"))
+
+
+def test_oracle_report_by_hand():
+    correct = {"validation": [[True, False, False], [False, True, False], [False, True, True], [False, False, False]],
+               "test": [[False, True, False], [True, True, True], [False, False, False], [False, False, True]]}
+    rep = NS["oracle_report"](correct, ["a", "b", "c"])
+    assert rep["validation_accuracy"] == [0.25, 0.5, 0.25] and rep["best_on_validation"] == 1
+    assert rep["test_accuracy"] == [0.25, 0.5, 0.5] and rep["best_on_validation_test_accuracy"] == 0.5
+    assert rep["oracle_validation_accuracy"] == 0.75 and rep["oracle_test_accuracy"] == 0.75
+    assert rep["test_best_wrong_other_right"] == 0.25  # query 3: b wrong, c right
+    assert rep["test_all_agree"] == 0.5  # queries 1 (all right) and 2 (all wrong)
+
+
+def test_pool_oracle_on_a_tiny_sft_sapo_run(tiny_model_path, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    out = tmp_path / "sft_sapo"
+    assert main(["train", "method=sft", f"model.name={tiny_model_path}", f"output_dir={out}", "task.train_size=16",
+                 "task.val_size=3", "task.test_size=4", "eval.batch_size=4", "task.max_new_tokens=4", "train.batch_size=2",
+                 "train.max_steps=2", "lora.rank=2", "train.bf16=false", "prompt_selection=sapo", "sapo.candidates=0",
+                 "sapo.subset=2", "sapo.prompts=[Add.,Sum them.]"]) == 0
+    rep = NS["main"]([str(out)])
+    pool = json.loads((out / "sapo.json").read_text())["candidates"]
+    assert rep["pool"] == pool and len(pool) == 3
+    assert rep["queries"] == {"validation": 3, "test": 4}
+    assert [len(r) for r in rep["correct"]["test"]] == [3] * 4
+    assert rep["oracle_test_accuracy"] >= max(rep["test_accuracy"])
+    saved = json.loads((out / "pool_oracle.json").read_text())
+    assert saved["correct"] == rep["correct"] and "best single on validation" in capsys.readouterr().out
+    assert NS["main"]([str(out)]) == saved  # cached: same pool, nothing re-evaluated
+    with pytest.raises(SystemExit, match="config.yaml: not found"):
+        NS["main"]([str(tmp_path)])
