@@ -10,7 +10,8 @@ accuracy, and the per-query oracle (a query counts as right if any candidate ans
 per-query prompt choice (MetaTuner's pool decoder) could add over one prompt for everyone. Also: the share
 of test queries where the validation-best candidate is wrong and another is right, and how often all
 candidates agree on correctness. Writes pool_oracle.json (with the correctness matrices) in the run folder;
-run again, it reuses them.
+run again, it reuses them; an interrupted run resumes from pool_oracle.partial.json (one column per
+split and candidate).
 """
 
 from __future__ import annotations
@@ -78,18 +79,27 @@ def main(argv: list[str] | None = None) -> dict:
             model, tok = load_from_config(cfg.model)
         except MetatunerError as e:
             raise SystemExit(f"error: {e}") from None
+        # one column (split, candidate) at a time, kept in pool_oracle.partial.json: an interrupted run resumes
+        partial_path = d / "pool_oracle.partial.json"
+        partial = json.loads(partial_path.read_text()) if partial_path.is_file() else {}
+        if partial.get("pool") != pool:
+            partial = {"pool": pool, "columns": {}}
         correct = {}
         for split in ("validation", "test"):
             exs = task.split(split)
-            cols = []
-            for prompt in pool:
-                with torch.no_grad():
-                    recs, _ = evaluate(model, tok, task, exs, prompt, batch_size=cfg.eval.batch_size, progress=False,
-                                       diagnose=False)
-                cols.append([bool(r["correct"]) for r in recs])
-            correct[split] = [list(row) for row in zip(*cols)]
+            for j, prompt in enumerate(pool):
+                key = f"{split}/{j}"
+                if key not in partial["columns"]:
+                    with torch.no_grad():
+                        recs, _ = evaluate(model, tok, task, exs, prompt, batch_size=cfg.eval.batch_size,
+                                           progress=False, diagnose=False)
+                    partial["columns"][key] = [bool(r["correct"]) for r in recs]
+                    write_json(partial_path, partial)
+                    print(f"{key}: {100 * sum(partial['columns'][key]) / max(1, len(exs)):.1f}%", flush=True)
+            correct[split] = [list(row) for row in zip(*(partial["columns"][f"{split}/{j}"] for j in range(len(pool))))]
         rep = {**oracle_report(correct, pool), "correct": correct, "run": str(d)}
         write_json(cached, rep)
+        partial_path.unlink()
     print("| candidate | validation % | test % |\n|---|---|---|")
     for j, p in enumerate(pool):
         mark = " (best on validation)" if j == rep["best_on_validation"] else ""

@@ -42,5 +42,13 @@ def test_pool_oracle_on_a_tiny_sft_sapo_run(tiny_model_path, tmp_path, monkeypat
     saved = json.loads((out / "pool_oracle.json").read_text())
     assert saved["correct"] == rep["correct"] and "best single on validation" in capsys.readouterr().out
     assert NS["main"]([str(out)]) == saved  # cached: same pool, nothing re-evaluated
+    assert not (out / "pool_oracle.partial.json").exists()
+    # an interrupted run resumes: columns already in the partial file are not evaluated again
+    (out / "pool_oracle.json").unlink()
+    cols = {f"{s}/{j}": [r[j] for r in saved["correct"][s]] for s in ("validation", "test") for j in range(3)}
+    cols["test/2"] = [True] * 4  # a marker only the partial file can supply
+    (out / "pool_oracle.partial.json").write_text(json.dumps({"pool": pool, "columns": cols}))
+    again = NS["main"]([str(out)])
+    assert [r[2] for r in again["correct"]["test"]] == [True] * 4 and again["oracle_test_accuracy"] == 1.0
     with pytest.raises(SystemExit, match="config.yaml: not found"):
         NS["main"]([str(tmp_path)])
