@@ -7,7 +7,8 @@ candidate list works, e.g. `--pool runs/pool/metatuner_j_pool/seed_0/pool.json`)
 and test query greedily with every pool candidate (the run's model, adapter merged; the run's task and
 splits) and reports per candidate its accuracy, the best single candidate on validation and its test
 accuracy, and the per-query oracle (a query counts as right if any candidate answers it right): the most a
-per-query prompt choice (MetaTuner's pool decoder) could add over one prompt for everyone. Also: the share
+per-query prompt choice (MetaTuner's pool decoder) could add over one prompt for everyone, for this
+model (an SFT-SAPO model was trained with one of the candidates, which favours that one). Also: the share
 of test queries where the validation-best candidate is wrong and another is right, and how often all
 candidates agree on correctness. Writes pool_oracle.json (with the correctness matrices) in the run folder;
 run again, it reuses them; an interrupted run resumes from pool_oracle.partial.json (one column per
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     from metatuner.evaluate import evaluate
     from metatuner.io import write_json
     from metatuner.models import load_from_config
-    from metatuner.run import set_seed
+    from metatuner.run import eval_examples, set_seed
     from metatuner.tasks import load_task
 
     d = Path(args.run_dir)
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
             partial = {"pool": pool, "columns": {}}
         correct = {}
         for split in ("validation", "test"):
-            exs = task.split(split)
+            exs = eval_examples(cfg, task) if split == "test" else task.split(split)  # the run's own test queries
             for j, prompt in enumerate(pool):
                 key = f"{split}/{j}"
                 if key not in partial["columns"]:
