@@ -1,6 +1,7 @@
-"""How much could a per-query choice among the prompt pool gain, for a trained model with a static adapter?
+"""How much could a per-query choice among the prompt pool gain, and how much of it does MetaTuner's decoder get?
 
     .venv/bin/python scripts/pool_oracle.py runs/pool/sft_sapo/seed_0
+    .venv/bin/python scripts/pool_oracle.py runs/pool/metatuner_j_pool/seed_0
 
 For a finished SFT-with-SAPO run (its sapo.json candidates are the pool; any run with `adapter/` and a
 candidate list works, e.g. `--pool runs/pool/metatuner_j_pool/seed_0/pool.json`), answers every validation
@@ -13,6 +14,12 @@ of test queries where the validation-best candidate is wrong and another is righ
 candidates agree on correctness. Writes pool_oracle.json (with the correctness matrices) in the run folder;
 run again, it reuses them; an interrupted run resumes from pool_oracle.partial.json (one column per
 split and candidate).
+
+For a finished MetaTuner run with a pool (final/generator.safetensors and final/pool.json), the model is
+the run's own system: the warmed-up actor with the LoRA its parameter decoder generates per query (that
+LoRA depends on (p~, x) only, so forcing a candidate changes the prompt alone), and the report adds the
+prompt decoder's own per-query choice: its accuracy (on test it must equal the run's), how often it picks
+a right candidate where one exists, and its picks per candidate.
 """
 
 from __future__ import annotations
@@ -43,6 +50,20 @@ def oracle_report(correct: dict[str, list[list[bool]]], pool: list[str]) -> dict
     }
 
 
+def chooser_report(correct: dict[str, list[list[bool]]], picks: dict[str, list[int]]) -> dict:
+    """The decoder's per-query picks (pool indices) against the same correctness matrices (pure)."""
+    out = {}
+    for split in ("validation", "test"):
+        rows, ch = correct[split], picks[split]
+        solvable = [i for i, r in enumerate(rows) if any(r)]
+        out[split] = {
+            "accuracy": sum(r[c] for r, c in zip(rows, ch)) / max(1, len(rows)),
+            "right_when_possible": sum(rows[i][ch[i]] for i in solvable) / max(1, len(solvable)),
+            "picks": [ch.count(j) for j in range(len(rows[0]) if rows else 0)],
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir")
@@ -60,10 +81,12 @@ def main(argv: list[str] | None = None) -> dict:
     from metatuner.tasks import load_task
 
     d = Path(args.run_dir)
-    src = Path(args.pool) if args.pool else d / "sapo.json"
-    for p in (d / "config.yaml", d / "adapter", src):
+    metatuner = (d / "final" / "generator.safetensors").is_file()
+    src = Path(args.pool) if args.pool else d / ("final/pool.json" if metatuner else "sapo.json")
+    for p in (d / "config.yaml", src) + (() if metatuner else (d / "adapter",)):
         if not p.exists():
-            raise SystemExit(f"error: {p}: not found (expected a finished run with adapter/ and a candidate pool)")
+            raise SystemExit(f"error: {p}: not found (expected a finished run with adapter/ and a candidate pool, "
+                             "or a MetaTuner run with final/pool.json)")
     data = json.loads(src.read_text())
     pool = data.get("pool") or data.get("candidates")
     if not pool or not all(isinstance(p, str) for p in pool):
@@ -73,11 +96,26 @@ def main(argv: list[str] | None = None) -> dict:
         rep = json.loads(cached.read_text())
     else:
         cfg = load_saved_config(d / "config.yaml")
-        cfg.model.adapter = str(d / "adapter")
         set_seed(cfg.seed)
         task = load_task(cfg.task, cfg.seed)
+        splits = {"validation": task.split("validation"), "test": eval_examples(cfg, task)}  # the run's own test queries
+        picks, context = None, (lambda exs: None)
         try:
-            model, tok = load_from_config(cfg.model)
+            if metatuner:
+                from metatuner.methods.metatuner.inference import load_system
+                from metatuner.methods.metatuner.rollouts import test_prompts
+
+                system = load_system(d)
+                model, tok = system.actor, system.tok
+                with torch.no_grad():
+                    chosen = {k: test_prompts(system, exs) for k, exs in splits.items()}
+                if any(p not in pool for ps in chosen.values() for p in ps):
+                    raise SystemExit(f"error: {d}: the decoder chose prompts outside {src} (prompt_space=mixed?)")
+                picks = {k: [pool.index(p) for p in ps] for k, ps in chosen.items()}
+                context = (lambda exs: lambda idx: system.with_factors([exs[i] for i in idx]))
+            else:
+                cfg.model.adapter = str(d / "adapter")
+                model, tok = load_from_config(cfg.model)
         except MetatunerError as e:
             raise SystemExit(f"error: {e}") from None
         # one column (split, candidate) at a time, kept in pool_oracle.partial.json: an interrupted run resumes
@@ -86,19 +124,24 @@ def main(argv: list[str] | None = None) -> dict:
         if partial.get("pool") != pool:
             partial = {"pool": pool, "columns": {}}
         correct = {}
-        for split in ("validation", "test"):
-            exs = eval_examples(cfg, task) if split == "test" else task.split(split)  # the run's own test queries
+        for split, exs in splits.items():
             for j, prompt in enumerate(pool):
                 key = f"{split}/{j}"
                 if key not in partial["columns"]:
                     with torch.no_grad():
                         recs, _ = evaluate(model, tok, task, exs, prompt, batch_size=cfg.eval.batch_size,
-                                           progress=False, diagnose=False)
+                                           batch_context=context(exs), progress=False, diagnose=False)
                     partial["columns"][key] = [bool(r["correct"]) for r in recs]
                     write_json(partial_path, partial)
                     print(f"{key}: {100 * sum(partial['columns'][key]) / max(1, len(exs)):.1f}%", flush=True)
             correct[split] = [list(row) for row in zip(*(partial["columns"][f"{split}/{j}"] for j in range(len(pool))))]
         rep = {**oracle_report(correct, pool), "correct": correct, "run": str(d)}
+        if picks is not None:
+            rep["chooser"] = chooser_report(correct, picks)
+            rep["picks"] = picks
+            metrics = d / "metrics.json"
+            if metrics.is_file():
+                rep["run_test_accuracy"] = json.loads(metrics.read_text()).get("accuracy")
         write_json(cached, rep)
         partial_path.unlink()
     print("| candidate | validation % | test % |\n|---|---|---|")
@@ -109,6 +152,13 @@ def main(argv: list[str] | None = None) -> dict:
           f"test {100 * rep['oracle_test_accuracy']:.1f}% (validation {100 * rep['oracle_validation_accuracy']:.1f}%); "
           f"test queries where the best is wrong and another right: {100 * rep['test_best_wrong_other_right']:.1f}%; "
           f"all candidates agree: {100 * rep['test_all_agree']:.1f}%")
+    if "chooser" in rep:
+        for split in ("validation", "test"):
+            c = rep["chooser"][split]
+            print(f"the prompt decoder's choice on {split}: {100 * c['accuracy']:.1f}%; right where a candidate is: "
+                  f"{100 * c['right_when_possible']:.1f}%; picks per candidate {c['picks']}")
+        if rep.get("run_test_accuracy") is not None:
+            print(f"(the run's own test accuracy: {100 * rep['run_test_accuracy']:.1f}%)")
     return rep
 
 

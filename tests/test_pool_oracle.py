@@ -52,3 +52,34 @@ def test_pool_oracle_on_a_tiny_sft_sapo_run(tiny_model_path, tmp_path, monkeypat
     assert [r[2] for r in again["correct"]["test"]] == [True] * 4 and again["oracle_test_accuracy"] == 1.0
     with pytest.raises(SystemExit, match="config.yaml: not found"):
         NS["main"]([str(tmp_path)])
+
+
+def test_pool_oracle_on_a_tiny_metatuner_pool_run(tiny_model_path, tmp_path, monkeypatch, capsys):
+    """A MetaTuner run with a pool: every candidate is answered by the run's own system (per-query LoRA),
+    and the prompt decoder's own picks, scored against the same matrix, reproduce the run's test accuracy."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setenv("METATUNER_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "mt"
+    assert main(["train", "method=metatuner_j", f"model.name={tiny_model_path}", f"output_dir={out}",
+                 "task.train_size=16", "task.val_size=3", "task.test_size=5", "eval.batch_size=4",
+                 "task.max_new_tokens=4", "train.batch_size=2", "train.max_steps=3", "warmup.max_steps=1",
+                 "warmup.generator_steps=1", "warmup.queries=4", "rollout.n=2", "rollout.batch_size=8",
+                 "train.sync_steps=2", "generator.max_prompt_tokens=6", "lora.rank=2", "hypernet.hidden=16",
+                 "hypernet.embed_dim=8", "generator.lora_rank=4", "train.bf16=false", "rollout.criterion=nll",
+                 "generator.prompt_space=pool", "prompts.candidates=[Add.,Sum them.]",
+                 "generator.pool_score=likelihood"]) == 0
+    pool = json.loads((out / "final" / "pool.json").read_text())["pool"]
+    rep = NS["main"]([str(out)])
+    assert rep["pool"] == pool and len(pool) == 3
+    assert rep["queries"] == {"validation": 3, "test": 5}
+    picks = rep["picks"]
+    assert len(picks["test"]) == 5 and all(0 <= j < 3 for j in picks["test"])
+    # the decoder's choice on test is what the run evaluated
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [pool[j] for j in picks["test"]] == [r["prompt"] for r in sorted(preds, key=lambda r: r["index"])]
+    ch = rep["chooser"]["test"]
+    assert ch["picks"] == [picks["test"].count(j) for j in range(3)]
+    assert ch["accuracy"] == sum(r[j] for r, j in zip(rep["correct"]["test"], picks["test"])) / 5
+    assert ch["accuracy"] == rep["run_test_accuracy"]
+    assert "the prompt decoder's choice on test" in capsys.readouterr().out
