@@ -432,11 +432,52 @@ def test_procedural_splits_shuffled_are_alike_generation_order_is_not():
     q = lambda xs: [e.query for e in xs]  # noqa: E731
     assert q(shuf.test) == q(load_task(tc(**sizes), seed=0).test)  # deterministic given the seed
     tr, va, te = set(q(shuf.train)), set(q(shuf.validation)), set(q(shuf.test))
-    assert len(tr) == len(shuf.train) > 150 and len(va) == 100 and len(te) == 300  # train: what is left
+    assert len(tr) == len(shuf.train) == 300 and len(va) == 100 and len(te) == 300
     assert not (tr & va or tr & te or va & te)
     assert "shuffled order" in shuf.origin["test"] and "generation order" in gen.origin["test"]
     with pytest.raises(MetatunerError, match="task.split_order"):
         load_config(None, ["task.split_order=random"])
+
+
+def test_procedural_splits_refill_a_short_draw():
+    """products with 1-2 digit factors has 934 distinct questions among the first 1735 drawn: every split
+    is cut from a bigger draw, so all are full and alike; task.fill_short=false keeps the short splits
+    (train first), as runs before it did; too few questions even in a big draw: a one-line error."""
+    params = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
+    q = lambda xs: [e.query for e in xs]  # noqa: E731
+    big = load_task(tc(name="products", params=params, train_size=300, val_size=100, test_size=1000), seed=0)
+    assert (len(big.train), len(big.validation), len(big.test)) == (300, 100, 1000)
+    allq = q(big.train) + q(big.validation) + q(big.test)
+    assert len(set(allq)) == len(allq)
+    assert abs(_small_share(big.test) - _small_share(big.train)) < 0.05  # alike, not test first
+    assert q(big.test) == q(load_task(tc(name="products", params=params, train_size=300, val_size=100,
+                                         test_size=1000), seed=0).test)
+    short = load_task(tc(name="products", params=params, train_size=300, val_size=100, test_size=1000,
+                         fill_short=False), seed=0)
+    assert len(short.test) == 1000 and len(short.validation) < 100 and not short.train  # short, train first
+    gen = load_task(tc(name="products", params=params, train_size=50, val_size=100, test_size=300,
+                       split_order="generation"), seed=0)
+    old = load_task(tc(name="products", params=params, train_size=50, val_size=100, test_size=300,
+                       split_order="generation", fill_short=False), seed=0)
+    assert len(old.train) < 50 and len(gen.train) == 50  # generation order: the bigger draw extends the first
+    assert q(gen.test) == q(old.test) and q(gen.validation) == q(old.validation) and q(gen.train)[:len(old.train)] == q(old.train)
+    with pytest.raises(MetatunerError, match=r"only 100 distinct questions .* lower the sizes or widen task.params"):
+        load_task(tc(name="products", params={**params, "max_digits": 1}, train_size=50, val_size=10, test_size=300))
+
+
+def test_runs_saved_before_fill_short_keep_their_splits(tmp_path):
+    """A config.yaml saved before task.fill_short existed reloads with false (the splits it ran on)."""
+    import yaml
+
+    from metatuner.config import load_saved_config, save_config
+
+    cfg = load_config(None, ["task.name=products"])
+    save_config(cfg, tmp_path / "config.yaml")
+    data = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert load_saved_config(tmp_path / "config.yaml").task.fill_short is True
+    del data["task"]["fill_short"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+    assert load_saved_config(tmp_path / "config.yaml").task.fill_short is False
 
 
 def test_gsm8k_splits(shared_data):

@@ -292,6 +292,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 # before the key existed ran with the value here (for the methods named; None = every method), so
 # comparing or reloading it must use that value. Other methods never read the key: its default stands.
 SAVED_BEFORE = {("task", "split_order"): ("generation", None),
+                ("task", "fill_short"): (False, None),
                 ("select", "stop_gate"): (False, ("inference_select",))}
 
 

@@ -54,6 +54,7 @@ class TaskConfig:
     train_tasks: List[str] = _f([], "Train on these tasks' train/validation splits (mixed, train_size and val_size split evenly) and test on task.name: the generalization experiment (e.g. [math,hotpotqa,cosmosqa] with task.name=gsm8k). Empty = train on task.name.")
     params_by_task: Dict[str, Any] = _f({}, "Parameters of the other tasks named in task.train_tasks or continual.tasks, by task name, e.g. {basic_arithmetic: {max_digits: 2}} (task.params applies to task.name only).")
     split_order: str = _f("shuffled", "Procedural (reasoning-gym) tasks: 'shuffled' shuffles the unique generated questions with the split seed before cutting test, validation and train, so the splits are alike; 'generation' cuts them in generation order, where dropping repeated questions leaves the test split more of the often-repeated (short) questions. 'generation' reproduces numbers measured before 2026-11-24.")
+    fill_short: bool = _f(True, "Procedural tasks: when the questions drawn (1.5x the split sizes) hold too few distinct ones (products with 1-2 digit factors), draw more and cut every split from the bigger draw; an error if even 16x is too few. false: the splits stay short, train first (what runs did before 2026-11-25).")
     split_seed: int = _f(-1, "Seed of the data splits; -1 = the run's seed. `metatuner compare` fixes it to the first seed so every seed sees the same test set.")
 
 

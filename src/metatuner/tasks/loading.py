@@ -49,18 +49,13 @@ def rg_splits(tc, seed: int) -> tuple[Splits, object]:
     if order not in ("shuffled", "generation"):
         raise MetatunerError(f"task.split_order={order!r}: expected shuffled or generation")
     # oversample so that dropping duplicate questions still fills every split
-    ds = make_rg_dataset(tc.name, tc.params, int(total * 1.5) + 10, seed)
-    seen, entries = set(), []
-    for e in ds:
-        if e["question"] in seen:
-            continue
-        seen.add(e["question"])
-        entries.append(e)
-        if order == "generation" and len(entries) == total:
-            break
+    size = int(total * 1.5) + 10
+    ds, entries = distinct_questions(tc, size, seed, total if order == "generation" else None)
     if order == "shuffled":
         random.Random(seed).shuffle(entries)
         entries = entries[:total]
+    if len(entries) < total and getattr(tc, "fill_short", True):
+        ds, entries = fill_short_splits(tc, size, seed, total, order)
     exs = [Example(query=e["question"], answer=str(e["answer"]), target=f"Answer: {e['answer']}",
                    meta={"entry_index": i, "entry": e}) for i, e in enumerate(entries)]
     exs = cap_queries(exs, max_query_chars(tc.params), f"task {tc.name!r}")
@@ -70,6 +65,40 @@ def rg_splits(tc, seed: int) -> tuple[Splits, object]:
               "validation": f"{where}, the next {len(exs[t:v])} (task.val_size={tc.val_size})",
               "train": f"{where}, the last {len(exs[v:])} (task.train_size={tc.train_size})"}
     return Splits(exs[v:], exs[t:v], exs[:t], origin), ds
+
+
+def distinct_questions(tc, size: int, seed: int, limit: int | None = None) -> tuple[object, list[dict]]:
+    """(dataset, its entries with each question once, in generation order, at most `limit`)."""
+    ds = make_rg_dataset(tc.name, tc.params, size, seed)
+    seen, entries = set(), []
+    for e in ds:
+        if e["question"] in seen:
+            continue
+        seen.add(e["question"])
+        entries.append(e)
+        if limit is not None and len(entries) == limit:
+            break
+    return ds, entries
+
+
+def fill_short_splits(tc, size: int, seed: int, total: int, order: str) -> tuple[object, list[dict]]:
+    """A task with few distinct questions (products with 1-2 digit factors: 934 among the first 1735)
+    leaves the first draw short: draw more (doubling) and cut every split from the bigger draw, shuffled
+    (or in generation order, where the bigger draw's list extends the first). Not all splits are
+    kept from the first draw: distinct questions of a bigger draw hold fewer of the often-repeated ones,
+    so refilling only train would make it unlike test. Too few even then: a one-line error."""
+    while True:
+        size *= 2
+        ds, more = distinct_questions(tc, size, seed, total if order == "generation" else None)
+        if len(more) >= total or size >= 16 * total + 1000:
+            break
+    if len(more) < total:
+        raise MetatunerError(
+            f"task {tc.name!r}: only {len(more)} distinct questions among {size} generated, fewer than "
+            f"task.test_size + validation + task.train_size = {total}; lower the sizes or widen task.params")
+    if order == "shuffled":
+        random.Random(seed).shuffle(more)
+    return ds, more[:total]
 
 
 def load_one(tc, seed: int) -> Task:
