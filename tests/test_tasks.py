@@ -466,18 +466,25 @@ def test_procedural_splits_refill_a_short_draw():
 
 
 def test_runs_saved_before_fill_short_keep_their_splits(tmp_path):
-    """A config.yaml saved before task.fill_short existed reloads with false (the splits it ran on)."""
+    """A config.yaml saved before task.fill_short existed reloads with false where its first draw was
+    short (the splits it ran on), and with true where it was not (the same splits), so that `compare`
+    still counts such runs as done with the default."""
     import yaml
 
+    from metatuner.checkpoints import read_config_dict, same_settings
     from metatuner.config import load_saved_config, save_config
 
-    cfg = load_config(None, ["task.name=products"])
-    save_config(cfg, tmp_path / "config.yaml")
-    data = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    assert load_saved_config(tmp_path / "config.yaml").task.fill_short is True
-    del data["task"]["fill_short"]
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
-    assert load_saved_config(tmp_path / "config.yaml").task.fill_short is False
+    short = ["task.name=products", "task.params.min_terms=2", "task.params.max_terms=2", "task.params.min_digits=1",
+             "task.params.max_digits=2", "task.train_size=50", "task.val_size=100", "task.test_size=300"]
+    for overrides, before in ((short, False), (["task.name=chain_sum", "task.train_size=50"], True)):
+        cfg = load_config(None, overrides)
+        save_config(cfg, tmp_path / "config.yaml")
+        assert load_saved_config(tmp_path / "config.yaml").task.fill_short is True
+        data = yaml.safe_load((tmp_path / "config.yaml").read_text())
+        del data["task"]["fill_short"]
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(data))
+        assert load_saved_config(tmp_path / "config.yaml").task.fill_short is before
+        assert same_settings(read_config_dict(tmp_path / "config.yaml"), cfg) is before
 
 
 def test_gsm8k_splits(shared_data):

@@ -291,14 +291,32 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 # Settings added with a default that changes what an older run did: a run's saved config.yaml written
 # before the key existed ran with the value here (for the methods named; None = every method), so
 # comparing or reloading it must use that value. Other methods never read the key: its default stands.
+# A callable value computes it from the saved dict, for a key whose old behaviour equals the new one
+# except in some runs (then those runs alone differ, and `compare` still skips the others).
+def _fill_short_before(data: dict) -> bool:
+    """task.fill_short of a run saved before the key: its splits were short only if its first draw was
+    (then false); otherwise false and true cut the same splits, and true (the default) is what it did."""
+    from metatuner.schema import TaskConfig
+    from metatuner.tasks.loading import first_draw_short
+
+    try:
+        names = {f.name for f in dataclasses.fields(TaskConfig)}
+        task = {"split_order": "generation", **data["task"]}  # saved before split_order too: generation
+        tc = TaskConfig(**{k: v for k, v in task.items() if k in names})
+        seed = tc.split_seed if tc.split_seed is not None and tc.split_seed >= 0 else int(data.get("seed", 0))
+        return not first_draw_short(tc, seed)
+    except Exception:  # a task that cannot be drawn now: keep what such runs did
+        return False
+
+
 SAVED_BEFORE = {("task", "split_order"): ("generation", None),
-                ("task", "fill_short"): (False, None),
+                ("task", "fill_short"): (_fill_short_before, None),
                 ("select", "stop_gate"): (False, ("inference_select",))}
 
 
 def _saved_before(data: dict) -> list[tuple[str, str, object]]:
     """(section, key, value) of the SAVED_BEFORE keys a saved config dict lacks and its method read."""
-    return [(s, k, v) for (s, k), (v, methods) in SAVED_BEFORE.items()
+    return [(s, k, v(data) if callable(v) else v) for (s, k), (v, methods) in SAVED_BEFORE.items()
             if isinstance(data.get(s), dict) and k not in data[s] and (methods is None or data.get("method") in methods)]
 
 

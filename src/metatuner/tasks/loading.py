@@ -81,11 +81,22 @@ def distinct_questions(tc, size: int, seed: int, limit: int | None = None) -> tu
     return ds, entries
 
 
+def first_draw_short(tc, seed: int) -> bool:
+    """Whether a procedural task's first draw holds fewer distinct questions than its splits need (the
+    only case task.fill_short changes anything); False for other tasks. `seed`: the split seed."""
+    if tc.name in BENCHMARKS or tc.name in FILE_TASKS or getattr(tc, "train_tasks", None):
+        return False
+    total = tc.train_size + val_size(tc, tc.train_size + (tc.val_size if tc.val_size >= 0 else 0)) + tc.test_size
+    order = getattr(tc, "split_order", "shuffled")
+    _, entries = distinct_questions(tc, int(total * 1.5) + 10, seed, total if order == "generation" else None)
+    return len(entries) < total
+
+
 def fill_short_splits(tc, size: int, seed: int, total: int, order: str) -> tuple[object, list[dict]]:
     """A task with few distinct questions (products with 1-2 digit factors: 934 among the first 1735)
     leaves the first draw short: draw more (doubling) and cut every split from the bigger draw, shuffled
-    (or in generation order, where the bigger draw's list extends the first). Not all splits are
-    kept from the first draw: distinct questions of a bigger draw hold fewer of the often-repeated ones,
+    (or in generation order, where the bigger draw's list extends the first). No split is
+    kept from the first draw alone: distinct questions of a bigger draw hold fewer of the often-repeated ones,
     so refilling only train would make it unlike test. Too few even then: a one-line error."""
     while True:
         size *= 2
