@@ -466,9 +466,9 @@ def test_procedural_splits_refill_a_short_draw():
 
 
 def test_runs_saved_before_fill_short_keep_their_splits(tmp_path):
-    """A config.yaml saved before task.fill_short existed reloads with false where its first draw was
-    short (the splits it ran on), and with true where it was not (the same splits), so that `compare`
-    still counts such runs as done with the default."""
+    """A config.yaml saved before task.fill_short existed reloads with false where true would cut other
+    splits (the splits it ran on), and with true where both cut the same ones, so that `compare` still
+    counts such runs as done with the default."""
     import yaml
 
     from metatuner.checkpoints import read_config_dict, same_settings
@@ -476,7 +476,15 @@ def test_runs_saved_before_fill_short_keep_their_splits(tmp_path):
 
     short = ["task.name=products", "task.params.min_terms=2", "task.params.max_terms=2", "task.params.min_digits=1",
              "task.params.max_digits=2", "task.train_size=50", "task.val_size=100", "task.test_size=300"]
-    for overrides, before in ((short, False), (["task.name=chain_sum", "task.train_size=50"], True)):
+    # mixed train tasks in generation order: products' draw is short, but the first 400 train rows it
+    # gives the mix are the same either way, so the run counts as true
+    mixed = ["task.name=chain_sum", "task.train_tasks=[basic_arithmetic,products]", "task.split_order=generation",
+             "task.params_by_task.products={min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 2}",
+             "task.train_size=800", "task.test_size=100"]
+    from metatuner.tasks.loading import first_draw_short
+
+    assert first_draw_short(load_config(None, mixed).task, 0)
+    for overrides, before in ((short, False), (["task.name=chain_sum", "task.train_size=50"], True), (mixed, True)):
         cfg = load_config(None, overrides)
         save_config(cfg, tmp_path / "config.yaml")
         assert load_saved_config(tmp_path / "config.yaml").task.fill_short is True

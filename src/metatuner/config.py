@@ -294,9 +294,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 # A callable value computes it from the saved dict, for a key whose old behaviour equals the new one
 # except in some runs (then those runs alone differ, and `compare` still skips the others).
 def _fill_short_before(data: dict) -> bool:
-    """task.fill_short of a run saved before the key: its splits were short only if its first draw was
-    (then false); otherwise false and true cut the same splits, and true (the default) is what it did."""
+    """task.fill_short of a run saved before the key: false where it changes the run's splits (its first
+    draw was short and the bigger draw cuts other splits), else true (the default; the same splits)."""
     from metatuner.schema import TaskConfig
+    from metatuner.tasks import load_task
     from metatuner.tasks.loading import first_draw_short
 
     try:
@@ -304,8 +305,12 @@ def _fill_short_before(data: dict) -> bool:
         task = {"split_order": "generation", **data["task"]}  # saved before split_order too: generation
         tc = TaskConfig(**{k: v for k, v in task.items() if k in names})
         seed = tc.split_seed if tc.split_seed is not None and tc.split_seed >= 0 else int(data.get("seed", 0))
-        return not first_draw_short(tc, seed)
-    except Exception:  # a task that cannot be drawn now: keep what such runs did
+        if not first_draw_short(tc, seed):
+            return True
+        old, new = (load_task(dataclasses.replace(tc, fill_short=v), seed) for v in (False, True))
+        return all([e.query for e in getattr(old, k)] == [e.query for e in getattr(new, k)]
+                   for k in ("train", "validation", "test"))
+    except Exception:  # a task that cannot be loaded now: keep what such runs did
         return False
 
 

@@ -84,7 +84,12 @@ def distinct_questions(tc, size: int, seed: int, limit: int | None = None) -> tu
 def first_draw_short(tc, seed: int) -> bool:
     """Whether a procedural task's first draw holds fewer distinct questions than its splits need (the
     only case task.fill_short changes anything); False for other tasks. `seed`: the split seed."""
-    if tc.name in BENCHMARKS or tc.name in FILE_TASKS or getattr(tc, "train_tasks", None):
+    if getattr(tc, "train_tasks", None):  # the target task's splits, then each train task's as mixed
+        target = copy.copy(tc)
+        target.train_tasks = []
+        return first_draw_short(target, seed) or any(
+            first_draw_short(source_config(tc, n), seed) for n in tc.train_tasks if n != tc.name)
+    if tc.name in BENCHMARKS or tc.name in FILE_TASKS:
         return False
     total = tc.train_size + val_size(tc, tc.train_size + (tc.val_size if tc.val_size >= 0 else 0)) + tc.test_size
     order = getattr(tc, "split_order", "shuffled")
@@ -131,6 +136,15 @@ def load_one(tc, seed: int) -> Task:
     return task
 
 
+def source_config(tc, name: str):
+    """The task config a train task of task.train_tasks is loaded with (its own params, a small test)."""
+    sc = copy.deepcopy(tc)
+    sc.name, sc.prompt, sc.path, sc.max_new_tokens = name, "", "", 0
+    sc.params = dict((getattr(tc, "params_by_task", None) or {}).get(name) or {})
+    sc.test_size = min(tc.test_size, 10)
+    return sc
+
+
 def mix_train_tasks(tc, seed: int) -> Task:
     """Train on task.train_tasks, evaluate on task.name (the paper's generalization experiment).
 
@@ -152,12 +166,8 @@ def mix_train_tasks(tc, seed: int) -> Task:
         if name == tc.name:
             src = target
         else:
-            sc = copy.deepcopy(tc)
-            sc.name, sc.prompt, sc.path, sc.max_new_tokens = name, "", "", 0
-            sc.params = dict((getattr(tc, "params_by_task", None) or {}).get(name) or {})
-            sc.test_size = min(tc.test_size, 10)
             try:
-                src = load_one(sc, seed)
+                src = load_one(source_config(tc, name), seed)
             except MetatunerError as e:
                 raise MetatunerError(f"task.train_tasks[{j}]={name!r}: {e}") from None
         sources[name] = src
