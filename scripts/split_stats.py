@@ -31,6 +31,8 @@ def split_row(name: str, exs) -> str:
     top, top_n = Counter(answers).most_common(1)[0] if answers else ("", 0)
     nums = [v for v in map(_num, answers) if v is not None]
     small = f"{100 * sum(abs(v) < 100 for v in nums) / len(nums):.1f}" if nums else "-"
+    if not exs:  # a split left empty (task.fill_short=false on a short draw)
+        return f"| {name} | 0 | - | 0 | - | - |"
     return (f"| {name} | {len(exs)} | {statistics.mean(len(e.query) for e in exs):.1f} | "
             f"{len(set(answers))} | {top!r} {100 * top_n / max(1, len(exs)):.1f}% | {small} |")
 

@@ -768,3 +768,15 @@ def test_train_tasks_use_params_by_task():
                         params_by_task={"products": {"min_digits": 1, "max_digits": 1}}), seed=0)
     nums = [int(x) for e in task.train for x in re.findall(r"\d+", e.query.split("multiplication:")[-1])]
     assert len(task.train) == 6 and nums and max(nums) <= 9
+
+
+def test_split_stats_rows_for_full_and_empty_splits():
+    """scripts/split_stats.py: a row per split, and an empty split (task.fill_short=false on a short draw)
+    gives a row of dashes instead of a crash."""
+    import runpy
+    from pathlib import Path
+
+    ns = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "split_stats.py"))
+    exs = [Example(query="q" * 10, answer=a, target="") for a in ("5", "5", "250")]
+    assert ns["split_row"]("test", exs) == "| test | 3 | 10.0 | 2 | '5' 66.7% | 66.7 |"
+    assert ns["split_row"]("train", []) == "| train | 0 | - | 0 | - | - |"
