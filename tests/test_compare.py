@@ -338,3 +338,24 @@ def test_report_only_runs_nothing_and_reports_what_finished(tmp_path, monkeypatc
     assert "[2/2] b seed 0: not complete, not run (--report-only)" in out
     rows = {r["name"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())["methods"]}
     assert rows["a"]["status"] == "complete" and rows["a"]["accuracy"] == 0.5 and rows["b"]["status"] == "not run"
+
+
+def test_only_runs_the_named_methods_and_reports_every_one(tmp_path, monkeypatch, capsys):
+    """--only b: b runs, a (unfinished) is listed as not run; an unknown name is a one-line error."""
+    import metatuner.compare as C
+
+    spec_path = write_spec(tmp_path / "c.yaml", output_dir=str(tmp_path / "out"),
+                           methods=[{"name": "a", "method": "zero_shot"}, {"name": "b", "method": "zero_shot"}],
+                           base=BASE)
+    ran = []
+
+    def fake_run(cfg, run_dir):
+        ran.append(run_dir.parent.name)
+        return {"status": "failed", "error": "fake", "wall_seconds": 0.0}
+
+    monkeypatch.setattr(C, "run_one", fake_run)
+    assert main(["compare", "--config", str(spec_path), "--only", "b"]) != 0  # b "failed": exit non-zero
+    assert ran == ["b"]
+    assert "[1/2] a seed 0: not complete, not run (--only)" in capsys.readouterr().out
+    assert main(["compare", "--config", str(spec_path), "--only", "b,zz"]) != 0
+    assert "--only: zz not among" in capsys.readouterr().err and ran == ["b"]

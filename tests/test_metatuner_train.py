@@ -308,7 +308,7 @@ def test_d2_ranks_correct_answers_before_nll(scoring_system, monkeypatch):
 
     import metatuner.prompts
 
-    monkeypatch.setattr(metatuner.prompts, "greedy_texts", fake_generate)  # D2 scoring goes through rank_prompts
+    monkeypatch.setattr(metatuner.prompts, "greedy_texts", fake_generate)  # D2 scoring goes through prompt_outcomes
     monkeypatch.setattr(system.cfg.rollout, "criterion", "answer")
     monkeypatch.setattr(system.task, "extract", lambda g: g)
     monkeypatch.setattr(system.task, "score_fn", lambda pred, e: {"correct": pred == "RIGHT"})
@@ -649,13 +649,13 @@ def test_answer_criterion_inside_the_real_loop(model_dir, tmp_path, monkeypatch)
     import metatuner.prompts
 
     calls = []
-    real = metatuner.prompts.rank_prompts
+    real = metatuner.prompts.prompt_outcomes
 
     def spy(*a, **k):
         calls.append(a[5])
         return real(*a, **k)
 
-    monkeypatch.setattr(metatuner.prompts, "rank_prompts", spy)
+    monkeypatch.setattr(metatuner.prompts, "prompt_outcomes", spy)
     cfg = make_cfg(model_dir, tmp_path / "ans", "method=metatuner_j", "warmup.max_steps=0",
                    "warmup.generator_steps=0", "rollout.criterion=answer")
     system, loop, _ = M.prepare(cfg, start_run(cfg))

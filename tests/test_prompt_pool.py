@@ -253,3 +253,90 @@ def test_sft_with_sapo_records_the_tasks_own_p_tilde(model_dir, tmp_path):
     assert m["p_tilde"] == original and m["prompt"] in [original, *CANDS]
     preds = [json.loads(ln) for ln in (out / "predictions.jsonl").read_text().splitlines()]
     assert {p["prompt"] for p in preds} == {m["prompt"]}
+
+
+# ----------------------------------------------------------------------------- generator.pool_loss=listwise
+
+
+def test_listwise_loss_is_minus_log_pool_mass_on_right_candidates_and_trains_the_choice(model_dir, tmp_path):
+    """The listwise regulariser equals -log sum_{right} softmax(scores / T), averaged over the queries with a
+    target (None skipped); it reaches the live decoder only (phi_p' moves at a sync), and a few steps make a
+    right candidate the argmax and push the wrong ones below it."""
+    from metatuner.methods.metatuner.rollouts import choose, pool_choice_loss, pool_scores
+
+    cfg = make_cfg(model_dir, tmp_path / "lw", "method=metatuner_j", "generator.prompt_space=pool",
+                   "generator.pool_loss=listwise", "rollout.criterion=answer", "train.bf16=false",
+                   "generator.pool_temperature=0.5", "generator.pool_score=likelihood", "warmup.generator_steps=0")
+    system, loop, _ = M.prepare(cfg, start_run(cfg))
+    exs = system.task.train[:4]
+    cands = [list(system.pool)] * len(exs)
+    targets = [[1, 2], None, [2], [0, 2]]
+    with torch.no_grad():
+        s = pool_scores(system, exs, cands, frozen=False) / 0.5
+        p = torch.softmax(s, -1)
+        want = -(torch.log(p[0, 1] + p[0, 2]) + torch.log(p[2, 2]) + torch.log(p[3, 0] + p[3, 2])) / 3
+    got = pool_choice_loss(system, exs, targets)
+    assert got.item() == pytest.approx(want.item(), rel=1e-4)
+    _, reg = system.joint_losses(exs, [system.p_tilde] * 4, targets, need_task=False)
+    assert reg.item() == pytest.approx(want.item(), rel=1e-4)
+    assert pool_choice_loss(system, exs, [None] * 4).item() == 0.0
+    # gradients: the live decoder's LoRA, never phi_p' (a buffer) nor F
+    system.gen.model.zero_grad()
+    reg.backward()
+    grads = [q.grad for q in system.gen.decoder_parameters() if q.requires_grad]
+    assert grads and any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(q.grad is None for q in system.decoder.parameters())
+    frozen_before = {k: v.clone() for k, v in system.gen.frozen_state().items()}
+    opt = torch.optim.Adam(system.generator_parameters(), lr=5e-3)
+    right = [[2], [2], [2], [2]]
+    for _ in range(15):
+        _, reg = system.joint_losses(exs, [system.p_tilde] * 4, right, need_task=False)
+        opt.zero_grad()
+        reg.backward()
+        opt.step()
+    after = pool_scores(system, exs, cands, frozen=False)
+    assert (after[:, 2] > after[:, 0]).all() and (after[:, 2] > after[:, 1]).all()
+    assert choose(system, exs, cands, frozen=False, sample=False) == [system.pool[2]] * 4
+    assert all(torch.equal(v, frozen_before[k]) for k, v in system.gen.frozen_state().items())
+
+
+def test_listwise_d2_holds_the_right_pool_indices_of_decisive_queries(model_dir, tmp_path, monkeypatch):
+    import metatuner.prompts as P
+    from metatuner.methods.metatuner.rollouts import d2_rollout
+
+    cfg = make_cfg(model_dir, tmp_path / "d2", "method=metatuner_j", "generator.prompt_space=pool",
+                   "generator.pool_loss=listwise", "rollout.criterion=answer")
+    system, loop, _ = M.prepare(cfg, start_run(cfg))
+    pool = list(system.pool)
+    right = [[False, True, True], [False, False, False], [True, True, True], [True, False, False]]
+
+    def fake(model, tok, task, examples, candidates, *a, **k):
+        assert all(c == pool for c in candidates)  # every query is scored on the whole pool
+        return [[(p, ok, 1.0) for p, ok in zip(c, r)] for c, r in zip(candidates, right)]
+
+    monkeypatch.setattr(P, "prompt_outcomes", fake)
+    targets, task_prompts, stats = d2_rollout(system, system.task.train[:4])
+    assert targets == [[1, 2], None, None, [0]]
+    assert all(p in pool for p in task_prompts)
+    assert stats["d2_targets"] == 0.5 and stats["d2_pool_counts"] == [1, 1, 1]
+
+
+def test_listwise_needs_the_pool_and_answers(model_dir, tmp_path):
+    for extra in (["generator.prompt_space=mixed", "rollout.criterion=answer"],
+                  ["generator.prompt_space=pool", "rollout.criterion=nll"]):
+        with pytest.raises(MetatunerError, match="generator.pool_loss = 'listwise': expected best unless"):
+            start_run(make_cfg(model_dir, tmp_path / "bad", "method=metatuner_j", "generator.pool_loss=listwise", *extra))
+
+
+def test_listwise_trains_end_to_end(model_dir, tmp_path):
+    out = tmp_path / "lw_run"
+    cfg = make_cfg(model_dir, out, "method=metatuner_j", "generator.prompt_space=pool", "generator.pool_loss=listwise",
+                   "rollout.criterion=answer")
+    M.run(cfg)
+    pool = json.loads((out / "final" / "pool.json").read_text())["pool"]
+    d2 = [json.loads(ln) for ln in (out / "final" / "d2.jsonl").read_text().splitlines()]
+    assert d2 and all("right_pool_indices" in r for r in d2)
+    assert all(v is None or (0 < len(v) < len(pool) and all(0 <= j < len(pool) for j in v))
+               for v in (r["right_pool_indices"] for r in d2))
+    preds = [json.loads(ln) for ln in (out / "predictions.jsonl").read_text().splitlines()]
+    assert all(r["prompt"] in pool for r in preds)

@@ -169,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "compare":
             p.add_argument("--report-only", action="store_true",
                            help="Run nothing: write results.json/.md/.png from the runs already finished (others: not run).")
+            p.add_argument("--only", default="", metavar="NAME[,NAME]",
+                           help="Run only these methods of the config (by name); the report still shows the others' finished runs.")
     return parser
 
 
@@ -185,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if not args.config:
                 raise MetatunerError("compare needs --config configs/compare/NAME.yaml")
-            run_compare(args.config, args.overrides, report_only=args.report_only)
+            run_compare(args.config, args.overrides, report_only=args.report_only,
+                        only=[n.strip() for n in args.only.split(",") if n.strip()])
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command == "eval":

@@ -217,11 +217,16 @@ def _clock(seconds: float) -> str:
     return f"{m // 60}h{m % 60:02d}m{s:02d}s" if m >= 60 else f"{m}m{s:02d}s"
 
 
-def run_compare(path: str, overrides: list[str], report_only: bool = False) -> dict:
+def run_compare(path: str, overrides: list[str], report_only: bool = False, only: list[str] | None = None) -> dict:
     """Run every method and seed, write the report; raises MetatunerError (exit non-zero) after writing
     it when any run failed. `report_only`: run nothing, report the runs already complete with these
-    settings (the rest show as not run)."""
+    settings (the rest show as not run). `only`: run just these methods (by name); the report still
+    shows every method, the others from their finished runs."""
     spec = load_compare(path, overrides)
+    names = [m["name"] for m in spec["methods"]]
+    unknown = [n for n in (only or []) if n not in names]
+    if unknown:
+        raise MetatunerError(f"--only: {', '.join(unknown)} not among {path}'s methods ({', '.join(names)})")
     out = Path(spec["output_dir"])
     # resolve and validate every run's config before running anything: a typo fails in seconds, not hours
     plan = [(seed, m, method_config(spec, m, seed, out / m["name"] / f"seed_{seed}"))
@@ -236,8 +241,8 @@ def run_compare(path: str, overrides: list[str], report_only: bool = False) -> d
             statuses[(m["name"], seed)] = {"status": "complete"}
             print(f"{tag}: already complete with these settings, skipped", flush=True)
             continue
-        if report_only:
-            print(f"{tag}: not complete, not run (--report-only)", flush=True)
+        if report_only or (only and m["name"] not in only):
+            print(f"{tag}: not complete, not run ({'--report-only' if report_only else '--only'})", flush=True)
             continue
         print(f"{tag}: running (method={cfg.method}; compare elapsed {_clock(time.time() - t0)}) -> {run_dir}",
               flush=True)

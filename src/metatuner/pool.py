@@ -165,11 +165,11 @@ def opro_members(cfg: Config, task: Task, seeds: list[str], gen=None, gtok=None,
     return members
 
 
-@torch.no_grad()
 def candidate_logprobs(model, tok, messages: list[list[dict]], candidates: list[list[str]], batch_size: int = 16,
-                       max_length: int = 512, bf16: bool = True) -> torch.Tensor:
+                       max_length: int = 512, bf16: bool = True, grad: bool = False) -> torch.Tensor:
     """[queries, C] mean token log-probability of each query's C candidates as the model's reply to that
-    query's chat `messages`, teacher-forced in batches of `batch_size` rows (no generation)."""
+    query's chat `messages`, teacher-forced in batches of `batch_size` rows (no generation). grad=True keeps
+    the graph (for a loss on the scores; the result stays on the model's device), else no_grad, on the CPU."""
     from metatuner.evaluate import chat_text
 
     C = len(candidates[0]) if candidates else 0
@@ -177,13 +177,16 @@ def candidate_logprobs(model, tok, messages: list[list[dict]], candidates: list[
         raise MetatunerError("candidate_logprobs: every query needs the same number of candidates")
     prefixes = [chat_text(tok, m) for m in messages]
     rows = [(i, c) for i in range(len(messages)) for c in range(C)]
-    out = torch.empty(len(rows))
     dev = model.device
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s : s + batch_size]
-        pre = [prefixes[i] for i, _ in chunk]
-        com = [completion_text(tok, messages[i], candidates[i][c])[1] for i, c in chunk]
-        with autocast(bf16, dev):
-            batch = lm_batch(tok, pre, com, max_length, dev)
-            out[s : s + len(chunk)] = -forward_nll(model, batch)[0].float().cpu()
+    parts = []
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s : s + batch_size]
+            pre = [prefixes[i] for i, _ in chunk]
+            com = [completion_text(tok, messages[i], candidates[i][c])[1] for i, c in chunk]
+            with autocast(bf16, dev):
+                batch = lm_batch(tok, pre, com, max_length, dev)
+                nll = forward_nll(model, batch)[0].float()
+            parts.append(-nll if grad else -nll.cpu())
+    out = torch.cat(parts) if parts else torch.empty(0, device=dev if grad else "cpu")
     return out.view(len(messages), C)

@@ -2,8 +2,8 @@
 
 - `accuracy_of(...)`: the actor's accuracy with one prompt on a set of examples (the OPRO scorer).
 - `optimizer_llm(...)`: the generator as a frozen prompt-writing LLM (sampling lives in metatuner.sampling).
-- `rank_prompts(...)`: per query, the best of several candidate prompts by the D2 criterion
-  (correct first, then lower NLL of the reference under the actor).
+- `prompt_outcomes(...)` / `rank_prompts(...)`: per query, every candidate prompt's outcome under the actor
+  (right or wrong, NLL of the reference), and the best by the D2 criterion (correct first, then lower NLL).
 - `bootstrap_traces(...)`: the actor's own generations that the task scores correct.
 """
 
@@ -27,14 +27,13 @@ def accuracy_of(model, tok, task: Task, examples: list[Example], prompt: str, ba
 
 
 @torch.no_grad()
-def rank_prompts(model, tok, task: Task, examples: list[Example], candidates: list[list[str]], criterion: str = "answer",
-                 batch_size: int = 16, max_length: int = 512, bf16: bool = True,
-                 factors_ctx=None, desc: str | None = None, decisive: bool = False) -> list[tuple]:
-    """Best candidate per query: (prompt, correct, nll), ranked by (correct first, then lower NLL of the
-    reference). `factors_ctx(examples)` may return a context that changes the actor per row; `desc`
-    labels a progress bar over the (query, candidate) rows (main process only). With `decisive`, each
-    tuple gains a fourth field: whether the query's candidates disagree on correctness (some right,
-    some wrong)."""
+def prompt_outcomes(model, tok, task: Task, examples: list[Example], candidates: list[list[str]], criterion: str = "answer",
+                    batch_size: int = 16, max_length: int = 512, bf16: bool = True,
+                    factors_ctx=None, desc: str | None = None) -> list[list[tuple[str, bool, float]]]:
+    """Per query, (prompt, correct, nll) for each of its distinct candidates in order: whether the actor's
+    greedy answer with that prompt is right (always False with criterion=nll) and the NLL of the reference.
+    `factors_ctx(examples)` may return a context that changes the actor per row; `desc` labels a
+    progress bar over the (query, candidate) rows (main process only)."""
     if criterion not in ("answer", "nll"):
         from metatuner.errors import MetatunerError
 
@@ -65,16 +64,30 @@ def rank_prompts(model, tok, task: Task, examples: list[Example], candidates: li
                 correct += [False] * len(exs)
         bar.update(len(exs))
     bar.close()
-    best: dict[int, tuple] = {}
-    seen: dict[int, set] = {}
+    out: list[list[tuple[str, bool, float]]] = [[] for _ in examples]
     for j, i in enumerate(owner):
-        key = (not correct[j], nll[j])
-        seen.setdefault(i, set()).add(correct[j])
-        if i not in best or key < best[i][0]:
-            best[i] = (key, flat_p[j], correct[j], nll[j])
+        out[i].append((flat_p[j], correct[j], nll[j]))
+    return out
+
+
+def best_outcome(outcomes: list[tuple[str, bool, float]], decisive: bool = False) -> tuple:
+    """The best of one query's (prompt, correct, nll): correct first, then lower NLL (the first on ties).
+    With `decisive`, a fourth field: whether the candidates disagree on correctness."""
+    best = min(outcomes, key=lambda o: (not o[1], o[2]))
     if decisive:
-        return [(best[i][1], best[i][2], best[i][3], len(seen[i]) == 2) for i in range(len(examples))]
-    return [(best[i][1], best[i][2], best[i][3]) for i in range(len(examples))]
+        return (*best, len({o[1] for o in outcomes}) == 2)
+    return best
+
+
+def rank_prompts(model, tok, task: Task, examples: list[Example], candidates: list[list[str]], criterion: str = "answer",
+                 batch_size: int = 16, max_length: int = 512, bf16: bool = True,
+                 factors_ctx=None, desc: str | None = None, decisive: bool = False) -> list[tuple]:
+    """Best candidate per query: (prompt, correct, nll), ranked by (correct first, then lower NLL of the
+    reference); see `prompt_outcomes`. With `decisive`, each tuple gains a fourth field: whether the
+    query's candidates disagree on correctness (some right, some wrong)."""
+    outs = prompt_outcomes(model, tok, task, examples, candidates, criterion, batch_size, max_length, bf16,
+                           factors_ctx, desc)
+    return [best_outcome(o, decisive) for o in outs]
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ CHOICES = {
     "rollout.targets": ("all", "decisive"),
     "generator.prompt_space": ("free", "pool", "mixed"),
     "generator.pool_score": ("gain", "likelihood"),
+    "generator.pool_loss": ("best", "listwise"),
     "prompt_selection": ("none", "sapo"),
     "select.rule": ("lcb", "halving"),
     "select.early_test": ("chosen", "cheapest", "all"),
@@ -155,6 +156,9 @@ def _check_combinations(cfg) -> None:
     if m in METATUNER_METHODS and g.prompt_space != "free" and g.pool_score == "gain" and g.lora_rank == 0:
         raise fail("generator.pool_score", g.pool_score,
                    "likelihood with generator.lora_rank=0 (gain compares G with and without its LoRA)")
+    if m in METATUNER_METHODS and g.pool_loss == "listwise" and (g.prompt_space != "pool" or cfg.rollout.criterion != "answer"):
+        raise fail("generator.pool_loss", "listwise", "best unless generator.prompt_space=pool and rollout.criterion=answer "
+                   "(listwise learns from which pool candidates answered right)")
     if train.batch_size % train.grad_accum:
         raise fail("train.grad_accum", train.grad_accum, f"a divisor of train.batch_size ({train.batch_size})")
     if cfg.inference.strategy == "greedy" and cfg.inference.n != 1:

@@ -118,7 +118,8 @@ def write_final(cfg: Config, loop: JointLoop) -> Path:
             if cfg.generator.prompt_space != "free":
                 write_json(tmp / "pool.json", {"pool": system.pool})
             d2 = loop.state["d2"]
-            write_jsonl(tmp / "d2.jsonl", [{"index": int(k), "query": task.train[int(k)].query, "best_prompt": v}
+            key = "best_prompt" if cfg.generator.pool_loss == "best" else "right_pool_indices"
+            write_jsonl(tmp / "d2.jsonl", [{"index": int(k), "query": task.train[int(k)].query, key: v}
                                            for k, v in sorted(d2.items(), key=lambda kv: int(kv[0]))])
     acc.wait_for_everyone()
     return final
@@ -140,7 +141,8 @@ def train(cfg: Config, task: Task) -> tuple[MetaTunerSystem, dict]:
                   "train_tokens": warm.get("train_tokens", 0) + system.counts["train_tokens"] * world,
                   "generation_calls": system.counts["generation_calls"] * world,
                   "rollout_seconds": round(loop.rollout_seconds, 1), "train_seconds": round(time.time() - t_start, 1),
-                  "d2_rewritten": sum(v is not None and v != system.p_tilde for v in d2.values()) / max(1, len(d2)),
+                  "d2_rewritten": sum(v is not None and (v != system.p_tilde if isinstance(v, str) else 0 not in v)
+                                      for v in d2.values()) / max(1, len(d2)),
                   "d2_targets": sum(v is not None for v in d2.values()) / max(1, len(d2))})
     write_final(cfg, loop)
     return system, stats

@@ -8,7 +8,9 @@ over the pool at generator.pool_temperature, the test prompt is the live decoder
 puts rollout.n free samples beside the pool.
 
 rollout.targets=decisive keeps a D2 target only for queries whose candidates disagree on correctness; the
-others get None (the regulariser skips them, `MetaTunerSystem.joint_losses`)."""
+others get None (the regulariser skips them, `MetaTunerSystem.joint_losses`). generator.pool_loss=listwise
+(pool mode) keeps, for those queries, every candidate's outcome instead of the single best, and the
+regulariser is `pool_choice_loss`: -log of the decoder's pool probability on the candidates that answered right."""
 
 from __future__ import annotations
 
@@ -52,20 +54,39 @@ def sample_prompts(system, examples: list[Example], n: int, live: bool = False, 
     return out
 
 
-def pool_scores(system, examples: list[Example], candidates: list[list[str]], frozen: bool) -> torch.Tensor:
+def pool_scores(system, examples: list[Example], candidates: list[list[str]], frozen: bool, grad: bool = False) -> torch.Tensor:
     """[queries, candidates] scores of the decoder (phi_p' when frozen, else the live phi_p): the length-
     normalised log-likelihood of each candidate given (p~, x); with generator.pool_score=gain minus the same
     under G without its LoRA (the untrained generator), so every candidate starts at 0 and only what training
-    taught moves the choice (the raw likelihood favours copying p~ from the input)."""
+    taught moves the choice (the raw likelihood favours copying p~ from the input). grad=True: the live
+    decoder's scores keep their graph (the listwise loss)."""
     cfg = system.cfg
     msgs = [rewrite_messages(system.p_tilde, ex.query) for ex in examples]
     args = (cfg.rollout.batch_size, cfg.train.max_length, cfg.train.bf16)
     with system.gen.frozen_decoder() if frozen else contextlib.nullcontext():
-        scores = candidate_logprobs(system.gen.model, system.gen_tok, msgs, candidates, *args)
+        scores = candidate_logprobs(system.gen.model, system.gen_tok, msgs, candidates, *args, grad=grad)
     if cfg.generator.pool_score == "gain":
         with generator_lora_disabled(system.gen.model):
-            scores = scores - candidate_logprobs(system.gen.model, system.gen_tok, msgs, candidates, *args)
+            base = candidate_logprobs(system.gen.model, system.gen_tok, msgs, candidates, *args)
+        scores = scores - base.to(scores.device)
     return scores
+
+
+def pool_choice_loss(system, examples: list[Example], targets: list[list[int] | None]) -> torch.Tensor:
+    """generator.pool_loss=listwise: mean over the queries with a target of -log of the live decoder's pool
+    probability (softmax of `pool_scores` at generator.pool_temperature) on the candidates that answered the
+    query right; 0 when no query has one. The distribution trained is the one the test argmax reads, and the
+    candidates that answered wrong are pushed down."""
+    rows = [(ex, t) for ex, t in zip(examples, targets) if t]
+    if not rows:
+        return torch.zeros((), device=system.device)
+    pool = list(system.pool)
+    scores = pool_scores(system, [ex for ex, _ in rows], [pool] * len(rows), frozen=False, grad=True)
+    logp = torch.log_softmax(scores / system.cfg.generator.pool_temperature, dim=-1)
+    right = torch.zeros_like(logp, dtype=torch.bool)
+    for r, (_, t) in enumerate(rows):
+        right[r, t] = True
+    return -torch.logsumexp(logp.masked_fill(~right, float("-inf")), dim=-1).mean()
 
 
 def choose(system, examples: list[Example], candidates: list[list[str]], frozen: bool, sample: bool) -> list[str]:
@@ -97,25 +118,40 @@ def test_prompts(system, examples: list[Example]) -> list[str]:
 
 
 @torch.no_grad()
-def score_candidates(system, examples: list[Example], candidates: list[list[str]]) -> list[tuple]:
-    """Best candidate per query by (correct first, then lower NLL of the reference) under the actor
-    with that query's generated LoRA. p~ is always a candidate. Returns (prompt, correct, nll, decisive):
-    decisive = the candidates disagree on correctness (always True with rollout.targets=all)."""
-    from metatuner.prompts import rank_prompts
+def candidate_outcomes(system, examples: list[Example], candidates: list[list[str]]) -> list[list[tuple]]:
+    """Per query, (prompt, correct, nll) of p~ and each distinct candidate under the actor with that
+    query's generated LoRA: whether it makes the actor's answer right, and the NLL of the reference."""
+    from metatuner.prompts import prompt_outcomes
 
     cfg = system.cfg
     cands = [list(dict.fromkeys([system.p_tilde] + list(c))) for c in candidates]
     if cfg.rollout.criterion == "answer":
         system.counts["generation_calls"] += sum(len(c) for c in cands)
-    ranked = rank_prompts(system.actor, system.tok, system.task, examples, cands, cfg.rollout.criterion,
-                          cfg.rollout.batch_size, cfg.train.max_length, cfg.train.bf16, system.with_factors,
-                          desc="D2: scoring prompts", decisive=True)
-    return [r if cfg.rollout.targets == "decisive" else (*r[:3], True) for r in ranked]
+    return prompt_outcomes(system.actor, system.tok, system.task, examples, cands, cfg.rollout.criterion,
+                           cfg.rollout.batch_size, cfg.train.max_length, cfg.train.bf16, system.with_factors,
+                           desc="D2: scoring prompts")
 
 
-def d2_rollout(system, examples: list[Example], live: bool = False) -> tuple[list[str | None], list[str], dict]:
+def best_candidates(system, outcomes: list[list[tuple]]) -> list[tuple]:
+    """(prompt, correct, nll, decisive) per query: the best by (correct first, then lower NLL of the
+    reference); decisive = the candidates disagree on correctness (always True with rollout.targets=all)."""
+    from metatuner.prompts import best_outcome
+
+    ranked = [best_outcome(o, decisive=True) for o in outcomes]
+    return [r if system.cfg.rollout.targets == "decisive" else (*r[:3], True) for r in ranked]
+
+
+def score_candidates(system, examples: list[Example], candidates: list[list[str]]) -> list[tuple]:
+    """Best candidate per query under the actor with that query's generated LoRA (p~ always competes):
+    (prompt, correct, nll, decisive), see `best_candidates`."""
+    return best_candidates(system, candidate_outcomes(system, examples, candidates))
+
+
+def d2_rollout(system, examples: list[Example], live: bool = False) -> tuple[list, list[str], dict]:
     """Candidates per query (rollout.n samples and/or the pool), scored by the actor;
-    -> (best prompts, None where the query has no target under rollout.targets=decisive; task prompts; stats)."""
+    -> (D2 targets: the best prompt per query, None where the query has no target under
+    rollout.targets=decisive; with generator.pool_loss=listwise the pool indices of the candidates that
+    answered right, None unless some answered right and some wrong; task prompts; stats)."""
     cfg = system.cfg
     n, space = cfg.rollout.n, cfg.generator.prompt_space
     if not system.use_p:  # nothing to choose from (w/o P: the actor never sees a rewrite): D2 holds p~
@@ -130,11 +166,19 @@ def d2_rollout(system, examples: list[Example], live: bool = False) -> tuple[lis
         width = max(len(c) for c in cands)
         padded = [c + [c[0]] * (width - len(c)) for c in cands]  # the same count per query for one batched pass
         task_prompts = choose(system, examples, padded, frozen=not live, sample=True)
-    best = (score_candidates(system, examples, cands) if any(cands)
+    outs = candidate_outcomes(system, examples, cands) if any(cands) else None
+    best = (best_candidates(system, outs) if outs is not None
             else [(system.p_tilde, False, 0.0, cfg.rollout.targets == "all")] * len(examples))
     stats = {"d2_correct": sum(b[1] for b in best) / max(1, len(best)),
              "d2_rewritten": sum(b[0] != system.p_tilde for b in best if b[3]) / max(1, len(best)),
              "d2_targets": sum(b[3] for b in best) / max(1, len(best))}
+    if cfg.generator.pool_loss == "listwise":
+        index = {p: j for j, p in enumerate(system.pool)}
+        right = [sorted(index[p] for p, ok, _ in o if ok) for o in outs]
+        targets = [r if 0 < len(r) < len(system.pool) else None for r in right]
+        stats.update(d2_targets=sum(t is not None for t in targets) / max(1, len(targets)),
+                     d2_pool_counts=[sum(j in t for t in targets if t) for j in range(len(system.pool))])
+        return targets, task_prompts, stats
     if space != "free":
         stats["d2_pool_counts"] = [sum(b[0] == c for b in best if b[3]) for c in system.pool]
     return [b[0] if b[3] else None for b in best], task_prompts, stats

@@ -110,24 +110,26 @@ class MetaTunerSystem:
 
     # -- losses
 
-    def joint_losses(self, examples: list[Example], task_prompts: list[str], best_prompts: list[str | None],
+    def joint_losses(self, examples: list[Example], task_prompts: list[str], best_prompts: list,
                      need_task: bool = True, need_reg: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(task loss, regularization loss), from one generator pass over (p~, x, p*) and one actor pass.
         A query without a D2 target (best prompt None, rollout.targets=decisive) is left out of the
         regulariser's mean (its row still feeds F through h_i, with p~ as the placeholder completion);
         the mean is over the micro-batch's rows with a target, so with sparse targets each one weighs
-        more, as if train.alpha grew."""
+        more, as if train.alpha grew. With generator.pool_loss=listwise a target is a list of pool indices
+        (the candidates that answered right) and the regulariser is `rollouts.pool_choice_loss`."""
         cfg = self.cfg
         dev = self.device
         zero = torch.zeros((), device=dev)
+        listwise = cfg.generator.pool_loss == "listwise"
         keep = torch.tensor([p is not None for p in best_prompts], dtype=torch.float, device=dev)
         with autocast(cfg.train.bf16, dev):
             prefixes = self.gen_prefixes(examples)
             comps = [completion_text(self.gen_tok, rewrite_messages(self.p_tilde, ex.query),
-                                     self.p_tilde if p is None else p)[1]
+                                     p if isinstance(p, str) else self.p_tilde)[1]
                      for ex, p in zip(examples, best_prompts)]
             gb = lm_batch(self.gen_tok, prefixes, comps, cfg.train.max_length, dev)
-            run_gen = need_reg or (need_task and self.use_f)
+            run_gen = (need_reg and not listwise) or (need_task and self.use_f)
             reg, hidden_k = zero, None
             if run_gen:
                 # one pass of G over (p~, x, p*): layer-k states of the prefix feed F, logits of p* give reg
@@ -138,8 +140,12 @@ class MetaTunerSystem:
                 if torch.is_grad_enabled():
                     self.counts["train_tokens"] += int(gb["attention_mask"].sum())
                 hidden_k = out.hidden_states[self.gen.k]
-                if need_reg:
+                if need_reg and not listwise:
                     reg = (rows * keep).sum() / keep.sum().clamp(min=1.0)
+            if need_reg and listwise:
+                from .rollouts import pool_choice_loss
+
+                reg = pool_choice_loss(self, examples, best_prompts)
             task = zero
             if need_task:
                 f = self.factors(examples, hidden_k, gb["prefix_mask"]) if self.use_f else None
