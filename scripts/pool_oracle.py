@@ -20,6 +20,11 @@ the run's own system: the warmed-up actor with the LoRA its parameter decoder ge
 LoRA depends on (p~, x) only, so forcing a candidate changes the prompt alone), and the report adds the
 prompt decoder's own per-query choice: its accuracy (on test it must equal the run's), how often it picks
 a right candidate where one exists, and its picks per candidate.
+
+--groups operators: is the per-query headroom learnable from the query at all? Groups the queries by the
+binary operators they contain (' + ', ' - ', ' * ', ' / '; e.g. basic_arithmetic's + - * questions), takes
+per group the candidate best on validation (ties: the candidate best on all of validation) and scores that
+choice on test: a chooser that reads one obvious feature of the query, fitted on validation only.
 """
 
 from __future__ import annotations
@@ -64,10 +69,38 @@ def chooser_report(correct: dict[str, list[list[bool]]], picks: dict[str, list[i
     return out
 
 
+def operators(query: str) -> str:
+    """The binary operators of an arithmetic question, in order (' + ', ' - ', ' * ', ' / ' with spaces)."""
+    import re
+
+    return "".join(re.findall(r"\s([+\-*/])\s", query)) or "none"
+
+
+def group_chooser(correct: dict[str, list[list[bool]]], keys: dict[str, list[str]]) -> dict:
+    """Per group (keys[split][i]), the candidate best on the group's validation queries (ties and groups
+    validation lacks: the candidate best on all of validation), scored on test (pure)."""
+    val = correct["validation"]
+    C = len(val[0]) if val else 0
+    overall = max(range(C), key=lambda j: (sum(r[j] for r in val), -j))
+    groups = sorted(set(keys["validation"]) | set(keys["test"]))
+    choice = {}
+    for g in groups:
+        rows = [r for r, k in zip(val, keys["validation"]) if k == g]
+        choice[g] = max(range(C), key=lambda j: (sum(r[j] for r in rows), j == overall, -j)) if rows else overall
+    out = {"choice": choice}
+    for split in ("validation", "test"):
+        rows, ks = correct[split], keys[split]
+        out[split] = {"accuracy": sum(r[choice[k]] for r, k in zip(rows, ks)) / max(1, len(rows)),
+                      "queries": {g: ks.count(g) for g in groups}}
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir")
     ap.add_argument("--pool", default="", help="a pool.json ({'pool': [...]}) instead of the run's sapo.json candidates")
+    ap.add_argument("--groups", choices=["operators"], default=None,
+                    help="also score a per-group choice fitted on validation (groups: the query's binary operators)")
     args = ap.parse_args(argv)
 
     import torch
@@ -152,6 +185,19 @@ def main(argv: list[str] | None = None) -> dict:
           f"test {100 * rep['oracle_test_accuracy']:.1f}% (validation {100 * rep['oracle_validation_accuracy']:.1f}%); "
           f"test queries where the best is wrong and another right: {100 * rep['test_best_wrong_other_right']:.1f}%; "
           f"all candidates agree: {100 * rep['test_all_agree']:.1f}%")
+    if args.groups:
+        cfg = load_saved_config(d / "config.yaml")
+        task = load_task(cfg.task, cfg.seed)
+        splits = {"validation": task.split("validation"), "test": eval_examples(cfg, task)}
+        keys = {k: [operators(ex.query) for ex in exs] for k, exs in splits.items()}
+        if any(len(keys[k]) != len(rep["correct"][k]) for k in keys):
+            raise SystemExit(f"error: {cached}: its correctness matrices do not match the run's splits (delete it to recompute)")
+        g = group_chooser(rep["correct"], keys)
+        rep["group_chooser"] = g
+        write_json(cached, rep)
+        print(f"\nper-operator choice fitted on validation: " + ", ".join(
+            f"{k} -> #{j} ({g['test']['queries'][k]} test)" for k, j in g["choice"].items())
+            + f"; validation {100 * g['validation']['accuracy']:.1f}%, test {100 * g['test']['accuracy']:.1f}%")
     if "chooser" in rep:
         for split in ("validation", "test"):
             c = rep["chooser"][split]

@@ -6,7 +6,8 @@ joint phase's losses, and which pool candidates the test queries got.
 
 Each argument is a MetaTuner run folder (train_log.jsonl, pool.json, predictions.jsonl). Per run:
 - rollouts: step, share of D2 queries with a correct best prompt, share whose best prompt is not p~, and
-  how many D2 queries each pool candidate won (candidate 0 = p~);
+  how many D2 queries each pool candidate won (candidate 0 = p~; with generator.pool_loss=listwise: on how
+  many D2 queries with a target each candidate answered right);
 - joint phase: mean task loss and regulariser over its first and last five logged steps;
 - test: how many test queries got each pool candidate (argmax of the prompt decoder), and their accuracy.
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+import yaml
 
 
 def jsonl(path: Path) -> list[dict]:
@@ -35,7 +38,10 @@ def summary(run: Path) -> str:
     pool = json.loads(need[1].read_text())["pool"]
     preds = jsonl(need[2])
     lines = [f"## {run}", "", "pool: " + " | ".join(f"#{i} {p[:50]!r}" for i, p in enumerate(pool)), ""]
-    lines += ["| rollout at step | D2 correct % | D2 with a target % | D2 best != p~ % | D2 wins per candidate |",
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
+    listwise = (cfg.get("generator") or {}).get("pool_loss") == "listwise"
+    per = "D2 right per candidate (listwise)" if listwise else "D2 wins per candidate"
+    lines += [f"| rollout at step | D2 correct % | D2 with a target % | D2 best != p~ % | {per} |",
               "|---|---|---|---|---|"]
     for r in (x for x in log if x.get("stage") == "rollout"):
         lines.append(f"| {r['step']} | {100 * r.get('d2_correct', 0):.1f} | {100 * r.get('d2_targets', 1):.1f} | "

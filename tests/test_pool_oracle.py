@@ -25,6 +25,19 @@ def test_oracle_report_by_hand():
     assert rep["test_all_agree"] == 0.5  # queries 1 (all right) and 2 (all wrong)
 
 
+
+def test_group_chooser_by_hand():
+    assert NS["operators"]("Calculate -33 * 4.") == "*" and NS["operators"]("7 + 2 - 3 =") == "+-"
+    assert NS["operators"]("What is 5?") == "none"
+    correct = {"validation": [[True, False], [True, False], [False, True], [False, True], [True, True]],
+               "test": [[True, False], [False, True], [False, True], [True, True]]}
+    keys = {"validation": ["+", "+", "*", "*", "-"], "test": ["+", "*", "/", "-"]}
+    g = NS["group_chooser"](correct, keys)
+    # + -> 0, * -> 1; '-' ties on validation -> the overall best (0, by index on the 3-3 tie); '/' unseen -> 0
+    assert g["choice"] == {"+": 0, "*": 1, "-": 0, "/": 0}
+    assert g["validation"]["accuracy"] == 1.0
+    assert g["test"]["accuracy"] == 0.75 and g["test"]["queries"] == {"*": 1, "+": 1, "-": 1, "/": 1}
+
 def test_pool_oracle_on_a_tiny_sft_sapo_run(tiny_model_path, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TQDM_DISABLE", "1")
