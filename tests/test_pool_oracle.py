@@ -37,6 +37,7 @@ def test_group_chooser_by_hand():
     assert g["choice"] == {"+": 0, "*": 1, "-": 0, "/": 0}
     assert g["validation"]["accuracy"] == 1.0
     assert g["test"]["accuracy"] == 0.75 and g["test"]["queries"] == {"*": 1, "+": 1, "-": 1, "/": 1}
+    assert g["test_fitted_accuracy"] == 1.0  # '/' -> 1 on test
 
 def test_pool_oracle_on_a_tiny_sft_sapo_run(tiny_model_path, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
