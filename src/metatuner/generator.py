@@ -364,3 +364,19 @@ def save_metatuner(out_dir: str | os.PathLike, generator: SplitGenerator, decode
 def load_metatuner(out_dir: str | os.PathLike, generator: SplitGenerator, decoder: nn.Module) -> dict:
     """Load `save_metatuner` output into an already built generator and decoder."""
     return generator.load(Path(out_dir) / "generator.safetensors", extra={"hypernet": decoder})
+
+
+@contextlib.contextmanager
+def generator_lora_disabled(gen_model):
+    """G as it was before training: every injected LoRA layer bypassed (its base weights only)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in gen_model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before):
+            m._disable_adapters = b

@@ -20,11 +20,10 @@ import os
 import torch
 from tqdm.auto import tqdm
 
+from metatuner.generator import generator_lora_disabled
 from metatuner.pool import candidate_logprobs
 from metatuner.rewrite import clean_prompt, rewrite_messages
 from metatuner.tasks import Example
-
-from .system import generator_lora_disabled
 
 
 @torch.no_grad()

@@ -34,22 +34,6 @@ def add_generator_lora(gen_model, rank: int, targets: list[str] | None = None) -
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=names, lora_dropout=0.0), gen_model)
 
 
-@contextlib.contextmanager
-def generator_lora_disabled(gen_model):
-    """G as it was before training: every injected LoRA layer bypassed (its base weights only)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in gen_model.modules() if isinstance(m, BaseTunerLayer)]
-    before = [m._disable_adapters for m in layers]
-    for m in layers:
-        m._disable_adapters = True
-    try:
-        yield
-    finally:
-        for m, b in zip(layers, before):
-            m._disable_adapters = b
-
-
 class MetaTunerSystem:
     """G (phi_s, phi_p, phi_p'), F (phi_q) and the actor with batched per-query LoRA hooks.
 
