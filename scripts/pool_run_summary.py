@@ -8,6 +8,7 @@ Each argument is a MetaTuner run folder (train_log.jsonl, pool.json, predictions
 - rollouts: step, share of D2 queries with a correct best prompt, share whose best prompt is not p~, and
   how many D2 queries each pool candidate won (candidate 0 = p~; with generator.pool_loss=listwise: on how
   many D2 queries with a target each candidate answered right);
+- G's warm-up: the regulariser at its first and last step;
 - joint phase: mean task loss and regulariser over its first and last five logged steps;
 - test: how many test queries got each pool candidate (argmax of the prompt decoder), and their accuracy.
 """
@@ -46,6 +47,9 @@ def summary(run: Path) -> str:
     for r in (x for x in log if x.get("stage") == "rollout"):
         lines.append(f"| {r['step']} | {100 * r.get('d2_correct', 0):.1f} | {100 * r.get('d2_targets', 1):.1f} | "
                      f"{100 * r.get('d2_rewritten', 0):.1f} | {r.get('d2_pool_counts', '-')} |")
+    warm = [x["reg"] for x in log if x.get("stage") == "warmup_generator" and "reg" in x]
+    if warm:
+        lines += ["", f"G's warm-up ({len(warm)} steps): regulariser {warm[0]:.3f} -> {warm[-1]:.3f} (first / last step)"]
     joint = [x for x in log if x.get("stage") == "joint" and "task_loss" in x]
     if joint:
         first, last = joint[:5], joint[-5:]

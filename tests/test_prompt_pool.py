@@ -328,15 +328,35 @@ def test_listwise_needs_the_pool_and_answers(model_dir, tmp_path):
             start_run(make_cfg(model_dir, tmp_path / "bad", "method=metatuner_j", "generator.pool_loss=listwise", *extra))
 
 
-def test_listwise_trains_end_to_end(model_dir, tmp_path):
+def test_listwise_trains_end_to_end(model_dir, tmp_path, monkeypatch):
+    """The real loop (G's warm-up, D2 windows, joint steps, test) with listwise targets: the random actor
+    answers nothing right, so its outcomes are replaced by 'only candidate 2 is right'; every D2 target is
+    then [2], the regulariser is positive on every joint step, and the live decoder's scores move toward
+    candidate 2 (gain scores start at 0 for every candidate)."""
+    import metatuner.prompts as P
+
+    def fake(model, tok, task, examples, candidates, *a, **k):
+        return [[(p, j == 2, 1.0) for j, p in enumerate(c)] for c in candidates]
+
+    monkeypatch.setattr(P, "prompt_outcomes", fake)
     out = tmp_path / "lw_run"
     cfg = make_cfg(model_dir, out, "method=metatuner_j", "generator.prompt_space=pool", "generator.pool_loss=listwise",
-                   "rollout.criterion=answer")
+                   "rollout.criterion=answer", "train.max_steps=4", "train.bf16=false")
     M.run(cfg)
     pool = json.loads((out / "final" / "pool.json").read_text())["pool"]
     d2 = [json.loads(ln) for ln in (out / "final" / "d2.jsonl").read_text().splitlines()]
-    assert d2 and all("right_pool_indices" in r for r in d2)
-    assert all(v is None or (0 < len(v) < len(pool) and all(0 <= j < len(pool) for j in v))
-               for v in (r["right_pool_indices"] for r in d2))
+    assert d2 and all(r["right_pool_indices"] == [2] for r in d2)
+    rows = [json.loads(ln) for ln in (out / "train_log.jsonl").read_text().splitlines()]
+    joint = [r for r in rows if r["stage"] == "joint"]
+    assert len(joint) == 4 and all(r["reg"] > 0 for r in joint)
+    assert any(r["stage"] == "warmup_generator" for r in rows)
     preds = [json.loads(ln) for ln in (out / "predictions.jsonl").read_text().splitlines()]
     assert all(r["prompt"] in pool for r in preds)
+    from metatuner.methods.metatuner.rollouts import pool_scores
+
+    from metatuner.tasks import Example
+
+    system = M.load_system(out)
+    exs = [Example(query=r["query"], answer="", target="") for r in preds]
+    scores = pool_scores(system, exs, [pool] * len(exs), frozen=False)
+    assert (scores[:, 2] > scores[:, 0]).all() and (scores[:, 2] > scores[:, 1]).all()
