@@ -159,6 +159,31 @@ def test_greedy_texts_matches_generate(tiny_model_path, share_prefix, drop_finis
     assert len({n[0] for n in want_n}) > 1  # some rows finished before others
 
 
+def test_sampling_runs_each_prompt_once_with_the_same_samples(tiny_model_path, monkeypatch):
+    """share_prompt (the default for n > 1) gives, for one seed, the texts, token counts and scores of Hugging
+    Face's num_return_sequences, with rows of different lengths and rows that end early; and the model
+    really sees each prompt once (the forward over the prompt holds b rows, not b * n)."""
+    model, tok, texts = _eos_prone(tiny_model_path, prefix="Add the numbers. Reply as Answer: <n>\n\n")
+    runs = {}
+    for share in (False, True):
+        torch.manual_seed(7)
+        runs[share] = generate_texts(model, tok, texts, 16, do_sample=True, temperature=0.9, top_p=0.95,
+                                     num_return_sequences=3, return_logprobs=True, answer_end="Answer: 1",
+                                     share_prompt=share)
+    (g0, n0, l0), (g1, n1, l1) = runs[False], runs[True]
+    assert g1 == g0 and n1 == n0
+    assert len(g1) == len(texts) and all(len(x) == 3 for x in g1)
+    assert len({k for row in n1 for k in row}) > 1  # some samples ended before others
+    for a, b in zip(l0, l1):
+        assert a == pytest.approx(b, abs=1e-5)
+    seen = []
+    hook = model.model.layers[0].register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape[:2])))
+    generate_texts(model, tok, texts, 4, do_sample=True, num_return_sequences=3)
+    hook.remove()
+    width = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)["input_ids"].shape[1]
+    assert seen[0] == (len(texts), width - 1) and all(rows == 3 * len(texts) for rows, _ in seen[1:])
+
+
 def test_stop_at_answer_line_keeps_the_text_up_to_it(tiny_model, make_task):
     """With task.answer_end, a row ends as soon as its text matches; up to there it equals the free text."""
     model, tok = tiny_model

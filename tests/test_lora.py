@@ -153,6 +153,30 @@ def test_sampling_with_several_sequences_per_query_repeats_each_querys_factors(s
         torch.testing.assert_close(step_logits[j], ref[0, T - 1:T - 1 + new], atol=1e-4, rtol=0)
 
 
+def test_shared_prompt_sampling_keeps_each_querys_factors(setup):
+    """generate_texts with the prompt run once and its cache copied to the n samples gives, under
+    per-query LoRA, the same samples and scores as num_return_sequences (every copy run with its factors)."""
+    from metatuner.evaluate import generate_texts
+    from metatuner.testing import char_tokenizer
+
+    base, actor, targets, lora, ids, mask = setup
+    tok = char_tokenizer()
+    texts = ["abc", "hello there", "xyz uvw rst"]
+    factors = random_factors(targets, 3)
+    out = {}
+    for share in (False, True):
+        torch.manual_seed(0)
+        with lora.use_factors(factors):
+            out[share] = generate_texts(actor, tok, texts, 6, do_sample=True, num_return_sequences=2,
+                                        return_logprobs=True, share_prompt=share)
+    assert out[True][0] == out[False][0]
+    for a, b in zip(out[True][2], out[False][2]):
+        assert a == pytest.approx(b, abs=1e-5)
+    torch.manual_seed(0)
+    plain = generate_texts(actor, tok, texts, 6, do_sample=True, num_return_sequences=2)[0]
+    assert plain != out[True][0]  # the factors changed the samples
+
+
 def test_gradients_reach_non_leaf_factors_and_not_base_weights(setup):
     base, actor, targets, lora, ids, mask = setup
     leaf = {k: (a.requires_grad_(), b.requires_grad_()) for k, (a, b) in random_factors(targets, 3).items()}

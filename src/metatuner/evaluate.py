@@ -18,6 +18,7 @@ import math
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -131,6 +132,20 @@ def greedy_texts(
     return gens, [[len(x)] for x in new]
 
 
+def _prompt_cache(model, enc, n: int):
+    """The cache of every prompt but its last token, run once per row and copied n times (rows repeated
+    in place, as generate's num_return_sequences orders them), and the inputs repeated to match; generate
+    then feeds only the last prompt token. Positions count real tokens only, as generate's do."""
+    from transformers import DynamicCache
+
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    cache = DynamicCache()
+    _forward(model, input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], cache=cache)
+    cache.batch_repeat_interleave(n)
+    return {"input_ids": ids.repeat_interleave(n, dim=0), "attention_mask": mask.repeat_interleave(n, dim=0)}, cache
+
+
 class AnswerEnd(StoppingCriteria):
     """Per-row stop once the generated text (after `start` input tokens) matches the regex `pattern`."""
 
@@ -154,22 +169,32 @@ def generate_texts(
     num_return_sequences: int = 1,
     return_logprobs: bool = False,
     answer_end: str = "",
+    share_prompt: bool = True,
 ):
     """Generate for one batch of already-rendered texts. Returns (generations[b][n], n_tokens[b][n], mean_logprob[b][n]).
     A row stops at an end token, at max_new_tokens, or once its text matches the regex `answer_end` (as
-    in greedy_texts, so sampled and greedy answers are cut by the same rule)."""
+    in greedy_texts, so sampled and greedy answers are cut by the same rule).
+    With n = num_return_sequences > 1 and `share_prompt`, each prompt is run once and its cache copied to
+    its n samples (Hugging Face's num_return_sequences runs every prompt n times); the rows, their order,
+    the sampling and so the outputs for a seed are the same (up to float rounding). A per-query LoRA
+    (metatuner.lora) stays right: its factors repeat over the n copies as they do under generate."""
     tokenizer.padding_side = "left"
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     stop = stop_token_ids(model, tokenizer)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_return_sequences,
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
+    if share_prompt and num_return_sequences > 1 and enc["input_ids"].shape[1] > 1:
+        enc, kwargs["past_key_values"] = _prompt_cache(model, enc, num_return_sequences)
+        kwargs["num_return_sequences"] = 1
     if answer_end:
         kwargs["stopping_criteria"] = StoppingCriteriaList([AnswerEnd(tokenizer, answer_end, enc["input_ids"].shape[1])])
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    out = model.generate(**enc, **kwargs, return_dict_in_generate=True, output_scores=return_logprobs)
+    with warnings.catch_warnings():  # transformers 5 renames past_key_values to cache; 4.x knows only the old name
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+        out = model.generate(**enc, **kwargs, return_dict_in_generate=True, output_scores=return_logprobs)
     seqs = out.sequences[:, enc["input_ids"].shape[1] :]
     lp = None
     if return_logprobs:
