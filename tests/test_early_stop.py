@@ -213,8 +213,11 @@ def test_early_majority_spends_exactly_what_it_records(tiny_model, make_task, mo
     assert m["samples_per_query"] == 8 and m["strategy"] == "early_majority"
     # rounds: 2 samples each first, then one more for the rows still open, each round in its own context
     assert fake.calls[0][1] == 2 and all(k == 1 for _, k in fake.calls[1:])
-    assert seen[0] == [0, 1, 2, 3] and seen[2] == [0, 1, 2, 3] and seen[3] == [1, 2, 3] and seen[-1] == [1, 3]
-    assert [sorted(task.test.index(e) for e in task.test if e.query in qs) for qs, _ in fake.calls] == seen
+    # first the prompts' cache, built once under every row's weights, then the rounds
+    assert seen[0] == [0, 1, 2, 3]
+    rounds = seen[1:]
+    assert rounds[0] == [0, 1, 2, 3] and rounds[2] == [0, 1, 2, 3] and rounds[3] == [1, 2, 3] and rounds[-1] == [1, 3]
+    assert [sorted(task.test.index(e) for e in task.test if e.query in qs) for qs, _ in fake.calls] == rounds
     # stop_chunk and a cap below stop_min
     fake2 = SequentialGen(samples)
     monkeypatch.setattr(ev, "generate_texts", fake2)
@@ -322,14 +325,15 @@ def test_early_majority_with_per_query_lora(tiny_model_path, make_task, monkeypa
                        stop_threshold=0.8, batch_size=5, batch_context=ctx, progress=False)
     assert all(2 <= r["samples"] <= 4 for r in recs) and m["total_samples"] == sum(counts.values())
     assert rows[0] and all(set(b) <= set(rows[0]) for b in rows[1:])
-    assert sum(len(b) for b in rows) == len(rows[0]) + sum(r["samples"] - 2 for r in recs)
+    # the prompts' cache under every row's factors, then the first round (every row), then the open rows
+    assert rows[1] == rows[0] and sum(len(b) for b in rows) == 2 * len(rows[0]) + sum(r["samples"] - 2 for r in recs)
     # near-zero temperature: every sample is the greedy answer of its own row's LoRA model
     torch.manual_seed(2)
     low, _ = evaluate(model, tok, task, task.test, strategy="early_majority", n=4, temperature=1e-6,
                       stop_threshold=0.85, batch_size=5, batch_context=ctx, progress=False)
     greedy, _ = evaluate(model, tok, task, task.test, batch_size=5, batch_context=ctx, progress=False,
                          fast_greedy=False, stop_at_answer=False)
-    assert [r["generations"][:2] for r in low] == [[r["generation"]] * 2 for r in greedy]
+    assert [r["generations"] for r in low] == [[g["generation"]] * r["samples"] for r, g in zip(low, greedy)]
     # identical samples settle at stop_min unless they hold no answer (an empty first character)
     assert [r["samples"] for r in low] == [2 if r["extracted"] else 4 for r in greedy]
     # a confidence gate every score passes: one sample settles a parsable answer; scores come back per sample

@@ -175,6 +175,23 @@ def test_shared_prompt_sampling_keeps_each_querys_factors(setup):
     torch.manual_seed(0)
     plain = generate_texts(actor, tok, texts, 6, do_sample=True, num_return_sequences=2)[0]
     assert plain != out[True][0]  # the factors changed the samples
+    # rounds over some rows (early stopping): a cache of all three prompts, built once under all factors,
+    # serves rows [2, 0] under their own factors as running those prompts again would
+    from metatuner.evaluate import PromptCache
+
+    with lora.use_factors(factors):
+        cached = PromptCache(actor, tok, texts)
+    sub = {k: (a[[2, 0]], b[[2, 0]]) for k, (a, b) in factors.items()}
+    got = {}
+    for reuse in (False, True):
+        torch.manual_seed(1)
+        with lora.use_factors(sub):
+            got[reuse] = generate_texts(actor, tok, [texts[2], texts[0]], 6, do_sample=True, num_return_sequences=3,
+                                        return_logprobs=True, share_prompt=False,
+                                        prompt_cache=(cached, [2, 0]) if reuse else None)
+    assert got[True][0] == got[False][0] and got[True][1] == got[False][1]
+    for a, b in zip(got[True][2], got[False][2]):
+        assert a == pytest.approx(b, abs=1e-5)
 
 
 def test_gradients_reach_non_leaf_factors_and_not_base_weights(setup):

@@ -14,6 +14,7 @@ Every record says how many samples it cost (`samples`); sampled records keep the
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import re
@@ -132,18 +133,38 @@ def greedy_texts(
     return gens, [[len(x)] for x in new]
 
 
-def _prompt_cache(model, enc, n: int):
-    """The cache of every prompt but its last token, run once per row and copied n times (rows repeated
-    in place, as generate's num_return_sequences orders them), and the inputs repeated to match; generate
-    then feeds only the last prompt token. Positions count real tokens only, as generate's do."""
-    from transformers import DynamicCache
+class PromptCache:
+    """Every prompt of a batch but its last token, run through the model once (left padding; positions
+    count real tokens only, as generate's do). `take(rows, n)` hands out the inputs and a copy of the
+    cache for those rows, each repeated n times in place (as generate's num_return_sequences orders
+    them), so generate feeds only the last prompt token. Build it under the weights the samples use
+    (a per-query LoRA's batch_context over the same rows)."""
 
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    cache = DynamicCache()
-    _forward(model, input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], cache=cache)
-    cache.batch_repeat_interleave(n)
-    return {"input_ids": ids.repeat_interleave(n, dim=0), "attention_mask": mask.repeat_interleave(n, dim=0)}, cache
+    def __init__(self, model, tokenizer, texts: list[str]):
+        from transformers import DynamicCache
+
+        tokenizer.padding_side = "left"
+        self.enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        ids, mask = self.enc["input_ids"], self.enc["attention_mask"]
+        self.cache = DynamicCache()
+        if ids.shape[1] > 1:
+            pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            with torch.no_grad():
+                _forward(model, input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
+                         cache=self.cache)
+
+    def take(self, rows: list[int] | None, n: int):
+        ids, mask = self.enc["input_ids"], self.enc["attention_mask"]
+        cache = copy.deepcopy(self.cache)
+        if rows is not None and list(rows) != list(range(ids.shape[0])):
+            sel = torch.tensor(rows, device=ids.device)
+            ids, mask = ids[sel], mask[sel]
+            if cache.get_seq_length():
+                cache.batch_select_indices(sel)
+        if n > 1 and cache.get_seq_length():
+            cache.batch_repeat_interleave(n)
+        enc = {"input_ids": ids.repeat_interleave(n, dim=0), "attention_mask": mask.repeat_interleave(n, dim=0)}
+        return enc, (cache if cache.get_seq_length() else None)
 
 
 class AnswerEnd(StoppingCriteria):
@@ -170,6 +191,7 @@ def generate_texts(
     return_logprobs: bool = False,
     answer_end: str = "",
     share_prompt: bool = True,
+    prompt_cache: tuple[PromptCache, list[int] | None] | None = None,
 ):
     """Generate for one batch of already-rendered texts. Returns (generations[b][n], n_tokens[b][n], mean_logprob[b][n]).
     A row stops at an end token, at max_new_tokens, or once its text matches the regex `answer_end` (as
@@ -177,15 +199,22 @@ def generate_texts(
     With n = num_return_sequences > 1 and `share_prompt`, each prompt is run once and its cache copied to
     its n samples (Hugging Face's num_return_sequences runs every prompt n times); the rows, their order,
     the sampling and so the outputs for a seed are the same (up to float rounding). A per-query LoRA
-    (metatuner.lora) stays right: its factors repeat over the n copies as they do under generate."""
-    tokenizer.padding_side = "left"
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    (metatuner.lora) stays right: its factors repeat over the n copies as they do under generate.
+    `prompt_cache=(PromptCache, rows)`: those rows of a cache built earlier for these texts (rounds of
+    sampling from the same prompts, as early stopping draws them) instead of running the prompts again."""
     stop = stop_token_ids(model, tokenizer)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_return_sequences,
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
-    if share_prompt and num_return_sequences > 1 and enc["input_ids"].shape[1] > 1:
-        enc, kwargs["past_key_values"] = _prompt_cache(model, enc, num_return_sequences)
+    if prompt_cache is None and share_prompt and num_return_sequences > 1:
+        prompt_cache = (PromptCache(model, tokenizer, texts), None)
+    if prompt_cache is not None:
+        enc, cache = prompt_cache[0].take(prompt_cache[1], num_return_sequences)
         kwargs["num_return_sequences"] = 1
+        if cache is not None:
+            kwargs["past_key_values"] = cache
+    else:
+        tokenizer.padding_side = "left"
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     if answer_end:
         kwargs["stopping_criteria"] = StoppingCriteriaList([AnswerEnd(tokenizer, answer_end, enc["input_ids"].shape[1])])
     if do_sample:
@@ -375,6 +404,8 @@ def _sample_until_settled(model, tokenizer, task, examples, idx, texts, max_new,
     answers: list[list] = [[] for _ in idx]
     scores: list[list[float]] = [[] for _ in idx]
     active = list(range(len(idx)))
+    with batch_context(idx) if batch_context else contextlib.nullcontext():
+        prompts = PromptCache(model, tokenizer, [texts[i] for i in idx])  # run once, copied to every round
     while active:
         done = len(gens[active[0]])  # every active row has drawn the same number so far
         k = min(cap - done, first - done if done < first else chunk)
@@ -383,7 +414,7 @@ def _sample_until_settled(model, tokenizer, task, examples, idx, texts, max_new,
             g, nt, lp = generate_texts(model, tokenizer, [texts[i] for i in rows], max_new, do_sample=True,
                                        temperature=temperature, top_p=top_p, num_return_sequences=k,
                                        return_logprobs=stop_score is not None and verifier is None,
-                                       answer_end=answer_end)
+                                       answer_end=answer_end, prompt_cache=(prompts, active))
         for r, (a, gs, ns) in enumerate(zip(active, g, nt)):
             gens[a] += gs
             ntoks[a] += ns
