@@ -118,7 +118,7 @@ def run(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from metatuner.config import load_config
-    from metatuner.evaluate import chat_text
+    from metatuner.generation import chat_text
     from metatuner.lora import static_lora
     from metatuner.methods.metatuner import MetaTunerSystem
     from metatuner.models import resolve_device

@@ -44,7 +44,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from metatuner.config import load_config
-    from metatuner.evaluate import chat_text, generate_texts
+    from metatuner.generation import chat_text, generate_texts
     from metatuner.models import load_from_config
     from metatuner.tasks import load_task
 

@@ -1,4 +1,4 @@
-"""Evaluation harness: batched generation (left padding), answer extraction, scoring, outputs.
+"""Evaluation harness: batched generation (metatuner.generation), answer extraction, scoring, outputs.
 
 Every method is evaluated by `evaluate()`, with the same generation settings, so numbers are
 comparable. A method that changes the actor per query (MetaTuner's generated LoRA) passes
@@ -14,237 +14,20 @@ Every record says how many samples it cost (`samples`); sampled records keep the
 from __future__ import annotations
 
 import contextlib
-import copy
-import math
 import os
-import re
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from metatuner.errors import MetatunerError
+from metatuner.generation import (AnswerEnd, PromptCache, chat_text, generate_texts,  # noqa: F401 (re-exported)
+                                  greedy_texts, stop_token_ids)
 from metatuner.io import write_json, write_jsonl
 from metatuner.tasks import Example, Task
 from metatuner.voting import best_of_n, majority_vote, vote_settled  # noqa: F401 (re-exported)
-
-
-def chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Render chat messages with the tokenizer's template (plain text fallback without one)."""
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    text = "\n\n".join(m["content"] for m in messages)
-    return text + ("\nAnswer:" if add_generation_prompt else "")
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """The tokenizer's end token and every end token of the model's generation config (chat models often
-    list several, e.g. <|im_end|> and <|endoftext|>); passing only one to generate would drop the others."""
-    gc_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    stop = [tokenizer.eos_token_id] + (list(gc_eos) if isinstance(gc_eos, (list, tuple)) else [gc_eos])
-    return list(dict.fromkeys(t for t in stop if t is not None))
-
-
-def _forward(model, cache, **kw):
-    """One forward pass that extends `cache`, returning only the last position's logits where the model allows."""
-    before = cache.get_seq_length()
-    try:
-        out = model(**kw, cache=cache, use_cache=True, logits_to_keep=1)
-    except TypeError:  # an older forward signature (past_key_values, no logits_to_keep)
-        out = None
-    if out is None or cache.get_seq_length() == before:  # the model ignored `cache` (took it as **kwargs)
-        out = model(**kw, past_key_values=cache, use_cache=True)
-    return out
-
-
-@torch.no_grad()
-def greedy_texts(
-    model,
-    tokenizer,
-    texts: list[str],
-    max_new_tokens: int,
-    answer_end: str = "",
-    share_prefix: bool = True,
-    drop_finished: bool = True,
-) -> tuple[list[list[str]], list[list[int]]]:
-    """Greedy decoding of one batch, with the same outputs as `generate_texts` (up to float rounding) but
-    less work: the token prefix all rows share (chat header, task prompt) is run once and its cache copied;
-    a row stops at an end token, at max_new_tokens, or as soon as its decoded text matches the regex
-    `answer_end`; finished rows leave the batch (drop_finished), so later steps cost only the live rows.
-    Keep share_prefix and drop_finished off when the model's weights differ per row (per-query LoRA).
-    Returns (generations[b][1], n_tokens[b][1]); an end token counts as generated, as in generate_texts."""
-    from transformers import DynamicCache
-
-    stop = set(stop_token_ids(model, tokenizer))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stop), 0)
-    end_re = re.compile(answer_end) if answer_end else None
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    b, dev = len(ids), model.device
-    shared = 0
-    if share_prefix and b > 1:
-        shortest = min(len(x) for x in ids)
-        while shared < shortest - 1 and all(x[shared] == ids[0][shared] for x in ids):
-            shared += 1
-    cache = DynamicCache()
-    if shared:
-        _forward(model, input_ids=torch.tensor([ids[0][:shared]], device=dev), cache=cache)
-        cache.batch_repeat_interleave(b)
-    width = max(len(x) for x in ids) - shared
-    inp = torch.full((b, width), pad, dtype=torch.long)
-    mask = torch.zeros((b, shared + width), dtype=torch.long)
-    mask[:, :shared] = 1
-    for i, x in enumerate(ids):
-        suffix = x[shared:]
-        inp[i, width - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
-        mask[i, shared + width - len(suffix):] = 1
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    inp, mask, pos = inp.to(dev), mask.to(dev), pos.to(dev)
-    out = _forward(model, input_ids=inp, attention_mask=mask, position_ids=pos[:, shared:], cache=cache)
-    rows = list(range(b))  # the batch row of each sequence still in the batch
-    new: list[list[int]] = [[] for _ in range(b)]
-    fin = [False] * b
-    last = pos[:, -1:]
-    for _ in range(max_new_tokens):
-        nxt = out.logits[:, -1, :].argmax(-1).tolist()
-        keep = []
-        for j, r in enumerate(rows):
-            if not fin[r]:
-                new[r].append(nxt[j])
-                fin[r] = (nxt[j] in stop or len(new[r]) >= max_new_tokens or bool(
-                    end_re and end_re.search(tokenizer.decode(new[r], skip_special_tokens=True))))
-            if not (fin[r] and drop_finished):
-                keep.append(j)
-        if all(fin):
-            break
-        step = torch.tensor(nxt, device=dev)
-        if len(keep) < len(rows):
-            sel = torch.tensor(keep, device=dev)
-            cache.batch_select_indices(sel)
-            step, mask, last = step[sel], mask[sel], last[sel]
-            rows = [rows[j] for j in keep]
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-        last = last + 1
-        out = _forward(model, input_ids=step[:, None], attention_mask=mask, position_ids=last, cache=cache)
-    gens = [[tokenizer.decode(x, skip_special_tokens=True)] for x in new]  # end tokens are special: not decoded
-    return gens, [[len(x)] for x in new]
-
-
-class PromptCache:
-    """Every prompt of a batch but its last token, run through the model once (left padding; positions
-    count real tokens only, as generate's do). `take(rows, n)` hands out the inputs and a copy of the
-    cache for those rows, each repeated n times in place (as generate's num_return_sequences orders
-    them), so generate feeds only the last prompt token. Build it under the weights the samples use
-    (a per-query LoRA's batch_context over the same rows)."""
-
-    def __init__(self, model, tokenizer, texts: list[str]):
-        from transformers import DynamicCache
-
-        tokenizer.padding_side = "left"
-        self.enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        ids, mask = self.enc["input_ids"], self.enc["attention_mask"]
-        self.cache = DynamicCache()
-        if ids.shape[1] > 1:
-            pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-            with torch.no_grad():
-                _forward(model, input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
-                         cache=self.cache)
-
-    def take(self, rows: list[int] | None, n: int):
-        ids, mask = self.enc["input_ids"], self.enc["attention_mask"]
-        cache = copy.deepcopy(self.cache)
-        if rows is not None and list(rows) != list(range(ids.shape[0])):
-            sel = torch.tensor(rows, device=ids.device)
-            ids, mask = ids[sel], mask[sel]
-            if cache.get_seq_length():
-                cache.batch_select_indices(sel)
-        if n > 1 and cache.get_seq_length():
-            cache.batch_repeat_interleave(n)
-        enc = {"input_ids": ids.repeat_interleave(n, dim=0), "attention_mask": mask.repeat_interleave(n, dim=0)}
-        return enc, (cache if cache.get_seq_length() else None)
-
-
-class AnswerEnd(StoppingCriteria):
-    """Per-row stop once the generated text (after `start` input tokens) matches the regex `pattern`."""
-
-    def __init__(self, tokenizer, pattern: str, start: int):
-        self.tokenizer, self.pattern, self.start = tokenizer, re.compile(pattern), start
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
-        return torch.tensor([bool(self.pattern.search(t)) for t in texts], device=input_ids.device)
-
-
-@torch.no_grad()
-def generate_texts(
-    model,
-    tokenizer,
-    texts: list[str],
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    num_return_sequences: int = 1,
-    return_logprobs: bool = False,
-    answer_end: str = "",
-    share_prompt: bool = True,
-    prompt_cache: tuple[PromptCache, list[int] | None] | None = None,
-):
-    """Generate for one batch of already-rendered texts. Returns (generations[b][n], n_tokens[b][n], mean_logprob[b][n]).
-    A row stops at an end token, at max_new_tokens, or once its text matches the regex `answer_end` (as
-    in greedy_texts, so sampled and greedy answers are cut by the same rule).
-    With n = num_return_sequences > 1 and `share_prompt`, each prompt is run once and its cache copied to
-    its n samples (Hugging Face's num_return_sequences runs every prompt n times); the rows, their order,
-    the sampling and so the outputs for a seed are the same (up to float rounding). A per-query LoRA
-    (metatuner.lora) stays right: its factors repeat over the n copies as they do under generate.
-    `prompt_cache=(PromptCache, rows)`: those rows of a cache built earlier for these texts (rounds of
-    sampling from the same prompts, as early stopping draws them) instead of running the prompts again."""
-    stop = stop_token_ids(model, tokenizer)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_return_sequences,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
-    if prompt_cache is None and share_prompt and num_return_sequences > 1:
-        prompt_cache = (PromptCache(model, tokenizer, texts), None)
-    if prompt_cache is not None:
-        enc, cache = prompt_cache[0].take(prompt_cache[1], num_return_sequences)
-        kwargs["num_return_sequences"] = 1
-        if cache is not None:
-            kwargs["past_key_values"] = cache
-    else:
-        tokenizer.padding_side = "left"
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    if answer_end:
-        kwargs["stopping_criteria"] = StoppingCriteriaList([AnswerEnd(tokenizer, answer_end, enc["input_ids"].shape[1])])
-    if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    with warnings.catch_warnings():  # transformers 5 renames past_key_values to cache; 4.x knows only the old name
-        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
-        out = model.generate(**enc, **kwargs, return_dict_in_generate=True, output_scores=return_logprobs)
-    seqs = out.sequences[:, enc["input_ids"].shape[1] :]
-    lp = None
-    if return_logprobs:
-        lp = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
-    gens, ntoks, logps = [], [], []
-    for i in range(seqs.shape[0]):
-        ids = seqs[i].tolist()
-        n = len(ids)
-        for j, t in enumerate(ids):
-            if t in stop or t == tokenizer.pad_token_id:
-                n = j + (1 if t in stop else 0)  # the end token counts as generated (it is not decoded)
-                break
-        gens.append(tokenizer.decode(ids[:n], skip_special_tokens=True))
-        ntoks.append(n)
-        if lp is not None:
-            row = lp[i, : max(n, 1)].float()
-            row = row[torch.isfinite(row)]
-            logps.append(row.mean().item() if row.numel() else -math.inf)
-    k = num_return_sequences
-    group = lambda xs: [xs[i * k : (i + 1) * k] for i in range(len(texts))]  # noqa: E731
-    return group(gens), group(ntoks), (group(logps) if return_logprobs else None)
 
 
 def evaluate(

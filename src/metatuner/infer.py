@@ -114,7 +114,7 @@ def load_actor(cfg: Config, run_dir: Path):
 
 @torch.no_grad()
 def answer_with_prompt(model, tok, task, prompt: str, queries: list[str], batch_size: int) -> list[dict]:
-    from metatuner.evaluate import chat_text, generate_texts
+    from metatuner.generation import chat_text, generate_texts
 
     out = []
     for s in range(0, len(queries), max(1, batch_size)):

@@ -139,7 +139,7 @@ def draw_samples(model, tok, task, examples, prompt: str, n: int, temperature: f
                  batch_size: int = 16, verifier: Callable | None = None, scores: bool = True) -> list[dict]:
     """n samples per query with one prompt: answers, correctness, scores (verifier or mean log-prob;
     none without `scores`). Generation stops at the task's answer_end, as evaluate() does."""
-    from metatuner.evaluate import chat_text, generate_texts
+    from metatuner.generation import chat_text, generate_texts
 
     out = []
     for s in range(0, len(examples), batch_size):

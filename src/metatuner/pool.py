@@ -170,7 +170,7 @@ def candidate_logprobs(model, tok, messages: list[list[dict]], candidates: list[
     """[queries, C] mean token log-probability of each query's C candidates as the model's reply to that
     query's chat `messages`, teacher-forced in batches of `batch_size` rows (no generation). grad=True keeps
     the graph (for a loss on the scores; the result stays on the model's device), else no_grad, on the CPU."""
-    from metatuner.evaluate import chat_text
+    from metatuner.generation import chat_text
 
     C = len(candidates[0]) if candidates else 0
     if any(len(c) != C for c in candidates):

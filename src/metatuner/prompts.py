@@ -15,7 +15,8 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from metatuner.evaluate import chat_text, evaluate, greedy_texts
+from metatuner.evaluate import evaluate
+from metatuner.generation import chat_text, greedy_texts
 from metatuner.tasks import Example, Task
 from metatuner.training import actor_batch, autocast, forward_nll
 

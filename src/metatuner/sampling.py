@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from metatuner.evaluate import chat_text, generate_texts
+from metatuner.generation import chat_text, generate_texts
 from metatuner.run import is_main_process
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from metatuner.errors import MetatunerError
-from metatuner.evaluate import chat_text
+from metatuner.generation import chat_text
 from metatuner.tasks import Example, Task
 
 

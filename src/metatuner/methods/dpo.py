@@ -21,7 +21,7 @@ import torch
 
 from metatuner.config import Config
 from metatuner.errors import MetatunerError
-from metatuner.evaluate import chat_text
+from metatuner.generation import chat_text
 from metatuner.io import write_jsonl
 from metatuner.lora_sft import add_callbacks, examples_per_step, trained_model, train_sft, trainer_resume_path, trl_common_args
 from metatuner.sampling import sample_answers

@@ -36,7 +36,8 @@ from metatuner.arms import Arm, arm_specs, choose_lcb, describe, fill, successiv
 from metatuner.budget import compare_budgets, early_stop_run
 from metatuner.config import Config
 from metatuner.errors import MetatunerError
-from metatuner.evaluate import chat_text, evaluate
+from metatuner.evaluate import evaluate
+from metatuner.generation import chat_text
 from metatuner.inference import accuracy_with_allocation, draw_samples, query_features, resolve_verifier
 from metatuner.io import atomic_path, write_json, write_jsonl
 from metatuner.voting import fit_stop_rule

@@ -9,7 +9,7 @@ import torch
 
 from metatuner.config import Config
 from metatuner.errors import MetatunerError
-from metatuner.evaluate import chat_text, generate_texts
+from metatuner.generation import chat_text, generate_texts
 from metatuner.tasks import Example
 
 from .rollouts import test_prompts

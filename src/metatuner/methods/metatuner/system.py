@@ -9,7 +9,7 @@ import torch
 
 from metatuner.config import Config
 from metatuner.errors import MetatunerError
-from metatuner.evaluate import chat_text
+from metatuner.generation import chat_text
 from metatuner.generator import SplitGenerator
 from metatuner.hypernet import ParameterDecoder, pool
 from metatuner.lora import attach_per_query_lora, find_targets
