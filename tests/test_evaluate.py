@@ -159,7 +159,7 @@ def test_greedy_texts_matches_generate(tiny_model_path, share_prefix, drop_finis
     assert len({n[0] for n in want_n}) > 1  # some rows finished before others
 
 
-def test_sampling_runs_each_prompt_once_with_the_same_samples(tiny_model_path, monkeypatch):
+def test_sampling_runs_each_prompt_once_with_the_same_samples(tiny_model_path):
     """share_prompt (the default for n > 1) gives, for one seed, the texts, token counts and scores of Hugging
     Face's num_return_sequences, with rows of different lengths and rows that end early; and the model
     really sees each prompt once (the forward over the prompt holds b rows, not b * n)."""
