@@ -16,7 +16,8 @@ so changing load from other processes falls on both alike. On a shared machine u
     .venv/bin/python benchmarks/sample_throughput.py [--n 64] [--samples 8] [--batch 16] [--task basic_arithmetic]
     .venv/bin/python benchmarks/sample_throughput.py --strategy early_majority
 
-The last line printed is JSON: off_ex_per_s, on_ex_per_s, speedup, same_samples, total_samples, ...
+The last line printed is JSON: off_ex_per_s, on_ex_per_s, speedup, same_samples (position by position),
+off_samples, on_samples, ...
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def main() -> None:
                       "threads": torch.get_num_threads(), "max_new_tokens": task.max_new_tokens,
                       "off_ex_per_s": round(n / secs[False], 3), "on_ex_per_s": round(n / secs[True], 3),
                       "speedup": round(secs[False] / secs[True], 2), "same_samples": same,
-                      "total_samples": len(outs[False])}))
+                      "off_samples": len(outs[False]), "on_samples": len(outs[True])}))
 
 
 if __name__ == "__main__":

@@ -134,9 +134,11 @@ class PromptCache:
                 _forward(model, input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
                          cache=self.cache)
 
-    def take(self, rows: list[int] | None, n: int):
+    def take(self, rows: list[int] | None, n: int, keep: bool = True):
+        """Inputs and cache for `rows` (None: all) x n. keep=False hands out the cache itself (a one-off use:
+        no copy; the PromptCache is spent)."""
         ids, mask = self.enc["input_ids"], self.enc["attention_mask"]
-        cache = copy.deepcopy(self.cache)
+        cache = copy.deepcopy(self.cache) if keep else self.cache
         if rows is not None and list(rows) != list(range(ids.shape[0])):
             sel = torch.tensor(rows, device=ids.device)
             ids, mask = ids[sel], mask[sel]
@@ -186,10 +188,11 @@ def generate_texts(
     stop = stop_token_ids(model, tokenizer)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_return_sequences,
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
-    if prompt_cache is None and share_prompt and num_return_sequences > 1:
+    one_off = prompt_cache is None and share_prompt and num_return_sequences > 1
+    if one_off:
         prompt_cache = (PromptCache(model, tokenizer, texts), None)
     if prompt_cache is not None:
-        enc, cache = prompt_cache[0].take(prompt_cache[1], num_return_sequences)
+        enc, cache = prompt_cache[0].take(prompt_cache[1], num_return_sequences, keep=not one_off)
         kwargs["num_return_sequences"] = 1
         if cache is not None:
             kwargs["past_key_values"] = cache
