@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The runs behind the numbers in the README and the issue notes, on the embedded model (2-core CPU).
+# The runs behind the numbers in docs/results.md (summarised in the README) and the issue notes, on the embedded model (2-core CPU).
 #   scripts/experiments.sh [step ...]    steps: zero_shot quickstart all_methods basic_arithmetic
 #                                               metatuner_vs_sft sapo_continual inference generalization benchmarks
 #                                               pool inference_select (not in the default list: hours here)
