@@ -42,6 +42,7 @@ for s in $steps; do
         runs/inference_select_products runs/inference_select_products_shuffled runs/inference_select_sft runs/inference_select_sft_ba ;;
     benchmarks)
       .venv/bin/python benchmarks/lora_overhead.py 2>/dev/null | tail -1
-      .venv/bin/python benchmarks/step_cost.py 2>/dev/null | tail -1 ;;
+      .venv/bin/python benchmarks/step_cost.py 2>/dev/null | tail -1
+      .venv/bin/python benchmarks/bf16_cpu.py 2>/dev/null | tail -1 ;;
   esac
 done

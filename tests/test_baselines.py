@@ -620,7 +620,7 @@ def test_trained_sft_model_evaluates_like_its_saved_adapter(tiny_model_path, tmp
     from metatuner.tasks import load_task
 
     cfg = load_config(None, ["method=sft", f"model.name={tiny_model_path}", f"output_dir={tmp_path}", *SMALL,
-                             "train.bf16=true", "model.dtype=float32"])
+                             "train.bf16=true", "train.bf16_emulated=true", "model.dtype=float32"])
     task = load_task(cfg.task, seed=0)
     model, tok = load_model(str(tiny_model_path), dtype="float32", device="cpu")
     trained = train_sft(cfg, model, tok, task, task.train, task.prompt, tmp_path, 2, 0.05)
@@ -632,3 +632,34 @@ def test_trained_sft_model_evaluates_like_its_saved_adapter(tiny_model_path, tmp
         a, b = trained(**ids).logits, fresh(**ids).logits
     assert a.dtype == torch.float32
     assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_bf16_applies_only_where_the_device_has_it_or_when_forced(monkeypatch):
+    """train.bf16 on a CPU without native bf16 trains in fp32 (TRL's bf16 flag off, autocast off) unless
+    train.bf16_emulated; with native bf16 (or train.bf16=false) the flag is what the config says."""
+    from metatuner import training
+    from metatuner.lora_sft import trl_common_args
+
+    cpu = torch.device("cpu")
+    for native, overrides, want in [(False, [], False), (False, ["train.bf16_emulated=true"], True),
+                                    (True, [], True), (True, ["train.bf16=false"], False),
+                                    (False, ["train.bf16=false", "train.bf16_emulated=true"], False)]:
+        monkeypatch.setattr(training, "bf16_native", lambda device, _n=native: _n)
+        cfg = load_config(None, overrides)
+        assert training.use_bf16(cfg.train, cpu) is want, (native, overrides)
+        assert trl_common_args(cfg, "/tmp/x", 1, 1e-3, use_cpu=True)["bf16"] is want, (native, overrides)
+
+
+def test_sft_run_records_the_precision_it_trained_in(tiny_model_path, tmp_path, monkeypatch):
+    """metrics.json says whether training ran under bf16; without native bf16 the run says so and trains
+    in fp32."""
+    from metatuner import training
+    from metatuner.methods import sft
+
+    monkeypatch.setattr(training, "bf16_native", lambda device: False)
+    cfg = load_config(None, ["method=sft", f"model.name={tiny_model_path}", f"output_dir={tmp_path}", *SMALL,
+                             "train.max_steps=1"])
+    assert cfg.train.bf16
+    metrics = sft.run(cfg)
+    assert metrics["train_bf16"] is False
+    assert json.loads((tmp_path / "metrics.json").read_text())["train_bf16"] is False

@@ -13,11 +13,13 @@ import copy
 import os
 from pathlib import Path
 
+import torch
+
 from metatuner.config import Config
 from metatuner.lora import peft_lora_config
 from metatuner.tasks import Example, Task
 from metatuner.train_log import attach, open_train_log
-from metatuner.training import TrainLog
+from metatuner.training import TrainLog, use_bf16
 
 
 def sft_dataset(task: Task, examples: list[Example], prompts: list[str] | str):
@@ -53,7 +55,7 @@ def trl_common_args(cfg: Config, output_dir: str | Path, max_steps: int, lr: flo
         warmup_steps=int(round(cfg.train.lr_warmup_ratio * max_steps)),
         weight_decay=cfg.train.weight_decay,
         max_grad_norm=cfg.train.max_grad_norm or 1e9,
-        bf16=cfg.train.bf16,
+        bf16=use_bf16(cfg.train, torch.device("cpu" if use_cpu else ("cuda" if torch.cuda.is_available() else "mps"))),
         use_cpu=use_cpu,
         logging_steps=max(1, cfg.train.log_steps),
         save_strategy="steps" if cfg.train.save_steps else "no",

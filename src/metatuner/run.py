@@ -53,6 +53,13 @@ def start_run(cfg: Config, needs_train: bool | None = None) -> Task:
     from metatuner.validate import validate_models
 
     validate_models(cfg)  # model.name / generator depth vs share_ratio / lora.layers: configs only, before any write
+    from metatuner.models import resolve_device
+    from metatuner.training import bf16_native
+
+    dev = resolve_device(cfg.model.device)
+    if needs_train and cfg.train.bf16 and not cfg.train.bf16_emulated and not bf16_native(dev):
+        stage(f"train.bf16: this {dev.type} has no native bf16 (AVX512-BF16 or AMX on a CPU), so training runs in "
+              "fp32 (emulated bf16 is far slower; train.bf16_emulated=true keeps it)")
     stage(f"task {task.name}: {len(task.train)} train / {len(task.validation)} validation / {len(task.test)} test examples")
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
@@ -82,8 +89,10 @@ def final_eval(cfg: Config, model, tokenizer, task: Task, prompts=None, batch_co
     examples = eval_examples(cfg, task)
     if callable(prompts):
         prompts = prompts(examples)
+    from metatuner.training import use_bf16
+
     metrics_extra = {"model": cfg.model.name, "method": cfg.method, "split": cfg.eval.split, "seed": cfg.seed,
-                     "p_tilde": task.prompt}
+                     "p_tilde": task.prompt, "train_bf16": use_bf16(cfg.train, getattr(model, "device", None) or torch.device("cpu"))}
     metrics_extra.update(extra or {})
     from metatuner.inference import resolve_verifier
 

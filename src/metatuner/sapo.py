@@ -20,7 +20,7 @@ from metatuner.config import Config
 from metatuner.errors import MetatunerError
 from metatuner.tasks import Example, Task
 from metatuner.pool import PARAPHRASE, build_pool, paraphrases, parse_paraphrase, pool_requested  # noqa: F401
-from metatuner.training import actor_batch, autocast, forward_nll
+from metatuner.training import actor_batch, autocast, forward_nll, use_bf16
 
 @torch.no_grad()
 def prompt_losses(model, tok, task: Task, examples: list[Example], candidates: list[str], batch_size: int = 8,
@@ -60,7 +60,8 @@ def select_prompt(cfg: Config, model, tok, task: Task, candidates: list[str] | N
     examples = task.train[: cfg.sapo.subset]
     if not examples:
         raise MetatunerError(f"prompt_selection=sapo: task {task.name!r} has no training examples to score on")
-    losses = prompt_losses(model, tok, task, examples, candidates, cfg.eval.batch_size, cfg.train.max_length, cfg.train.bf16)
+    losses = prompt_losses(model, tok, task, examples, candidates, cfg.eval.batch_size, cfg.train.max_length,
+                          use_bf16(cfg.train, model.device))
     best = min(range(len(candidates)), key=lambda i: (losses[i], i))
     return {"prompt": candidates[best], "candidates": candidates, "losses": losses}
 

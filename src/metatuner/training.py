@@ -125,6 +125,25 @@ def autocast(enabled: bool, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
 
 
+def bf16_native(device: torch.device) -> bool:
+    """Whether the device computes in bf16 in hardware: CUDA GPUs that support it, CPUs with AVX512-BF16
+    or AMX. Elsewhere torch emulates bf16 (on a 2-core AVX2 CPU a training step of the embedded model
+    under bf16 autocast is about 25x slower than in fp32: benchmarks/bf16_cpu.py)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        if not any(checks):  # torch without these probes: assume native, as before
+            return True
+        return any(c() for c in checks if c)
+    return True  # other devices: the user's train.bf16 decides
+
+
+def use_bf16(tc, device: torch.device) -> bool:
+    """train.bf16 as it applies on `device`: on a device without native bf16 only with train.bf16_emulated."""
+    return bool(tc.bf16) and (bool(tc.bf16_emulated) or bf16_native(device))
+
+
 def check_finite(value: torch.Tensor, step: int, last_ckpt: str | None, what: str = "loss") -> None:
     """Stop with a MetatunerError naming the step and the last good checkpoint when `value` is NaN/inf.
     `step` is the 1-based number of the step being computed (checkpoint step_N holds N finished steps)."""

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from metatuner.errors import MetatunerError
 from metatuner.tasks import Example
-from metatuner.training import autocast, completion_text, sequence_nll
+from metatuner.training import autocast, completion_text, sequence_nll, use_bf16
 
 
 def check_gumbel_vocab(actor_tok, gen_tok, actor, gen) -> None:
@@ -33,7 +33,7 @@ def gumbel_task_loss(system, examples: list[Example]) -> torch.Tensor:
     emb_gen = gen.get_input_embeddings().weight
     emb_actor = system.actor.get_input_embeddings().weight  # [V, d]
     eos = system.gen_tok.eos_token_id
-    with autocast(cfg.train.bf16, dev):
+    with autocast(use_bf16(cfg.train, dev), dev):
         enc = system.gen_encode(examples)
         ids, mask = enc["input_ids"], enc["attention_mask"]
         B = ids.shape[0]

@@ -24,6 +24,7 @@ from metatuner.generator import generator_lora_disabled
 from metatuner.pool import candidate_logprobs
 from metatuner.rewrite import clean_prompt, rewrite_messages
 from metatuner.tasks import Example
+from metatuner.training import use_bf16
 
 
 @torch.no_grad()
@@ -61,7 +62,7 @@ def pool_scores(system, examples: list[Example], candidates: list[list[str]], fr
     decoder's scores keep their graph (the listwise loss)."""
     cfg = system.cfg
     msgs = [rewrite_messages(system.p_tilde, ex.query) for ex in examples]
-    args = (cfg.rollout.batch_size, cfg.train.max_length, cfg.train.bf16)
+    args = (cfg.rollout.batch_size, cfg.train.max_length, use_bf16(cfg.train, system.device))
     with system.gen.frozen_decoder() if frozen else contextlib.nullcontext():
         scores = candidate_logprobs(system.gen.model, system.gen_tok, msgs, candidates, *args, grad=grad)
     if cfg.generator.pool_score == "gain":
@@ -127,7 +128,7 @@ def candidate_outcomes(system, examples: list[Example], candidates: list[list[st
     if cfg.rollout.criterion == "answer":
         system.counts["generation_calls"] += sum(len(c) for c in cands)
     return prompt_outcomes(system.actor, system.tok, system.task, examples, cands, cfg.rollout.criterion,
-                           cfg.rollout.batch_size, cfg.train.max_length, cfg.train.bf16, system.with_factors,
+                           cfg.rollout.batch_size, cfg.train.max_length, use_bf16(cfg.train, system.device), system.with_factors,
                            desc="D2: scoring prompts")
 
 

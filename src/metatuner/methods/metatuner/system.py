@@ -15,7 +15,7 @@ from metatuner.hypernet import ParameterDecoder, pool
 from metatuner.lora import attach_per_query_lora, find_targets
 from metatuner.rewrite import rewrite_messages
 from metatuner.tasks import Example, Task
-from metatuner.training import actor_batch, autocast, completion_text, forward_nll, lm_batch
+from metatuner.training import actor_batch, autocast, completion_text, forward_nll, lm_batch, use_bf16
 
 
 def add_generator_lora(gen_model, rank: int, targets: list[str] | None = None) -> None:
@@ -107,7 +107,7 @@ class MetaTunerSystem:
         zero = torch.zeros((), device=dev)
         listwise = cfg.generator.pool_loss == "listwise"
         keep = torch.tensor([p is not None for p in best_prompts], dtype=torch.float, device=dev)
-        with autocast(cfg.train.bf16, dev):
+        with autocast(use_bf16(cfg.train, dev), dev):
             prefixes = self.gen_prefixes(examples)
             comps = [completion_text(self.gen_tok, rewrite_messages(self.p_tilde, ex.query),
                                      p if isinstance(p, str) else self.p_tilde)[1]

@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 from metatuner.config import Config
 from metatuner.errors import MetatunerError
 from metatuner.io import atomic_path, write_json
-from metatuner.models import model_fingerprint
+from metatuner.models import model_fingerprint, resolve_device
 from metatuner.tasks import Task
-from metatuner.training import check_finite
+from metatuner.training import check_finite, use_bf16
 
 from .rollouts import d2_rollout
 
@@ -44,7 +44,7 @@ def warmup_key(cfg: Config, task: Task, world: int) -> str:
         **({"adapter": model_fingerprint(cfg.model.adapter)} if cfg.model.adapter else {}),
         "task": {k: v for k, v in vars(cfg.task).items()}, "prompt": task.prompt, "seed": cfg.seed,
         "lora": vars(cfg.lora), "steps": cfg.warmup.max_steps, "lr": cfg.warmup.lr,
-        "train": [t.batch_size, t.grad_accum, t.max_length, t.bf16, t.gradient_checkpointing, t.weight_decay,
+        "train": [t.batch_size, t.grad_accum, t.max_length, use_bf16(t, resolve_device(cfg.model.device)), t.gradient_checkpointing, t.weight_decay,
                   t.max_grad_norm, t.scheduler, t.lr_warmup_ratio],
         "world": world, "versions": [torch.__version__, transformers.__version__, peft.__version__, trl.__version__],
     }
