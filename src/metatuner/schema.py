@@ -175,7 +175,7 @@ class TrainConfig:
     gumbel_tau: float = _f(1.0, "Gumbel-softmax temperature (method=metatuner_gumbel).")
     max_length: int = _f(512, "Maximum tokens of a training sequence (longer ones are truncated from the left of the prompt).")
     bf16: bool = _f(True, "Train under bf16 autocast (CPU and GPU) where the device computes in bf16 natively (CUDA GPUs that support it, CPUs with AVX512-BF16 or AMX); elsewhere fp32 unless train.bf16_emulated.")
-    bf16_emulated: bool = _f(False, "Keep train.bf16 on a device without native bf16, where torch emulates it (on an AVX2 CPU a training step is about 25x slower: benchmarks/bf16_cpu.py); for reproducing numbers measured on a bf16 machine.")
+    bf16_emulated: bool = _f(False, "Keep train.bf16 on a device without native bf16, where torch emulates it (on an AVX2 CPU a training step is about 18x slower: benchmarks/bf16_cpu.py); for reproducing numbers measured on a bf16 machine.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory (TRL-based trainers: sft, dpo, bpo, warm-up).")
     save_steps: int = _f(0, "Write a resumable checkpoint step_N/ every N steps (0 = only final/).")
     save_total_limit: int = _f(2, "Keep at most this many step_N/ checkpoints (0 = all).")

@@ -128,7 +128,7 @@ def autocast(enabled: bool, device: torch.device):
 def bf16_native(device: torch.device) -> bool:
     """Whether the device computes in bf16 in hardware: CUDA GPUs that support it, CPUs with AVX512-BF16
     or AMX. Elsewhere torch emulates bf16 (on a 2-core AVX2 CPU a training step of the embedded model
-    under bf16 autocast is about 25x slower than in fp32: benchmarks/bf16_cpu.py)."""
+    under bf16 autocast is about 18x slower than in fp32: benchmarks/bf16_cpu.py)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
