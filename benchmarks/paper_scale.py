@@ -18,14 +18,18 @@ Measured, side by side in one process (medians of --reps interleaved repetitions
   model FLOPs utilisation (`actor_flops`: per token 4N for the linears, forward 2N plus the activation
   gradient 2N, the frozen base weights get no weight gradient; 12 L d S for attention, whose backward needs
   both inputs' gradients, non-causal; 4 V d per position whose logits are computed; LoRA factors left out)
-  against --peak-tflops (default: 989 on an H200, bf16 dense; otherwise give it);
+  against --peak-tflops (default: 989 on an H200, bf16 dense; otherwise give it); the same pass without the
+  per-query LoRA hooks (`actor_base_*`: what transformers itself reaches on these shapes, the same FLOPs);
+  --profile adds torch.profiler's operator tables (where the time goes);
 - parameter generation (G's first K layers over (p~, x), pooling, F) for a batch of --batch queries, and
   per query (batch time / batch: throughput, not single-query latency);
 - greedy generation throughput of the actor with transformers (per-query LoRA hooks removed) at batch
   --gen-batch, --gen-tokens new tokens each (tokens/s); vLLM's is null until generation.backend=vllm exists;
 - memory: on CUDA the models' resident memory and the peak of each phase (counter reset per phase); on CPU
   the process's peak resident set.
-The last line printed is one JSON object.
+The last line printed is one JSON object. Measured on an H200 (docs/results.md, "Paper scale on an H200"):
+    python benchmarks/paper_scale.py --shapes paper --device cuda --reps 5 --profile
+    python benchmarks/paper_scale.py --shapes paper --device cuda --batch 16 --reps 3
 """
 
 from __future__ import annotations
@@ -104,6 +108,22 @@ def mb(x: float) -> int:
     return round(x / 2**20)
 
 
+def profile(fns: dict, cuda: bool, rows: int = 18) -> None:
+    """torch.profiler's operator table (sorted by device time, or CPU time without CUDA) for one call of each fn."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    for name, fn in fns.items():
+        with torch_profile(activities=acts) as prof:
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+        key = "cuda_time_total" if cuda else "cpu_time_total"
+        print(f"--- profile: {name} (sorted by {key}) ---")
+        print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+
+
 def run(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="small", help="paper | small | tiny")
@@ -115,6 +135,9 @@ def run(argv: list[str] | None = None) -> dict:
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--peak-tflops", type=float, default=None, help="device bf16 dense peak (default: 989 on an H200)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print torch.profiler's top operators (device time) of one actor forward+backward and one "
+                         "joint step: where the time goes")
     args = ap.parse_args(argv)
 
     from metatuner.config import load_config
@@ -185,6 +208,17 @@ def run(argv: list[str] | None = None) -> dict:
             loss = forward_nll(actor, ab)[0].mean()
         loss.backward()
 
+    emb = actor.get_input_embeddings()
+
+    def actor_base_fwd_bwd():  # the same pass without per-query LoRA: what transformers alone achieves
+        h = emb.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True))
+        try:
+            with autocast(cuda, dev):
+                loss = forward_nll(actor, ab)[0].mean()
+            loss.backward()
+        finally:
+            h.remove()
+
     def param_generation():
         with torch.no_grad(), autocast(cuda, dev):
             system.factors(exs)
@@ -198,7 +232,8 @@ def run(argv: list[str] | None = None) -> dict:
             torch.cuda.synchronize(dev)
         return (time.perf_counter() - t) * 1000
 
-    fns = {"joint": joint_step, "sft": sft_step, "actor_fwd_bwd": actor_fwd_bwd, "param_gen": param_generation}
+    fns = {"joint": joint_step, "sft": sft_step, "actor_fwd_bwd": actor_fwd_bwd, "actor_base_fwd_bwd": actor_base_fwd_bwd,
+           "param_gen": param_generation}
     ms: dict[str, list[float]] = {k: [] for k in fns}
     for k, fn in fns.items():
         phase_start()
@@ -208,6 +243,8 @@ def run(argv: list[str] | None = None) -> dict:
         for k, fn in fns.items():
             ms[k].append(timed(fn))
     med = {k: statistics.median(v) for k, v in ms.items()}
+    if args.profile:
+        profile({"actor_fwd_bwd": actor_fwd_bwd, "actor_base_fwd_bwd": actor_base_fwd_bwd, "joint": joint_step}, cuda)
 
     lengths = ab["attention_mask"].sum(1).tolist()
     keep = logits_to_keep(ab["labels"]) * len(exs)
@@ -218,6 +255,7 @@ def run(argv: list[str] | None = None) -> dict:
         peak = 989.0
     achieved = flops / (med["actor_fwd_bwd"] / 1000) / 1e12
     mfu = achieved / peak if peak else None
+    base_mfu = flops / (med["actor_base_fwd_bwd"] / 1000) / 1e12 / peak if peak else None
 
     # greedy generation throughput of the actor (transformers), fixed length, without the LoRA hooks
     del opt, sft_opt, sft_model, made
@@ -252,6 +290,9 @@ def run(argv: list[str] | None = None) -> dict:
            "ratio_joint_vs_sft": round(med["joint"] / med["sft"], 3),
            "actor_fwd_bwd_ms": round(med["actor_fwd_bwd"], 1), "actor_model_flops": flops,
            "actor_tflops_per_s": round(achieved, 4), "peak_tflops": peak, "actor_mfu": None if mfu is None else round(mfu, 4),
+           "actor_base_fwd_bwd_ms": round(med["actor_base_fwd_bwd"], 1),
+           "actor_base_mfu": None if base_mfu is None else round(base_mfu, 4),
+           "lora_hooks_vs_base": round(med["actor_fwd_bwd"] / med["actor_base_fwd_bwd"], 3),
            "param_gen_batch_ms": round(med["param_gen"], 2), "param_gen_ms_per_query": round(med["param_gen"] / args.batch, 3),
            "gen_batch": args.gen_batch, "gen_prompt_tokens": int(enc["input_ids"].shape[1]), "gen_tokens": args.gen_tokens,
            "hf_tokens_per_s": round(hf_tps, 1), "vllm_tokens_per_s": None, "vllm_speedup": None,

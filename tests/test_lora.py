@@ -219,7 +219,18 @@ def test_bf16_autocast_close_to_fp32_and_differentiable(setup):
             out = actor(ids, attention_mask=mask, labels=ids)
     assert out.logits.dtype == torch.bfloat16
     effect16 = out.logits.float() - base16
-    assert (effect16 - effect32).norm() / effect32.norm() < 0.1  # bf16 rounding only
+    # bf16 rounding only: no worse than the same LoRA merged into the weights, run under the same autocast
+    # (on this tiny model bf16 alone moves the effect by about 10%, for both)
+    merged_err = []
+    for row in range(ids.shape[0]):
+        ref, r = merged_model(base, targets, factors, row), slice(row, row + 1)
+        with torch.no_grad():
+            ref32 = ref(ids[r], attention_mask=mask[r]).logits - base(ids[r], attention_mask=mask[r]).logits
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ref16 = ref(ids[r], attention_mask=mask[r]).logits.float() - base(ids[r], attention_mask=mask[r]).logits.float()
+        merged_err.append((ref16 - ref32).norm() ** 2)
+    merged_rel = (sum(merged_err) ** 0.5 / effect32.norm()).item()
+    assert 0 < (effect16 - effect32).norm() / effect32.norm() < 1.25 * merged_rel
     out.loss.backward()
     assert all(a.grad is not None and a.grad.abs().sum() > 0 for a, _ in factors.values())
 

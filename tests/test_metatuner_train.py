@@ -497,6 +497,19 @@ def test_two_processes_match_one_process_with_twice_the_batch(model_dir, tmp_pat
 # ----------------------------------------------------------------------------- 8: Gumbel vocabulary
 
 
+@pytest.mark.parametrize("var", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharded_launch_is_refused_before_any_training(model_dir, tmp_path, monkeypatch, var):
+    """`accelerate launch` with an FSDP or DeepSpeed config sets these; the joint phase runs on DDP only."""
+    monkeypatch.setenv(var, "true")
+    out = tmp_path / "sharded"
+    cfg = make_cfg(model_dir, out, "method=metatuner_j")
+    with pytest.raises(MetatunerError, match="the joint phase runs on DDP.*multi_gpu.yaml"):
+        M.train(cfg, start_run(cfg))
+    assert not (out / "warmup").exists(), "must refuse before the warm-up"
+    monkeypatch.setenv(var, "false")  # what a DDP launch leaves: no refusal
+    M.recipe.refuse_sharded_launch("metatuner_j")
+
+
 def test_gumbel_refuses_generator_with_another_vocabulary(model_dir, tmp_path):
     from metatuner.testing import char_tokenizer, tiny_llama
 

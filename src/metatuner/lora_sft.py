@@ -42,6 +42,36 @@ def trained_model(trainer):
     return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
 
 
+def is_sharded(model) -> bool:
+    """Whether FSDP2 (accelerate's FSDP config) sharded the model's parameters (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def unsharded(model):
+    """The trained PeftModel as a plain one on this process's device: every process gathers the full
+    state dict and loads it into a fresh copy (same config, same LoRA). A sharded model trains, but
+    `generate` runs the inner model outside FSDP's root forward (root parameters stay sharded), and
+    safetensors cannot save DTensors; evaluation and export use this copy. Base weights come from the
+    state dict itself, so adapters merged earlier (BetterTogether's w steps) are kept. Plain models pass through."""
+    if not is_sharded(model):
+        return model
+    from peft import get_peft_model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    inner = model.get_base_model()
+    emb = inner.get_input_embeddings().weight  # the base weights' dtype (PEFT may keep LoRA in float32)
+    with torch.device(next(iter(state.values())).device):
+        fresh = AutoModelForCausalLM.from_config(inner.config, dtype=emb.dtype)
+    fresh.generation_config = copy.deepcopy(inner.generation_config)
+    plain = get_peft_model(fresh, copy.deepcopy(model.peft_config["default"]))
+    plain.load_state_dict(state, strict=True)
+    return plain
+
+
 def trl_common_args(cfg: Config, output_dir: str | Path, max_steps: int, lr: float, use_cpu: bool) -> dict:
     """TrainingArguments shared by our TRL-based trainers (progress and logging: metatuner.train_log)."""
     accum = max(1, cfg.train.grad_accum)
@@ -124,7 +154,7 @@ def train_sft(cfg: Config, model, tokenizer, task: Task, examples: list[Example]
     add_callbacks(trainer, cfg, log if log is not None else open_train_log(output_dir, append=resume_from is not None),
                   phase)
     result = trainer.train(resume_from_checkpoint=resume_from)
-    peft_model = trained_model(trainer)
+    peft_model = unsharded(trained_model(trainer))
     if trainer.is_world_process_zero():
         peft_model.save_pretrained(Path(output_dir) / "adapter")
         tokenizer.save_pretrained(Path(output_dir) / "adapter")

@@ -23,7 +23,8 @@ from metatuner.config import Config
 from metatuner.errors import MetatunerError
 from metatuner.generation import chat_text
 from metatuner.io import write_jsonl
-from metatuner.lora_sft import add_callbacks, examples_per_step, trained_model, train_sft, trainer_resume_path, trl_common_args
+from metatuner.lora_sft import (add_callbacks, examples_per_step, trained_model, train_sft, trainer_resume_path,
+                                 trl_common_args, unsharded)
 from metatuner.sampling import sample_answers
 from metatuner.train_log import open_train_log
 
@@ -115,7 +116,7 @@ def run(cfg: Config) -> dict:
         started = any(Path(f"{cfg.output_dir}/dpo").glob("checkpoint-*"))
         ckpt = trainer_resume_path(cfg, f"{cfg.output_dir}/dpo") if started else None
         dpo_steps = int(trainer.train(resume_from_checkpoint=ckpt).global_step)
-        policy = trained_model(trainer)
+        policy = unsharded(trained_model(trainer))
         # TRL's DPO batches carry no input_ids, so Trainer does not count tokens: steps x batch x mean pair
         mean_pair = sum(pair_tokens(tok, task, task.prompt, p) for p in pairs) / len(pairs)
         dpo_tokens = int(round(dpo_steps * examples_per_step(cfg) * mean_pair))

@@ -4,6 +4,7 @@ warm-up -> joint phase -> final/ -> test evaluation."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +26,20 @@ from .warmup import warmup_actor, warmup_generator
 METHODS = ("metatuner_j", "metatuner_i", "metatuner_gumbel")
 
 
+def refuse_sharded_launch(method: str) -> None:
+    """MetaTuner's joint phase runs on DDP only: FSDP2 needs the trained module and its optimizer prepared
+    together and turns G's and F's parameters into sharded DTensors, which the rollouts (G generating
+    outside the prepared module's forward), phi_p' <- phi_p and the checkpoint writer (G's trained tensors
+    only, never base weights) do not handle yet. Refused before any training, so no warm-up is wasted."""
+    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(var, "false").lower() == "true":
+            raise MetatunerError(
+                f"method={method}: the joint phase runs on DDP, not {name} ({var}=true): launch it with "
+                "configs/accelerate/multi_gpu.yaml (one full copy per GPU; the paper's 7B G + 3B M peak at about "
+                "69 GiB per GPU at train.batch_size=8, docs/results.md); FSDP shards the baselines (sft, dpo, "
+                "bettertogether)")
+
+
 def prepare(cfg: Config, task: Task) -> tuple[MetaTunerSystem, JointLoop, dict]:
     """Everything before the joint phase: models, actor warm-up, the system, generator warm-up
     (or the state of the checkpoint to resume)."""
@@ -32,6 +47,7 @@ def prepare(cfg: Config, task: Task) -> tuple[MetaTunerSystem, JointLoop, dict]:
 
     if cfg.method not in METHODS:
         raise MetatunerError(f"method: expected one of {METHODS}, got {cfg.method!r}")
+    refuse_sharded_launch(cfg.method)
     if cfg.warmup.max_steps > cfg.train.max_steps:
         raise MetatunerError(f"warmup.max_steps={cfg.warmup.max_steps} exceeds train.max_steps={cfg.train.max_steps} "
                              "(train.max_steps counts the actor warm-up plus the joint steps)")
