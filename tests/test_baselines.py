@@ -647,7 +647,9 @@ def test_bf16_applies_only_where_the_device_has_it_or_when_forced(monkeypatch):
         monkeypatch.setattr(training, "bf16_native", lambda device, _n=native: _n)
         cfg = load_config(None, overrides)
         assert training.use_bf16(cfg.train, cpu) is want, (native, overrides)
-        assert trl_common_args(cfg, "/tmp/x", 1, 1e-3, use_cpu=True)["bf16"] is want, (native, overrides)
+        assert trl_common_args(cfg, "/tmp/x", 1, 1e-3, cpu)["bf16"] is want, (native, overrides)
+        on_gpu = trl_common_args(cfg, "/tmp/x", 1, 1e-3, torch.device("cuda", 0))  # the model's device decides
+        assert on_gpu["bf16"] is want and on_gpu["use_cpu"] is False, (native, overrides)
 
 
 def test_sft_run_records_the_precision_it_trained_in(tiny_model_path, tmp_path, monkeypatch):

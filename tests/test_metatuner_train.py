@@ -385,6 +385,30 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(model_dir, tmp
     assert [r["step"] for r in rows if r["stage"] == "rollout"] == [0, 3]
 
 
+def test_a_run_killed_during_its_test_evaluation_is_evaluated_again_without_training(model_dir, tmp_path,
+                                                                                    monkeypatch):
+    """final/ complete (training done) but no metrics.json: `compare` relaunches with
+    resume_from_checkpoint=auto, which must evaluate final/ (same answers, same training stats) instead of
+    training again; other settings, or resume off, train."""
+    out = tmp_path / "killed_in_eval"
+    first = M.run(make_cfg(model_dir, out, "method=metatuner_j"))
+    preds = (out / "predictions.jsonl").read_text()
+    (out / "metrics.json").unlink()
+    (out / "predictions.jsonl").unlink()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(M.recipe, "train", no_training)
+    second = M.run(make_cfg(model_dir, out, "method=metatuner_j", "resume_from_checkpoint=auto"))
+    assert (out / "predictions.jsonl").read_text() == preds
+    for k in ("accuracy", "train_steps", "train_examples", "train_tokens", "generation_calls", "d2_targets"):
+        assert second[k] == first[k], k
+    for overrides in (["resume_from_checkpoint=auto", "train.generator_lr=2e-3"], ["resume_from_checkpoint=false"]):
+        with pytest.raises(AssertionError, match="trained again"):
+            M.run(make_cfg(model_dir, out, "method=metatuner_j", *overrides))
+
+
 # ----------------------------------------------------------------------------- 5: NaN
 
 

@@ -72,8 +72,10 @@ def unsharded(model):
     return plain
 
 
-def trl_common_args(cfg: Config, output_dir: str | Path, max_steps: int, lr: float, use_cpu: bool) -> dict:
-    """TrainingArguments shared by our TRL-based trainers (progress and logging: metatuner.train_log)."""
+def trl_common_args(cfg: Config, output_dir: str | Path, max_steps: int, lr: float, device: torch.device) -> dict:
+    """TrainingArguments shared by our TRL-based trainers (progress and logging: metatuner.train_log);
+    `device`: the trained model's (CPU training, and whether bf16 is native there: training.use_bf16)."""
+    use_cpu = device.type == "cpu"
     accum = max(1, cfg.train.grad_accum)
     return dict(
         output_dir=str(output_dir),
@@ -85,7 +87,7 @@ def trl_common_args(cfg: Config, output_dir: str | Path, max_steps: int, lr: flo
         warmup_steps=int(round(cfg.train.lr_warmup_ratio * max_steps)),
         weight_decay=cfg.train.weight_decay,
         max_grad_norm=cfg.train.max_grad_norm or 1e9,
-        bf16=use_bf16(cfg.train, torch.device("cpu" if use_cpu else ("cuda" if torch.cuda.is_available() else "mps"))),
+        bf16=use_bf16(cfg.train, device),
         use_cpu=use_cpu,
         logging_steps=max(1, cfg.train.log_steps),
         save_strategy="steps" if cfg.train.save_steps else "no",
@@ -145,8 +147,7 @@ def train_sft(cfg: Config, model, tokenizer, task: Task, examples: list[Example]
         peft_model.train_metrics = {"train_loss": None, "train_steps": 0, "train_examples": 0,
                                     "train_tokens": 0, "train_seconds": 0.0}
         return peft_model
-    use_cpu = model.device.type == "cpu"
-    args = SFTConfig(**trl_common_args(cfg, output_dir, max_steps, lr, use_cpu),
+    args = SFTConfig(**trl_common_args(cfg, output_dir, max_steps, lr, model.device),
                      max_length=cfg.train.max_length, completion_only_loss=True, packing=False)
     model.train()
     trainer = SFTTrainer(model=model, args=args, train_dataset=sft_dataset(task, examples, prompts),

@@ -61,8 +61,8 @@ def run(cfg: Config) -> dict:
     steps, tokens = 0, 0
     rewriter = gen
     if cfg.bpo.max_steps > 0 and pairs:  # (the HF Trainer would read max_steps=0 as "train by epochs")
-        args = SFTConfig(**trl_common_args(cfg, f"{cfg.output_dir}/rewriter", cfg.bpo.max_steps, cfg.bpo.lr,
-                                           gen.device.type == "cpu"), max_length=cfg.train.max_length,
+        args = SFTConfig(**trl_common_args(cfg, f"{cfg.output_dir}/rewriter", cfg.bpo.max_steps, cfg.bpo.lr, gen.device),
+                         max_length=cfg.train.max_length,
                          completion_only_loss=True)
         gen.train()
         trainer = SFTTrainer(model=gen, args=args, train_dataset=Dataset.from_list(pairs), processing_class=gtok,

@@ -104,8 +104,8 @@ def run(cfg: Config) -> dict:
         data = Dataset.from_list([{"prompt": task.render(task.prompt, p["query"]),
                                    "chosen": [{"role": "assistant", "content": p["chosen"]}],
                                    "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs])
-        args = DPOConfig(**trl_common_args(cfg, f"{cfg.output_dir}/dpo", dpo_budget, cfg.dpo.lr,
-                                           model.device.type == "cpu"), beta=cfg.dpo.beta, loss_type=list(cfg.dpo.loss_type), max_length=cfg.train.max_length)
+        args = DPOConfig(**trl_common_args(cfg, f"{cfg.output_dir}/dpo", dpo_budget, cfg.dpo.lr, policy.device),
+                         beta=cfg.dpo.beta, loss_type=list(cfg.dpo.loss_type), max_length=cfg.train.max_length)
         policy.train()
         for n, p in policy.named_parameters():
             if "lora_" in n:

@@ -9,7 +9,8 @@ import shutil
 import time
 from pathlib import Path
 
-from metatuner.checkpoints import find_resume_checkpoint
+from metatuner.checkpoints import (find_resume_checkpoint, read_config_dict, resume_mode, same_settings,
+                                   save_checkpoint_config)
 from metatuner.config import Config, save_config
 from metatuner.errors import MetatunerError
 from metatuner.io import atomic_path, write_json, write_jsonl
@@ -117,9 +118,10 @@ def prompt_pool(cfg: Config, task: Task, gen, gtok, out: Path, state, resuming: 
     return pool[0]
 
 
-def write_final(cfg: Config, loop: JointLoop) -> Path:
+def write_final(cfg: Config, loop: JointLoop, stats: dict) -> Path:
     """final/: generator.safetensors (G's trained tensors, phi_p', F), hypernet.json, generator_adapter/
-    (G's LoRA in PEFT format), actor_adapter/, d2.jsonl."""
+    (G's LoRA in PEFT format), actor_adapter/, d2.jsonl; config.yaml and train_stats.json, with which a
+    run killed during its test evaluation is evaluated again without training (`finished_final`)."""
     system, acc, task = loop.system, loop.acc, loop.task
     final = Path(cfg.output_dir) / "final"
     if acc.is_main_process:
@@ -137,6 +139,8 @@ def write_final(cfg: Config, loop: JointLoop) -> Path:
             key = "best_prompt" if cfg.generator.pool_loss == "best" else "right_pool_indices"
             write_jsonl(tmp / "d2.jsonl", [{"index": int(k), "query": task.train[int(k)].query, key: v}
                                            for k, v in sorted(d2.items(), key=lambda kv: int(kv[0]))])
+            save_checkpoint_config(cfg, tmp)
+            write_json(tmp / "train_stats.json", stats)
     acc.wait_for_everyone()
     return final
 
@@ -160,8 +164,21 @@ def train(cfg: Config, task: Task) -> tuple[MetaTunerSystem, dict]:
                   "d2_rewritten": sum(v is not None and (v != system.p_tilde if isinstance(v, str) else 0 not in v)
                                       for v in d2.values()) / max(1, len(d2)),
                   "d2_targets": sum(v is not None for v in d2.values()) / max(1, len(d2))})
-    write_final(cfg, loop)
+    write_final(cfg, loop, stats)
     return system, stats
+
+
+def finished_final(cfg: Config) -> dict | None:
+    """The training stats of a complete final/ written with these settings, when resume_from_checkpoint is
+    true or auto (what `compare` passes): training finished and the run stopped later, during its test
+    evaluation, so it is evaluated again from final/ instead of trained again. None: train."""
+    final = Path(cfg.output_dir) / "final"
+    if resume_mode(cfg.resume_from_checkpoint) == "false" or not (final / "train_stats.json").is_file():
+        return None
+    if not same_settings(read_config_dict(final / "config.yaml"), cfg):
+        print(f"resume_from_checkpoint: {final} was written with other settings; training afresh", flush=True)
+        return None
+    return json.loads((final / "train_stats.json").read_text())
 
 
 def run(cfg: Config) -> dict:
@@ -169,6 +186,14 @@ def run(cfg: Config) -> dict:
 
     from .inference import evaluate_system
 
+    from .inference import load_system
+
     task = start_run(cfg)
-    system, stats = train(cfg, task)
+    stats = finished_final(cfg)
+    if stats is not None:
+        print(f"{cfg.output_dir}/final is complete, with these settings: evaluating it without training", flush=True)
+        system = load_system(cfg.output_dir)
+        system.task = task  # with its splits (load_system rebuilds the task's rules only)
+    else:
+        system, stats = train(cfg, task)
     return evaluate_system(cfg, system, {**stats, "p_tilde": task.prompt})
