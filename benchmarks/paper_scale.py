@@ -20,7 +20,8 @@ Measured, side by side in one process (medians of --reps interleaved repetitions
   both inputs' gradients, non-causal; 4 V d per position whose logits are computed; LoRA factors left out)
   against --peak-tflops (default: 989 on an H200, bf16 dense; otherwise give it); the same pass without the
   per-query LoRA hooks (`actor_base_*`: what transformers itself reaches on these shapes, the same FLOPs);
-  --profile adds torch.profiler's operator tables (where the time goes);
+  --profile adds torch.profiler's operator tables (where the time goes); --compile times the same pass
+  under torch.compile too (`actor_compiled_*`, `compiled_vs_eager`, the loss difference, graphs compiled);
 - parameter generation (G's first K layers over (p~, x), pooling, F) for a batch of --batch queries, and
   per query (batch time / batch: throughput, not single-query latency);
 - greedy generation throughput of the actor with transformers (per-query LoRA hooks removed) at batch
@@ -135,6 +136,9 @@ def run(argv: list[str] | None = None) -> dict:
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--peak-tflops", type=float, default=None, help="device bf16 dense peak (default: 989 on an H200)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the actor's forward+backward under torch.compile (hooks included), side by side "
+                         "with eager: fewer, fused kernels for the launch-bound pass")
     ap.add_argument("--profile", action="store_true",
                     help="also print torch.profiler's top operators (device time) of one actor forward+backward and one "
                          "joint step: where the time goes")
@@ -202,11 +206,14 @@ def run(argv: list[str] | None = None) -> dict:
         torch.nn.utils.clip_grad_norm_(sft_params, 1.0)
         sft_opt.step()
 
-    def actor_fwd_bwd():
+    def actor_fwd_bwd(model=actor):
         f = {k: tuple(t.detach().requires_grad_(True) for t in v) for k, v in made.items()}
         with autocast(cuda, dev), system.lora.use_factors(f):
-            loss = forward_nll(actor, ab)[0].mean()
+            loss = forward_nll(model, ab)[0].mean()
         loss.backward()
+        return loss.detach()
+
+    compiled = torch.compile(actor) if args.compile else None  # the same module: its LoRA hooks are traced too
 
     emb = actor.get_input_embeddings()
 
@@ -234,6 +241,13 @@ def run(argv: list[str] | None = None) -> dict:
 
     fns = {"joint": joint_step, "sft": sft_step, "actor_fwd_bwd": actor_fwd_bwd, "actor_base_fwd_bwd": actor_base_fwd_bwd,
            "param_gen": param_generation}
+    extra: dict = {}
+    if compiled is not None:
+        t0 = time.perf_counter()
+        eager_loss, compiled_loss = actor_fwd_bwd(), actor_fwd_bwd(compiled)  # compiles (and checks) before timing
+        fns["actor_compiled_fwd_bwd"] = lambda: actor_fwd_bwd(compiled)
+        extra["compile_and_first_step_s"] = round(time.perf_counter() - t0, 1)
+        extra["compiled_loss_rel_diff"] = float((compiled_loss - eager_loss).abs() / eager_loss.abs())
     ms: dict[str, list[float]] = {k: [] for k in fns}
     for k, fn in fns.items():
         phase_start()
@@ -256,6 +270,13 @@ def run(argv: list[str] | None = None) -> dict:
     achieved = flops / (med["actor_fwd_bwd"] / 1000) / 1e12
     mfu = achieved / peak if peak else None
     base_mfu = flops / (med["actor_base_fwd_bwd"] / 1000) / 1e12 / peak if peak else None
+    if compiled is not None:
+        extra["actor_compiled_fwd_bwd_ms"] = round(med["actor_compiled_fwd_bwd"], 1)
+        extra["actor_compiled_mfu"] = round(flops / (med["actor_compiled_fwd_bwd"] / 1000) / 1e12 / peak, 4) if peak else None
+        extra["compiled_vs_eager"] = round(med["actor_fwd_bwd"] / med["actor_compiled_fwd_bwd"], 3)
+        from torch._dynamo.utils import counters
+
+        extra["compiled_graphs"] = int(counters["stats"]["unique_graphs"])  # grows if new factors recompiled
 
     # greedy generation throughput of the actor (transformers), fixed length, without the LoRA hooks
     del opt, sft_opt, sft_model, made
@@ -297,7 +318,7 @@ def run(argv: list[str] | None = None) -> dict:
            "gen_batch": args.gen_batch, "gen_prompt_tokens": int(enc["input_ids"].shape[1]), "gen_tokens": args.gen_tokens,
            "hf_tokens_per_s": round(hf_tps, 1), "vllm_tokens_per_s": None, "vllm_speedup": None,
            "vllm_note": "not measured: generation.backend=vllm is not built yet (issue 15)",
-           **mem, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+           **extra, **mem, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
     for k, v in ms.items():
         print(f"{k} ms: {[round(x, 1) for x in v]}")
     print(json.dumps(res))

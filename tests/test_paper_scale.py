@@ -28,6 +28,23 @@ def test_paper_scale_tiny_runs_and_reports_consistent_numbers(capsys):
     assert res["actor_mfu"] == pytest.approx(res["actor_tflops_per_s"], abs=1e-4)
     assert res["actor_tokens"] <= 2 * res["actor_seq_len"] and res["vllm_tokens_per_s"] is None
     assert res["generator_trainable_params_m"] > 0 and res["split_k"] == 2
+    # the same pass without the LoRA hooks: same FLOPs, its own time
+    assert res["actor_base_fwd_bwd_ms"] > 0
+    assert res["lora_hooks_vs_base"] == pytest.approx(res["actor_fwd_bwd_ms"] / res["actor_base_fwd_bwd_ms"], rel=0.01)
+    assert res["actor_base_mfu"] == pytest.approx(res["actor_mfu"] * res["lora_hooks_vs_base"], rel=0.02, abs=1e-4)
+    assert "actor_compiled_fwd_bwd_ms" not in res  # only with --compile
+
+
+@pytest.mark.slow
+def test_paper_scale_compiled_actor_gives_the_same_loss(capsys):
+    """--compile: the actor with its per-query LoRA hooks under torch.compile computes the eager loss and is
+    not recompiled for every new set of factors (about a minute on CPU: compilation)."""
+    run = runpy.run_path(str(SCRIPT))["run"]
+    res = run(["--shapes", "tiny", "--device", "cpu", "--batch", "2", "--query-tokens", "16", "--target-tokens", "8",
+               "--gen-batch", "3", "--gen-tokens", "4", "--reps", "3", "--compile"])
+    assert res["compiled_loss_rel_diff"] < 1e-5
+    assert res["actor_compiled_fwd_bwd_ms"] > 0 and res["compiled_vs_eager"] > 0
+    assert 1 <= res["compiled_graphs"] <= 4  # one graph (a few with graph breaks), not one per repetition
 
 
 def test_paper_scale_flops_and_shapes():
