@@ -13,7 +13,7 @@ model (an SFT-SAPO model was trained with one of the candidates, which favours t
 of test queries where the validation-best candidate is wrong and another is right, and how often all
 candidates agree on correctness. Writes pool_oracle.json (with the correctness matrices) in the run folder;
 run again, it reuses them; an interrupted run resumes from pool_oracle.partial.json (one column per
-split and candidate).
+split and candidate, and a MetaTuner run's decoder picks).
 
 For a finished MetaTuner run with a pool (final/generator.safetensors and final/pool.json), the model is
 the run's own system: the warmed-up actor with the LoRA its parameter decoder generates per query (that
@@ -138,6 +138,12 @@ def main(argv: list[str] | None = None) -> dict:
         task = load_task(cfg.task, cfg.seed)
         splits = {"validation": task.split("validation"), "test": eval_examples(cfg, task)}  # the run's own test queries
         picks, context = None, (lambda exs: None)
+        # one column (split, candidate) at a time, kept in pool_oracle.partial.json with the decoder's picks:
+        # an interrupted run resumes (scoring the pool for every query is itself long on a CPU)
+        partial_path = d / "pool_oracle.partial.json"
+        partial = json.loads(partial_path.read_text()) if partial_path.is_file() else {}
+        if partial.get("pool") != pool:
+            partial = {"pool": pool, "columns": {}}
         try:
             if metatuner:
                 from metatuner.methods.metatuner.inference import load_system
@@ -145,22 +151,20 @@ def main(argv: list[str] | None = None) -> dict:
 
                 system = load_system(d)
                 model, tok = system.actor, system.tok
-                with torch.no_grad():
-                    chosen = {k: test_prompts(system, exs) for k, exs in splits.items()}
-                if any(p not in pool for ps in chosen.values() for p in ps):
-                    raise SystemExit(f"error: {d}: the decoder chose prompts outside {src} (prompt_space=mixed?)")
-                picks = {k: [pool.index(p) for p in ps] for k, ps in chosen.items()}
+                if "picks" not in partial:
+                    with torch.no_grad():
+                        chosen = {k: test_prompts(system, exs) for k, exs in splits.items()}
+                    if any(p not in pool for ps in chosen.values() for p in ps):
+                        raise SystemExit(f"error: {d}: the decoder chose prompts outside {src} (prompt_space=mixed?)")
+                    partial["picks"] = {k: [pool.index(p) for p in ps] for k, ps in chosen.items()}
+                    write_json(partial_path, partial)
+                picks = partial["picks"]
                 context = (lambda exs: lambda idx: system.with_factors([exs[i] for i in idx]))
             else:
                 cfg.model.adapter = str(d / "adapter")
                 model, tok = load_from_config(cfg.model)
         except MetatunerError as e:
             raise SystemExit(f"error: {e}") from None
-        # one column (split, candidate) at a time, kept in pool_oracle.partial.json: an interrupted run resumes
-        partial_path = d / "pool_oracle.partial.json"
-        partial = json.loads(partial_path.read_text()) if partial_path.is_file() else {}
-        if partial.get("pool") != pool:
-            partial = {"pool": pool, "columns": {}}
         correct = {}
         for split, exs in splits.items():
             for j, prompt in enumerate(pool):

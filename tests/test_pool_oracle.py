@@ -97,3 +97,11 @@ def test_pool_oracle_on_a_tiny_metatuner_pool_run(tiny_model_path, tmp_path, mon
     assert ch["accuracy"] == sum(r[j] for r, j in zip(rep["correct"]["test"], picks["test"])) / 5
     assert ch["accuracy"] == rep["run_test_accuracy"]
     assert "the prompt decoder's choice on test" in capsys.readouterr().out
+    # interrupted after the pool was scored: the saved picks are used, the decoder is not run again
+    (out / "pool_oracle.json").unlink()
+    marker = {"validation": [1] * 3, "test": [2] * 5}
+    (out / "pool_oracle.partial.json").write_text(json.dumps({"pool": pool, "columns": {}, "picks": marker}))
+    import metatuner.methods.metatuner.rollouts as rollouts
+
+    monkeypatch.setattr(rollouts, "test_prompts", lambda *a, **k: pytest.fail("the pool was scored again"))
+    assert NS["main"]([str(out)])["picks"] == marker
