@@ -21,6 +21,10 @@ LoRA depends on (p~, x) only, so forcing a candidate changes the prompt alone), 
 prompt decoder's own per-query choice: its accuracy (on test it must equal the run's), how often it picks
 a right candidate where one exists, and its picks per candidate.
 
+--versus RUN: the decoder's choice against another run on the same test queries (e.g. SFT), paired: the
+difference with its bootstrap interval and the exact McNemar p (metatuner.stats), for runs whose own test
+evaluation did not finish.
+
 --groups operators: is the per-query headroom learnable from the query at all? Groups the queries by the
 binary operators they contain (' + ', ' - ', ' * ', ' / '; e.g. basic_arithmetic's + - * questions), takes
 per group the candidate best on validation (ties: the candidate best on all of validation) and scores that
@@ -106,6 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pool", default="", help="a pool.json ({'pool': [...]}) instead of the run's sapo.json candidates")
     ap.add_argument("--groups", choices=["operators"], default=None,
                     help="also score a per-group choice fitted on validation (groups: the query's binary operators)")
+    ap.add_argument("--versus", default="",
+                    help="MetaTuner runs: another run folder on the same test queries (its predictions.jsonl); the "
+                         "decoder's choice against it, paired: difference, 95%% bootstrap interval, exact McNemar p")
     args = ap.parse_args(argv)
 
     import torch
@@ -215,7 +222,40 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{100 * c['right_when_possible']:.1f}%; picks per candidate {c['picks']}")
         if rep.get("run_test_accuracy") is not None:
             print(f"(the run's own test accuracy: {100 * rep['run_test_accuracy']:.1f}%)")
+    if args.versus:
+        if "chooser" not in rep:
+            raise SystemExit("error: --versus needs a MetaTuner run with a pool (the decoder's choice is compared)")
+        rep["versus"] = versus(d, rep, Path(args.versus))
+        v = rep["versus"]
+        print(f"the decoder's choice vs {args.versus}: {100 * v['accuracy']:.1f} vs {100 * v['other_accuracy']:.1f}%, "
+              f"{100 * v['diff']:+.1f} points ({100 * v['ci95'][0]:+.1f} to {100 * v['ci95'][1]:+.1f}), "
+              f"McNemar p={v['p']:.3f} ({v['only_a']} right only here, {v['only_b']} only there; {v['n_examples']} queries)")
     return rep
+
+
+def versus(d: Path, rep: dict, other_dir: Path) -> dict:
+    """The decoder's per-query choice (scored on the oracle's matrix) against another run's test answers,
+    matched by query text: metatuner.stats.paired_comparison."""
+    from metatuner.config import load_saved_config
+    from metatuner.run import eval_examples
+    from metatuner.stats import paired_comparison
+    from metatuner.tasks import load_task
+
+    path = other_dir / "predictions.jsonl" if other_dir.is_dir() else other_dir
+    if not path.is_file():
+        raise SystemExit(f"error: --versus {other_dir}: no predictions.jsonl")
+    other = {r["query"]: int(bool(r["correct"])) for r in map(json.loads, path.read_text().splitlines()) if r}
+    cfg = load_saved_config(d / "config.yaml")
+    tests = eval_examples(cfg, load_task(cfg.task, cfg.seed))
+    if len(tests) != len(rep["correct"]["test"]):
+        raise SystemExit(f"error: {d}/pool_oracle.json does not match the run's test split (delete it to recompute)")
+    mine = {ex.query: int(row[j]) for ex, row, j in zip(tests, rep["correct"]["test"], rep["picks"]["test"])}
+    both = [q for q in mine if q in other]
+    if len(both) < len(mine):
+        raise SystemExit(f"error: --versus {other_dir}: {len(mine) - len(both)} of {len(mine)} test queries are not in it")
+    a, b = {0: {i: mine[q] for i, q in enumerate(both)}}, {0: {i: other[q] for i, q in enumerate(both)}}
+    return {"run": str(other_dir), "accuracy": sum(mine.values()) / len(both),
+            "other_accuracy": sum(other[q] for q in both) / len(both), **paired_comparison(a, b)}
 
 
 if __name__ == "__main__":

@@ -105,3 +105,9 @@ def test_pool_oracle_on_a_tiny_metatuner_pool_run(tiny_model_path, tmp_path, mon
 
     monkeypatch.setattr(rollouts, "test_prompts", lambda *a, **k: pytest.fail("the pool was scored again"))
     assert NS["main"]([str(out)])["picks"] == marker
+    # against a run on the same test queries: here itself (the run's own predictions follow its real picks)
+    (out / "pool_oracle.json").unlink()
+    (out / "pool_oracle.partial.json").write_text(json.dumps({"pool": pool, "columns": {}, "picks": picks}))
+    v = NS["main"]([str(out), "--versus", str(out)])["versus"]
+    assert v["n_examples"] == 5 and v["accuracy"] == v["other_accuracy"] == rep["run_test_accuracy"]
+    assert v["diff"] == 0 and v["p"] == 1.0
