@@ -36,8 +36,8 @@ def refuse_sharded_launch(method: str) -> None:
         if os.environ.get(var, "false").lower() == "true":
             raise MetatunerError(
                 f"method={method}: the joint phase runs on DDP, not {name} ({var}=true): launch it with "
-                "configs/accelerate/multi_gpu.yaml (one full copy per GPU; the paper's 7B G + 3B M peak at about "
-                "69 GiB per GPU at train.batch_size=8, docs/results.md); FSDP shards the baselines (sft, dpo, "
+                "configs/accelerate/multi_gpu.yaml (one full copy per GPU; the paper's 7B G + 3B M stay below "
+                "70 GiB per GPU at train.batch_size=8, docs/results.md); FSDP shards the baselines (sft, dpo, "
                 "bettertogether)")
 
 
