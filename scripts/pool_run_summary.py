@@ -4,7 +4,8 @@ joint phase's losses, and which pool candidates the test queries got.
     .venv/bin/python scripts/pool_run_summary.py runs/pool/metatuner_j_pool/seed_0 runs/pool_sweep/w40_a1_s5_f1e-4/seed_0
     .venv/bin/python scripts/pool_run_summary.py --plot losses.png RUN ...   # also the joint phase's loss curves
 
-Each argument is a MetaTuner run folder (train_log.jsonl, pool.json, predictions.jsonl). Per run:
+Each argument is a MetaTuner run folder (train_log.jsonl, pool.json, and predictions.jsonl when its test
+evaluation finished; without it the test section is left out). Per run:
 - rollouts: step, share of D2 queries with a correct best prompt, share whose best prompt is not p~, and
   how many D2 queries each pool candidate won (candidate 0 = p~; with generator.pool_loss=listwise: on how
   many D2 queries with a target each candidate answered right);
@@ -31,13 +32,13 @@ def mean(xs: list[float]) -> float:
 
 
 def summary(run: Path) -> str:
-    need = [run / f for f in ("train_log.jsonl", "pool.json", "predictions.jsonl")]
+    need = [run / f for f in ("train_log.jsonl", "pool.json")]
     missing = [str(p) for p in need if not p.is_file()]
     if missing:
-        sys.exit(f"{run}: missing {', '.join(missing)} (a finished MetaTuner run with generator.prompt_space=pool?)")
+        sys.exit(f"{run}: missing {', '.join(missing)} (a MetaTuner run with generator.prompt_space=pool?)")
     log = jsonl(need[0])
     pool = json.loads(need[1].read_text())["pool"]
-    preds = jsonl(need[2])
+    preds = jsonl(run / "predictions.jsonl") if (run / "predictions.jsonl").is_file() else None
     lines = [f"## {run}", "", "pool: " + " | ".join(f"#{i} {p[:50]!r}" for i, p in enumerate(pool)), ""]
     cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
     listwise = (cfg.get("generator") or {}).get("pool_loss") == "listwise"
@@ -56,6 +57,9 @@ def summary(run: Path) -> str:
         lines += ["", f"joint phase ({len(joint)} logged steps): task loss {mean([x['task_loss'] for x in first]):.3f} -> "
                   f"{mean([x['task_loss'] for x in last]):.3f}, regulariser {mean([x['reg'] for x in first]):.3f} -> "
                   f"{mean([x['reg'] for x in last]):.3f} (mean of the first / last five)"]
+    if preds is None:
+        return "\n".join(lines + ["", "(no predictions.jsonl: the test evaluation did not finish; "
+                                   "scripts/pool_oracle.py scores the decoder's choice from final/)"])
     lines += ["", "| test prompt | queries | accuracy % |", "|---|---|---|"]
     by: dict[str, list[bool]] = {}
     for p in preds:

@@ -111,3 +111,20 @@ def test_pool_oracle_on_a_tiny_metatuner_pool_run(tiny_model_path, tmp_path, mon
     v = NS["main"]([str(out), "--versus", str(out)])["versus"]
     assert v["n_examples"] == 5 and v["accuracy"] == v["other_accuracy"] == rep["run_test_accuracy"]
     assert v["diff"] == 0 and v["p"] == 1.0
+
+
+def test_pool_run_summary_without_test_predictions(tmp_path):
+    """A run stopped during its test evaluation: D2's composition per rollout is still reported."""
+    import runpy
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "pool.json").write_text(json.dumps({"pool": ["p0", "p1"]}))
+    rows = [{"step": 0, "stage": "rollout", "d2_correct": 0.25, "d2_targets": 1.0, "d2_rewritten": 0.5,
+             "d2_pool_counts": [3, 1]},
+            {"step": 1, "stage": "joint", "task_loss": 0.5, "reg": 1.0}]
+    (run / "train_log.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    summary = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "pool_run_summary.py"))["summary"]
+    text = summary(run)
+    assert "| 0 | 25.0 | 100.0 | 50.0 | [3, 1] |" in text
+    assert "no predictions.jsonl" in text and "| test prompt |" not in text

@@ -18,7 +18,8 @@ import torch
 
 from metatuner.config import Config
 from metatuner.io import write_jsonl
-from metatuner.lora_sft import add_callbacks, examples_per_step, trained_model, trainer_resume_path, trl_common_args
+from metatuner.lora_sft import (add_callbacks, examples_per_step, trained_model, trainer_resume_path, trl_common_args,
+                                 unsharded)
 from metatuner.prompts import rank_prompts
 from metatuner.rewrite import clean_prompt, rewrite_messages
 from metatuner.sampling import sample_texts
@@ -71,7 +72,7 @@ def run(cfg: Config) -> dict:
         add_callbacks(trainer, cfg, open_train_log(cfg.output_dir, append=ckpt is not None), "rewriter")
         steps = int(trainer.train(resume_from_checkpoint=ckpt).global_step)
         tokens = int(trainer.state.num_input_tokens_seen or 0)
-        rewriter = trained_model(trainer)
+        rewriter = unsharded(trained_model(trainer))  # FSDP: a plain copy that can generate and be saved
         if is_main_process():
             rewriter.save_pretrained(f"{cfg.output_dir}/rewriter/adapter")
     rewriter.eval()
