@@ -12,7 +12,8 @@ import torch
 
 import metatuner.evaluate as ev
 from metatuner.errors import MetatunerError
-from metatuner.evaluate import best_of_n, chat_text, evaluate, generate_texts, greedy_texts, majority_vote
+from metatuner.evaluate import (best_of_n, chat_text, evaluate, generate_texts, greedy_texts, majority_vote,
+                                weighted_vote)
 
 # short queries of different lengths, so a batch really is left-padded
 QUERIES = ["1+2=", "What is 12 + 35?", "abc", "Hello there, how are you doing today?", "x", "9 - 4 - 3 =", "Q"]
@@ -271,6 +272,18 @@ def test_best_of_n():
     assert best_of_n(["a", "b", "c"], [-3.0, -1.0, -2.0]) == 1
 
 
+def test_weighted_vote():
+    # "1": e^-0.1 = 0.905 against "2": 2 e^-2 = 0.271 -> the confident single sample wins
+    assert weighted_vote(["1", "2", "2", None], [-0.1, -2.0, -2.0, 0.0]) == 0
+    # equal confidence: the count decides; the index is the winner's first sample
+    assert weighted_vote(["1", "2", "2"], [-1.0, -1.0, -1.0]) == 1
+    assert weighted_vote(["1", "2", "2"], [-1.0, -0.9, -5.0]) == 1  # 0.368 < 0.407 + 0.007
+    assert weighted_vote(["a", "b"], [-1.0, -1.0]) == 0  # tie: the answer seen first
+    assert weighted_vote(["a", "b"], [math.nan, -50.0]) == 1  # a non-finite score weighs 0
+    assert weighted_vote([None, ""], [0.0, 0.0]) is None
+    assert weighted_vote(["x", None, "x"], [-1.0, 0.0, -1.0]) == 0  # unparsable answers do not vote
+
+
 class FakeGen:
     """Stands in for generate_texts: records calls, returns canned samples."""
 
@@ -330,6 +343,27 @@ def test_best_of_n_strategy_uses_verifier_then_logprob(tiny_model, make_task, mo
     recs, _ = evaluate(model, tok, task, task.test, strategy="best_of_n", n=4, progress=False)
     assert fake.calls[-1]["return_logprobs"] is True
     assert recs[0]["generation"] == "ok 2"
+
+
+def test_weighted_majority_strategy_sums_confidence(tiny_model, make_task, monkeypatch):
+    model, tok = tiny_model
+    # FakeGen's log-probability is -len: "9" x2 at -3 each (2 e^-3 = 0.0996) against "77" x2 at -4 and -12
+    # (e^-4 + e^-12 = 0.0183): plain majority ties 9/77 -> first seen ("77"); weighted picks "9"
+    fake = FakeGen(lambda t: ["77 aaaaaaaaa", "9 a", "77 b", "9 b"])
+    fake.install(monkeypatch)
+    task = make_task([("q", "9")], extract=lambda t: t.split()[0])
+    recs, m = evaluate(model, tok, task, task.test, strategy="majority", n=4, progress=False)
+    assert recs[0]["extracted"] == "77" and not recs[0]["correct"]
+    recs, m = evaluate(model, tok, task, task.test, strategy="weighted_majority", n=4, progress=False)
+    assert fake.calls[-1]["return_logprobs"] is True and fake.calls[-1]["num_return_sequences"] == 4
+    assert recs[0]["extracted"] == "9" and recs[0]["generation"] == "9 a" and recs[0]["correct"]
+    assert recs[0]["scores"] == [-12.0, -3.0, -4.0, -3.0] and recs[0]["samples"] == 4 and m["strategy"] == "weighted_majority"
+
+    def verifier(gen, e):  # a verifier's score replaces the log-probability
+        return 0.0 if gen.startswith("77") else -10.0
+
+    recs, _ = evaluate(model, tok, task, task.test, strategy="weighted_majority", n=4, verifier=verifier, progress=False)
+    assert fake.calls[-1]["return_logprobs"] is False and recs[0]["extracted"] == "77"
 
 
 def test_per_query_prompts_are_honoured(tiny_model, make_task, monkeypatch):

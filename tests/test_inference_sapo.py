@@ -53,6 +53,14 @@ def test_subsampling_estimate_equals_exact_on_small_case():
     # N=1 equals the mean per-sample correctness
     mean1 = sum(sum(s["correct"]) / 4 for s in samples) / 2
     assert inference.estimate_accuracy(samples, 1, "best_of_n") == pytest.approx(mean1)
+    # weighted majority: query 0 "4" (e^.9 = 2.46) beats "3" (e^.1 + e^.2 = 2.33), which majority picks;
+    # query 1 "8" (e^.9 + e^.2) beats "7" (e^.5)
+    assert inference.estimate_accuracy(samples, 4, "weighted_majority") == pytest.approx(0.5)
+    assert inference.estimate_accuracy(samples, 4, "majority") == pytest.approx(1.0)
+    assert inference.estimate_accuracy(samples, 1, "weighted_majority") == pytest.approx(mean1)
+    # on the pair {"3" at 0.1, "4" at 0.9} the confident wrong sample wins, as best-of-N would pick it
+    pair = [{"answers": ["3", "4"], "correct": [True, False], "scores": [0.1, 0.9]}]
+    assert inference.estimate_accuracy(pair, 2, "weighted_majority") == 0.0
 
 
 def test_random_subsets_approach_exact():

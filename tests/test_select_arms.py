@@ -34,6 +34,11 @@ def test_arm_specs_cover_the_grid_with_greedy_first():
     assert all(a.temperature is None for a in arms if a.strategy == "greedy")
 
 
+def test_weighted_majority_arms_start_at_two():
+    arms = arm_specs(1, [0.3], [1, 2, 4], ["weighted_majority"])
+    assert [a.label for a in arms] == ["P0 greedy", "P0 weighted_majority@2 T=0.3", "P0 weighted_majority@4 T=0.3"]
+
+
 def test_a_noisy_point_estimate_does_not_beat_greedy():
     g0 = list(range(14))  # greedy with p~: 14/48
     noisy = list(range(8, 14)) + list(range(20, 30))  # 16/48: +10 queries, -8 queries

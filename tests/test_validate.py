@@ -51,7 +51,7 @@ def error(*overrides) -> str:
         ("select.n_values=[2, 0]", "select.n_values = [2, 0]: expected a list of integers >= 1"),
         ("select.temperatures=[]", "select.temperatures = []: expected a non-empty value"),
         ("select.temperatures=[0.7, 0]", "select.temperatures = [0.7, 0.0]: expected a list of numbers > 0"),
-        ("select.strategies=[greedy]", "select.strategies = ['greedy']: expected a list of majority, best_of_n, early"),
+        ("select.strategies=[greedy]", "select.strategies = ['greedy']: expected a list of majority, best_of_n, weighted_majority, early"),
         ("select.confidence=1", "select.confidence = 1.0: expected a number in [0.5, 1)"),
         ("select.explore_budget=-1", "select.explore_budget = -1: expected an integer >= 0"),
         ("select.rule=ucb", "select.rule = 'ucb': expected one of lcb, halving"),
@@ -63,7 +63,7 @@ def error(*overrides) -> str:
         ("model.name=", "model.name = '': expected a non-empty value"),
         # choices
         ("method=metatuner", "method = 'metatuner': expected one of zero_shot, sft, dpo"),
-        ("inference.strategy=beam", "inference.strategy = 'beam': expected one of greedy, best_of_n, majority, early_majority"),
+        ("inference.strategy=beam", "inference.strategy = 'beam': expected one of greedy, best_of_n, majority, weighted_majority, early_majority"),
         ("train.scheduler=step", "train.scheduler = 'step': expected one of constant, linear, cosine"),
         ("hypernet.pooling=max", "hypernet.pooling = 'max': expected one of mean, last"),
         ("hypernet.heads=many", "hypernet.heads = 'many': expected one of shared, per_target"),

@@ -39,7 +39,7 @@ BOOTSTRAP = 4000
 @dataclass
 class Arm:
     prompt: int  # index into the candidate prompts; 0 = p~
-    strategy: str  # greedy | majority | best_of_n | early_majority
+    strategy: str  # greedy | majority | best_of_n | weighted_majority | early_majority
     n: int = 1  # samples (early_majority: the cap)
     temperature: float | None = None
     correct: list[float] = field(default_factory=list)  # expected correctness per validation query
@@ -67,8 +67,8 @@ class Arm:
 
 
 def arm_specs(n_prompts: int, temperatures: list[float], n_values: list[int], strategies: list[str]) -> list[Arm]:
-    """Every arm, greedy ones first (greedy with p~ at index 0). best_of_n starts at N=2 (at N=1 it is
-    majority@1: one sample)."""
+    """Every arm, greedy ones first (greedy with p~ at index 0). best_of_n and weighted_majority start at N=2
+    (at N=1 they are majority@1: one sample)."""
     arms = [Arm(p, "greedy") for p in range(n_prompts)]
     nmax = max(n_values)
     for p in range(n_prompts):
@@ -77,6 +77,8 @@ def arm_specs(n_prompts: int, temperatures: list[float], n_values: list[int], st
                 arms += [Arm(p, "majority", n, t) for n in n_values]
             if "best_of_n" in strategies:
                 arms += [Arm(p, "best_of_n", n, t) for n in n_values if n > 1]
+            if "weighted_majority" in strategies:
+                arms += [Arm(p, "weighted_majority", n, t) for n in n_values if n > 1]
             if "early_majority" in strategies:
                 arms.append(Arm(p, "early_majority", nmax, t))
     return arms

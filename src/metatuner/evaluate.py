@@ -6,7 +6,8 @@ comparable. A method that changes the actor per query (MetaTuner's generated LoR
 
 Inference strategies: greedy (default), `majority` (self-consistency: the most frequent
 extracted answer over N samples), `best_of_n` (the sample the scorer likes best: the task's
-verifier when given, else the actor's own mean token log-probability) and `early_majority`
+verifier when given, else the actor's own mean token log-probability), `weighted_majority` (the
+answer whose samples' exp(score) sum highest: confidence-weighted self-consistency, same scorer) and `early_majority`
 (majority vote that stops sampling a query once its vote is settled, `metatuner.voting`, N = cap).
 Every record says how many samples it cost (`samples`); sampled records keep them (`generations`).
 """
@@ -27,7 +28,7 @@ from metatuner.generation import (AnswerEnd, PromptCache, chat_text, generate_te
                                   greedy_texts, stop_token_ids)
 from metatuner.io import write_json, write_jsonl
 from metatuner.tasks import Example, Task
-from metatuner.voting import best_of_n, majority_vote, vote_settled  # noqa: F401 (re-exported)
+from metatuner.voting import best_of_n, majority_vote, vote_settled, weighted_vote  # noqa: F401 (re-exported)
 
 
 def evaluate(
@@ -113,7 +114,7 @@ def evaluate(
                 else:
                     gens, ntoks, logps = generate_texts(model, tokenizer, batch, max_new, do_sample=sample,
                                                         temperature=temperature, top_p=top_p, num_return_sequences=k,
-                                                        return_logprobs=(strategy == "best_of_n" and verifier is None),
+                                                        return_logprobs=(strategy in SCORED and verifier is None),
                                                         answer_end=answer_end)
         for j, i in enumerate(idx):
             ex = examples[i]
@@ -127,6 +128,10 @@ def evaluate(
                 scores = [verifier(g, ex) for g in gens[j]] if verifier else logps[j]
                 pick = best_of_n(gens[j], scores)
                 pred = answers[pick]
+            elif strategy == "weighted_majority":
+                scores = [verifier(g, ex) for g in gens[j]] if verifier else logps[j]
+                w = weighted_vote(answers, scores)
+                pick, pred = (0, None) if w is None else (w, answers[w])
             else:
                 pick, pred = 0, answers[0]
             sc = task.score(pred, ex)
@@ -169,7 +174,8 @@ def evaluate(
     return records, metrics
 
 
-STRATEGIES = ("greedy", "best_of_n", "majority", "early_majority")
+STRATEGIES = ("greedy", "best_of_n", "majority", "weighted_majority", "early_majority")
+SCORED = ("best_of_n", "weighted_majority")  # strategies that read a score per sample
 
 
 def _sample_until_settled(model, tokenizer, task, examples, idx, texts, max_new, temperature, top_p, cap, rule,

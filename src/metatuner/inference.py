@@ -22,11 +22,13 @@ from typing import Callable
 import torch
 
 from metatuner.evaluate import majority_vote
+from metatuner.voting import weighted_vote
 
 
 def subset_outcome(answers: list, correct: list[bool], scores: list[float] | None, idx: tuple[int, ...], strategy: str) -> bool:
     """Is the strategy's pick from the samples `idx` correct? majority: most frequent answer (ties to
-    the earliest sample); best_of_n: highest score (ties to the earliest)."""
+    the earliest sample); best_of_n: highest score (ties to the earliest); weighted_majority: the answer
+    with the largest sum of exp(score) (metatuner.voting.weighted_vote)."""
     if strategy == "majority":
         sub = [answers[i] for i in idx]
         pick = majority_vote(sub)
@@ -37,6 +39,9 @@ def subset_outcome(answers: list, correct: list[bool], scores: list[float] | Non
     if strategy == "best_of_n":
         j = max(idx, key=lambda i: (scores[i], -i))
         return bool(correct[j])
+    if strategy == "weighted_majority":
+        k = weighted_vote([answers[i] for i in idx], [scores[i] for i in idx])
+        return k is not None and bool(correct[idx[k]])
     raise ValueError(strategy)
 
 

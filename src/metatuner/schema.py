@@ -68,23 +68,23 @@ class EvalConfig:
 
 @dataclass
 class InferenceConfig:
-    strategy: str = _f("greedy", "greedy, best_of_n, majority, or early_majority (majority vote that stops sampling a query once its vote is settled; inference.n is the cap).")
-    n: int = _f(1, "Samples per query for best_of_n / majority; the most samples per query for early_majority.")
+    strategy: str = _f("greedy", "greedy, best_of_n, majority, weighted_majority (the answer whose samples' exp(score) sum highest: confidence-weighted self-consistency, scored as best_of_n), or early_majority (majority vote that stops sampling a query once its vote is settled; inference.n is the cap).")
+    n: int = _f(1, "Samples per query for best_of_n / majority / weighted_majority; the most samples per query for early_majority.")
     temperature: float = _f(0.7, "Sampling temperature (best_of_n / majority / early_majority).")
     top_p: float = _f(1.0, "Nucleus sampling top-p (best_of_n / majority / early_majority).")
     stop_threshold: float = _f(0.95, "early_majority: stop sampling a query once P(leading answer beats the runner-up) >= this, under Adaptive-Consistency's Beta(c1+1, c2+1) criterion (c1, c2: counts of the top two parsable answers; unparsable ones are ignored). A unanimous vote settles after 4 samples at 0.95, after 3 at 0.93, after 2 at 0.85.")
     stop_min: int = _f(2, "early_majority: samples drawn for every query before the stopping rule may stop it (the first round).")
     stop_chunk: int = _f(1, "early_majority: samples added per round to each query whose vote is not settled yet.")
     stop_score: Optional[float] = _f(None, "early_majority: a confidence gate (null = off). A query also stops, from its first sample on and regardless of stop_min, once all its samples hold the same parsable answer and each one's score (the sampler's mean token log-probability, or inference.verifier's score) is >= this. method=inference_select fits it on validation (select.stop_fit).")
-    verifier: str = _f("", "best_of_n scorer: empty = the actor's mean token log-probability; 'module:function' = your verifier fn(generation, example) -> float (imports that module: needs inference.trust_verifier=true); 'oracle' = the task's scorer against the reference (an upper bound, for analysis only).")
+    verifier: str = _f("", "best_of_n / weighted_majority scorer: empty = the actor's mean token log-probability; 'module:function' = your verifier fn(generation, example) -> float (imports that module: needs inference.trust_verifier=true); 'oracle' = the task's scorer against the reference (an upper bound, for analysis only).")
     trust_verifier: bool = _f(False, "Allow inference.verifier='module:function' to import and run that module's code (off by default, like model.trust_remote_code).")
 
 
 @dataclass
 class SelectConfig:
-    n_values: List[int] = _f([1, 2, 4, 8], "Sample counts N of the majority / best_of_n arms; samples are drawn once at the largest N, which is also early_majority's cap.")
+    n_values: List[int] = _f([1, 2, 4, 8], "Sample counts N of the majority / best_of_n / weighted_majority arms; samples are drawn once at the largest N, which is also early_majority's cap.")
     temperatures: List[float] = _f([0.3, 0.7], "Sampling temperatures of the sampled arms (greedy has none); every (prompt, temperature) is sampled once at the largest N.")
-    strategies: List[str] = _f(["majority", "best_of_n", "early_majority"], "Sampled strategies among the arms (greedy decoding with every prompt is always an arm); early_majority stops by the rule fitted on validation (select.stop_fit) or at inference.stop_threshold / inference.stop_min.")
+    strategies: List[str] = _f(["majority", "best_of_n", "weighted_majority", "early_majority"], "Sampled strategies among the arms (greedy decoding with every prompt is always an arm); early_majority stops by the rule fitted on validation (select.stop_fit) or at inference.stop_threshold / inference.stop_min.")
     rule: str = _f("lcb", "How an arm is chosen on validation: lcb (the largest lower confidence bound of the accuracy gain over greedy decoding with p~, minus cost_weight x mean samples) or halving (successive halving over the arms within select.explore_budget). Either way only arms whose validation accuracy is >= greedy's with the same prompt and with p~ are eligible.")
     confidence: float = _f(0.9, "Level of the one-sided lower confidence bound (paired bootstrap over validation queries) and of the two-sided intervals in the report.")
     explore_budget: int = _f(0, "Validation samples the selection may draw (a greedy answer or a sampled answer counts 1). 0 = auto: lcb draws every arm on all select.val_examples queries; halving gets half of that. A positive budget makes lcb use fewer queries when it cannot pay for all of them.")

@@ -28,7 +28,7 @@ CHOICES = {
     "generator.dtype": DTYPES,
     "eval.split": ("test", "validation", "train"),
     "task.split_order": ("shuffled", "generation"),
-    "inference.strategy": ("greedy", "best_of_n", "majority", "early_majority"),
+    "inference.strategy": ("greedy", "best_of_n", "majority", "weighted_majority", "early_majority"),
     "hypernet.pooling": ("mean", "last"),
     "hypernet.heads": ("shared", "per_target"),
     "train.scheduler": ("constant", "linear", "cosine"),
@@ -133,9 +133,9 @@ def _check_formats(cfg) -> None:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0:
             raise fail("select.temperatures", cfg.select.temperatures, "a list of numbers > 0")
     for st in cfg.select.strategies:
-        if st not in ("majority", "best_of_n", "early_majority"):
+        if st not in ("majority", "best_of_n", "weighted_majority", "early_majority"):
             raise fail("select.strategies", cfg.select.strategies,
-                       "a list of majority, best_of_n, early_majority (greedy is always an arm)")
+                       "a list of majority, best_of_n, weighted_majority, early_majority (greedy is always an arm)")
     for name, params in cfg.task.params_by_task.items():
         if not isinstance(params, dict):
             raise fail(f"task.params_by_task.{name}", params, "a mapping of that task's parameters")
@@ -162,7 +162,7 @@ def _check_combinations(cfg) -> None:
     if train.batch_size % train.grad_accum:
         raise fail("train.grad_accum", train.grad_accum, f"a divisor of train.batch_size ({train.batch_size})")
     if cfg.inference.strategy == "greedy" and cfg.inference.n != 1:
-        raise fail("inference.n", cfg.inference.n, "1 with inference.strategy=greedy (or use best_of_n / majority)")
+        raise fail("inference.n", cfg.inference.n, "1 with inference.strategy=greedy (or use best_of_n / majority / weighted_majority)")
     if VERIFIER.match(cfg.inference.verifier) and not cfg.inference.trust_verifier:
         raise fail("inference.verifier", cfg.inference.verifier,
                    "'' or 'oracle'; a 'module:function' verifier runs that module's code: set inference.trust_verifier=true to allow it")

@@ -47,6 +47,27 @@ def best_of_n(samples: list[str], scores: list[float]) -> int:
     return max(range(len(samples)), key=lambda i: (scores[i], -i))
 
 
+def weighted_vote(answers: list[str | None], scores: list[float]) -> int | None:
+    """Confidence-weighted majority (after CISC, Taubenfeld et al., 2025): each parsable answer gets the
+    sum of exp(score) over the samples that hold it (score: the mean token log-probability, so a weight is
+    the sample's geometric-mean token probability; or a verifier's score), and the answer with the largest
+    sum wins. Returns the index of its first sample (ties: the answer seen first), None when nothing parses.
+    Non-finite scores weigh 0."""
+    weight: dict[str, float] = {}
+    first: dict[str, int] = {}
+    for i, a in enumerate(answers):
+        if a is None or a == "":
+            continue
+        x = scores[i] if i < len(scores) else None
+        w = math.exp(x) if isinstance(x, (int, float)) and math.isfinite(x) else 0.0
+        weight[a] = weight.get(a, 0.0) + w
+        first.setdefault(a, i)
+    if not weight:
+        return None
+    best = max(weight.values())
+    return min(first[a] for a, w in weight.items() if w == best)
+
+
 @lru_cache(maxsize=4096)
 def lead_probability(c1: int, c2: int) -> float:
     """P(X > 1/2) for X ~ Beta(c1 + 1, c2 + 1): how sure the vote is that the leader beats the runner-up."""
