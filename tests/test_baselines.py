@@ -525,6 +525,7 @@ def test_zero_shot_module_runs(tiny_model_path, tmp_path):
     metrics = zero_shot.run(cfg)
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert metrics["method"] == "zero_shot" and metrics["train_steps"] == 0 and metrics["n"] == 2 == len(preds)
+    assert "train_bf16" not in metrics  # nothing was trained: no training precision to report
     assert json.loads((out / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
     assert load_config(out / "config.yaml").model.name == str(tiny_model_path)
     assert main(["eval", f"model.name={tiny_model_path}", f"output_dir={tmp_path / 'ev'}", *SMALL[:6]]) == 0

@@ -82,6 +82,9 @@ def eval_examples(cfg: Config, task: Task):
     return examples
 
 
+UNTRAINED = ("zero_shot", "opro", "inference_select")  # methods that train no weights
+
+
 def final_eval(cfg: Config, model, tokenizer, task: Task, prompts=None, batch_context=None, extra: dict | None = None,
                output_dir: str | Path | None = None, return_records: bool = False):
     """Evaluate with the run's inference settings and write predictions.jsonl + metrics.json.
@@ -92,7 +95,9 @@ def final_eval(cfg: Config, model, tokenizer, task: Task, prompts=None, batch_co
     from metatuner.training import use_bf16
 
     metrics_extra = {"model": cfg.model.name, "method": cfg.method, "split": cfg.eval.split, "seed": cfg.seed,
-                     "p_tilde": task.prompt, "train_bf16": use_bf16(cfg.train, getattr(model, "device", None) or torch.device("cpu"))}
+                     "p_tilde": task.prompt}
+    if cfg.method not in UNTRAINED:  # whether training ran under bf16 (methods that train no weights: no key)
+        metrics_extra["train_bf16"] = use_bf16(cfg.train, getattr(model, "device", None) or torch.device("cpu"))
     metrics_extra.update(extra or {})
     from metatuner.inference import resolve_verifier
 
