@@ -270,6 +270,10 @@ def test_best_of_n():
     assert best_of_n(["a", "b"], [-math.inf, -1.0]) == 1
     assert best_of_n(["a", "b", "c"], [0.0, 0.0, 0.0]) == 0
     assert best_of_n(["a", "b", "c"], [-3.0, -1.0, -2.0]) == 1
+    # with answers: an answerless sample never wins while another parses; all answerless -> plain argmax
+    assert best_of_n(["a", "b", "c"], [-3.0, -1.0, -2.0], ["1", None, "3"]) == 2
+    assert best_of_n(["a", "b", "c"], [-3.0, -1.0, -2.0], ["", None, "3"]) == 2
+    assert best_of_n(["a", "b"], [-3.0, -1.0], [None, ""]) == 1
 
 
 def test_weighted_vote():
@@ -343,6 +347,11 @@ def test_best_of_n_strategy_uses_verifier_then_logprob(tiny_model, make_task, mo
     recs, _ = evaluate(model, tok, task, task.test, strategy="best_of_n", n=4, progress=False)
     assert fake.calls[-1]["return_logprobs"] is True
     assert recs[0]["generation"] == "ok 2"
+    # the shortest sample holds no answer: the best-scoring sample with one wins
+    fake.samples_for = lambda t: ["long answer 1", "ok", "no 3", "longer answer 4"]
+    task = make_task([("q", "3")], extract=lambda t: t.split()[-1] if t.split()[-1].isdigit() else None)
+    recs, _ = evaluate(model, tok, task, task.test, strategy="best_of_n", n=4, progress=False)
+    assert recs[0]["generation"] == "no 3" and recs[0]["extracted"] == "3"
 
 
 def test_weighted_majority_strategy_sums_confidence(tiny_model, make_task, monkeypatch):

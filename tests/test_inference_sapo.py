@@ -61,6 +61,10 @@ def test_subsampling_estimate_equals_exact_on_small_case():
     # on the pair {"3" at 0.1, "4" at 0.9} the confident wrong sample wins, as best-of-N would pick it
     pair = [{"answers": ["3", "4"], "correct": [True, False], "scores": [0.1, 0.9]}]
     assert inference.estimate_accuracy(pair, 2, "weighted_majority") == 0.0
+    # best-of-N passes over an answerless sample, however high it scores, while another sample parses
+    unparsed = [{"answers": [None, "4", "5"], "correct": [False, True, False], "scores": [0.0, -1.0, -2.0]}]
+    assert inference.estimate_accuracy(unparsed, 3, "best_of_n") == 1.0
+    assert inference.estimate_accuracy(unparsed, 2, "best_of_n") == pytest.approx(2 / 3)  # {0,1} {0,2} {1,2}
 
 
 def test_random_subsets_approach_exact():

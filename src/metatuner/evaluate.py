@@ -5,8 +5,8 @@ comparable. A method that changes the actor per query (MetaTuner's generated LoR
 `batch_context(indices)`, a context manager entered around each batch's generation.
 
 Inference strategies: greedy (default), `majority` (self-consistency: the most frequent
-extracted answer over N samples), `best_of_n` (the sample the scorer likes best: the task's
-verifier when given, else the actor's own mean token log-probability), `weighted_majority` (the
+extracted answer over N samples), `best_of_n` (the sample the scorer likes best among those
+whose answer parses: the task's verifier when given, else the actor's own mean token log-probability), `weighted_majority` (the
 answer whose samples' exp(score) sum highest: confidence-weighted self-consistency, same scorer) and `early_majority`
 (majority vote that stops sampling a query once its vote is settled, `metatuner.voting`, N = cap).
 Every record says how many samples it cost (`samples`); sampled records keep them (`generations`).
@@ -126,7 +126,7 @@ def evaluate(
                 pick = answers.index(pred) if pred in answers else 0
             elif strategy == "best_of_n":
                 scores = [verifier(g, ex) for g in gens[j]] if verifier else logps[j]
-                pick = best_of_n(gens[j], scores)
+                pick = best_of_n(gens[j], scores, answers)
                 pred = answers[pick]
             elif strategy == "weighted_majority":
                 scores = [verifier(g, ex) for g in gens[j]] if verifier else logps[j]

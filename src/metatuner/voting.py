@@ -42,9 +42,14 @@ def majority_vote(answers: list[str | None]) -> str | None:
     return None
 
 
-def best_of_n(samples: list[str], scores: list[float]) -> int:
-    """Index of the highest-scoring sample (first on ties)."""
-    return max(range(len(samples)), key=lambda i: (scores[i], -i))
+def best_of_n(samples: list[str], scores: list[float], answers: list[str | None] | None = None) -> int:
+    """Index of the highest-scoring sample (first on ties). With `answers`, only samples whose answer parses
+    compete when any does: an answerless sample is wrong whatever its score (a weak model's short,
+    answerless samples often score highest by mean log-probability)."""
+    idx = range(len(samples))
+    if answers is not None:
+        idx = [i for i in idx if answers[i] is not None and answers[i] != ""] or idx
+    return max(idx, key=lambda i: (scores[i], -i))
 
 
 def weighted_vote(answers: list[str | None], scores: list[float]) -> int | None:
