@@ -409,6 +409,33 @@ def test_a_run_killed_during_its_test_evaluation_is_evaluated_again_without_trai
             M.run(make_cfg(model_dir, out, "method=metatuner_j", *overrides))
 
 
+def test_a_sapo_run_killed_during_its_test_evaluation_is_evaluated_with_sapos_prompt(model_dir, tmp_path,
+                                                                                     monkeypatch):
+    """With prompt_selection=sapo final/config.yaml records SAPO's p~, not the one asked for: the run is still
+    recognised as finished and evaluated with SAPO's p~ (as the run itself was), without training."""
+    from metatuner import sapo
+
+    monkeypatch.setattr(sapo, "prompt_losses", lambda model, tok, task, exs, cands, *a, **k:
+                        [float(len(cands) - i) for i in range(len(cands))])  # the last candidate wins
+    out = tmp_path / "sapo_killed"
+    args = ("method=metatuner_j", "prompt_selection=sapo", "sapo.candidates=0", "sapo.prompts=[Add them all.]")
+    first = M.run(make_cfg(model_dir, out, *args))
+    assert first["p_tilde"] == "Add them all."
+    preds = (out / "predictions.jsonl").read_text()
+    (out / "metrics.json").unlink()
+    (out / "predictions.jsonl").unlink()
+
+    def no_training(*a, **k):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(M.recipe, "train", no_training)
+    second = M.run(make_cfg(model_dir, out, *args, "resume_from_checkpoint=auto"))
+    assert (out / "predictions.jsonl").read_text() == preds and second["p_tilde"] == "Add them all."
+    assert second["accuracy"] == first["accuracy"]
+    with pytest.raises(AssertionError, match="trained again"):  # another p~ asked for: SAPO started elsewhere
+        M.run(make_cfg(model_dir, out, *args, "resume_from_checkpoint=auto", "task.prompt=Sum the list."))
+
+
 # ----------------------------------------------------------------------------- 5: NaN
 
 

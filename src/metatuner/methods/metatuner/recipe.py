@@ -168,17 +168,38 @@ def train(cfg: Config, task: Task) -> tuple[MetaTunerSystem, dict]:
     return system, stats
 
 
-def finished_final(cfg: Config) -> dict | None:
+def finished_final(cfg: Config, task: Task | None = None) -> dict | None:
     """The training stats of a complete final/ written with these settings, when resume_from_checkpoint is
     true or auto (what `compare` passes): training finished and the run stopped later, during its test
     evaluation, so it is evaluated again from final/ instead of trained again. None: train."""
     final = Path(cfg.output_dir) / "final"
     if resume_mode(cfg.resume_from_checkpoint) == "false" or not (final / "train_stats.json").is_file():
         return None
-    if not same_settings(read_config_dict(final / "config.yaml"), cfg):
+    saved = read_config_dict(final / "config.yaml")
+    picked = sapo_pick(cfg, saved, task.prompt if task is not None else cfg.task.prompt)
+    if picked is not None:  # final/ records SAPO's p~; the run was asked for cfg's p~, which SAPO started from
+        saved = {**saved, "task": {**saved["task"], "prompt": cfg.task.prompt}}
+    if not same_settings(saved, cfg):
         print(f"resume_from_checkpoint: {final} was written with other settings; training afresh", flush=True)
         return None
+    if picked is not None:
+        cfg.task.prompt = picked  # the same settings pick the same p~: evaluate with it, as the run did
     return json.loads((final / "train_stats.json").read_text())
+
+
+def sapo_pick(cfg: Config, saved: dict | None, start: str) -> str | None:
+    """With prompt_selection=sapo: the p~ SAPO chose (output_dir/sapo.json) when it started from `start`
+    (the task's p~ as this run resolves it: SAPO's first candidate) and final/ was written with it; else None."""
+    path = Path(cfg.output_dir) / "sapo.json"
+    if cfg.prompt_selection != "sapo" or not saved or not path.is_file():
+        return None
+    try:
+        sel = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    cands = sel.get("candidates") or [None]
+    ok = cands[0] == start and (saved.get("task") or {}).get("prompt") == sel.get("prompt")
+    return sel["prompt"] if ok else None
 
 
 def run(cfg: Config) -> dict:
@@ -189,10 +210,11 @@ def run(cfg: Config) -> dict:
     from .inference import load_system
 
     task = start_run(cfg)
-    stats = finished_final(cfg)
+    stats = finished_final(cfg, task)
     if stats is not None:
         print(f"{cfg.output_dir}/final is complete, with these settings: evaluating it without training", flush=True)
         system = load_system(cfg.output_dir)
+        task.prompt = cfg.task.prompt  # SAPO's pick, when it chose p~ (finished_final)
         system.task = task  # with its splits (load_system rebuilds the task's rules only)
     else:
         system, stats = train(cfg, task)
