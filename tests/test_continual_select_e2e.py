@@ -61,7 +61,9 @@ def test_inference_select_end_to_end(tiny_model_path, tmp_path, capsys):
     assert len(prompts) >= 3 and "Add." in prompts and "Sum them." in prompts
     arms = rep["arms"]
     assert arms[0]["label"] == "P0 greedy" and sum(a["strategy"] == "greedy" for a in arms) == len(prompts)
-    assert len(arms) == len(prompts) * (1 + 2 * (3 + 2 + 1))
+    # per prompt: greedy + per temperature majority@1,2,4, best_of_n@2,4, weighted_majority@2,4, early_majority@4
+    assert len(arms) == len(prompts) * (1 + 2 * (3 + 2 + 2 + 1))
+    assert {a["strategy"] for a in arms} == {"greedy", "majority", "best_of_n", "weighted_majority", "early_majority"}
     for a in arms:
         lo, hi = a["interval"]
         assert a["queries"] == 4 and 0 <= lo <= a["accuracy"] <= hi <= 1
