@@ -9,7 +9,8 @@ Takes `task.*` and `model.*` settings as `metatuner train` does (`model.adapter=
 Per temperature: greedy decoding, majority@N, best-of-N (mean token log-probability), confidence-weighted
 majority@N (metatuner.voting.weighted_vote) and pass@N (any sample right: the ceiling of any selection
 rule), each with its paired difference to greedy on the same queries (bootstrap interval, exact McNemar p).
-N here is all N samples drawn (one subset), as the full run's largest N. Prints a markdown table.
+N here is all N samples drawn (one subset), as the full run's largest N. Prints a markdown table; returns
+{"greedy": per-query 0/1, "by_temperature": {T: {"samples": ..., "rows": {name: per-query accuracy}}}}.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ import sys
 import time
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> dict:
+    import torch
+
+    with torch.no_grad():  # not torch.set_grad_enabled(False): a caller's grad mode stays as it was
+        return measure(argv)
+
+
+def measure(argv: list[str]) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--examples", type=int, default=100, help="first K train examples")
     ap.add_argument("--n", type=int, default=8, help="samples per query")
@@ -27,8 +35,6 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--prompt", default="", help="instruction (default: the task's p~)")
     ap.add_argument("--batch-size", type=int, default=16)
     args, rest = ap.parse_known_args(argv)
-    import torch
-
     from metatuner.config import load_config
     from metatuner.evaluate import evaluate
     from metatuner.inference import draw_samples, per_query_accuracy
@@ -45,12 +51,12 @@ def main(argv: list[str]) -> None:
     exs = task.train[: args.examples]
     prompt = args.prompt or task.prompt
     model, tok = load_from_config(cfg.model)
-    torch.set_grad_enabled(False)
     t0 = time.time()
     recs, _ = evaluate(model, tok, task, exs, prompt, batch_size=args.batch_size, progress=False, diagnose=False)
     greedy = [float(r["correct"]) for r in recs]
     print(f"{cfg.task.name}: {len(exs)} train queries, prompt {prompt!r}; greedy {100 * sum(greedy) / len(greedy):.1f}% "
           f"({time.time() - t0:.0f} s)", flush=True)
+    out = {"greedy": greedy, "by_temperature": {}}
     print("| T | strategy | accuracy % | vs greedy: pts (95% CI) | McNemar p |")
     print("|---|---|---|---|---|")
     for t in [float(x) for x in args.temperatures.split(",")]:
@@ -59,6 +65,7 @@ def main(argv: list[str]) -> None:
         rows = {s: per_query_accuracy(smp, args.n, s) for s in ("majority", "best_of_n", "weighted_majority")}
         rows["pass"] = [float(any(s["correct"])) for s in smp]
         rows["single sample"] = [sum(s["correct"]) / len(s["correct"]) for s in smp]
+        out["by_temperature"][t] = {"samples": smp, "rows": rows}
         for name, acc in rows.items():
             label = name if name in ("pass", "single sample") else f"{name}@{args.n}"
             c = paired_comparison({0: dict(enumerate(acc))}, {0: dict(enumerate(greedy))})
@@ -67,6 +74,7 @@ def main(argv: list[str]) -> None:
             print(f"| {t:g} | {label} | {100 * sum(acc) / len(acc):.1f} | {100 * c['diff']:+.1f} "
                   f"({100 * c['ci95'][0]:+.1f} to {100 * c['ci95'][1]:+.1f}) | {p} |", flush=True)
     print(f"({time.time() - t0:.0f} s)")
+    return out
 
 
 if __name__ == "__main__":

@@ -286,6 +286,7 @@ def test_weighted_vote():
     assert weighted_vote(["a", "b"], [math.nan, -50.0]) == 1  # a non-finite score weighs 0
     assert weighted_vote([None, ""], [0.0, 0.0]) is None
     assert weighted_vote(["x", None, "x"], [-1.0, 0.0, -1.0]) == 0  # unparsable answers do not vote
+    assert weighted_vote(["a", "b", "b"], [1000.0, 999.5, 999.5]) == 1  # a verifier's large scores: no overflow
 
 
 class FakeGen:

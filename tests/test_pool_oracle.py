@@ -128,3 +128,34 @@ def test_pool_run_summary_without_test_predictions(tmp_path):
     text = summary(run)
     assert "| 0 | 25.0 | 100.0 | 50.0 | [3, 1] |" in text
     assert "no predictions.jsonl" in text and "| test prompt |" not in text
+
+
+def test_sampling_headroom_on_a_tiny_model(tiny_model_path, monkeypatch, capsys):
+    """scripts/sampling_headroom.py: greedy and every sampled strategy on the train split; each strategy's
+    pick is one of the samples (so never above pass@N), and its rows replay the drawn samples."""
+    from metatuner.evaluate import majority_vote
+    from metatuner.voting import best_of_n, weighted_vote
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    hr = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "sampling_headroom.py"))
+    res = hr["main"]([f"model.name={tiny_model_path}", "task.max_new_tokens=4", "--examples", "3", "--n", "3",
+                      "--temperatures", "1.0", "--batch-size", "2"])
+    assert len(res["greedy"]) == 3 and set(res["greedy"]) <= {0.0, 1.0}
+    got = res["by_temperature"][1.0]
+    for q, s in enumerate(got["samples"]):
+        assert len(s["answers"]) == len(s["correct"]) == len(s["scores"]) == 3
+        rows = {k: v[q] for k, v in got["rows"].items()}
+        assert rows["pass"] == float(any(s["correct"])) and rows["single sample"] == sum(s["correct"]) / 3
+        m = majority_vote(s["answers"])
+        assert rows["majority"] == float(m is not None and s["correct"][s["answers"].index(m)])
+        assert rows["best_of_n"] == float(s["correct"][best_of_n(s["answers"], s["scores"], s["answers"])])
+        w = weighted_vote(s["answers"], s["scores"])
+        assert rows["weighted_majority"] == float(w is not None and s["correct"][w])
+        assert all(rows[k] <= rows["pass"] for k in ("majority", "best_of_n", "weighted_majority"))
+    printed = capsys.readouterr().out
+    assert "| 1 | majority@3 |" in printed and "| 1 | pass |" in printed
+    import torch
+
+    assert torch.is_grad_enabled()  # the script leaves the caller's grad mode alone
+    with pytest.raises(SystemExit, match="unknown arguments"):
+        hr["main"](["train.max_steps=3"])

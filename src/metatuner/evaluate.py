@@ -69,7 +69,8 @@ def evaluate(
     per round for the rows of the batch whose vote is not settled (metatuner.voting.vote_settled: the Beta
     rule at stop_threshold, or the confidence gate stop_score on the samples' verifier score or mean token
     log-probability), never more than n per query. Sampled records keep their samples' `scores` when
-    computed (best_of_n: the verifier's or the mean log-probabilities; early_majority with a gate)."""
+    computed (best_of_n and weighted_majority: the verifier's or the mean log-probabilities; early_majority
+    with a gate)."""
     if strategy not in STRATEGIES:
         raise MetatunerError(f"inference.strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if batch_size < 1:

@@ -28,8 +28,8 @@ from metatuner.voting import best_of_n, weighted_vote
 def subset_outcome(answers: list, correct: list[bool], scores: list[float] | None, idx: tuple[int, ...], strategy: str) -> bool:
     """Is the strategy's pick from the samples `idx` correct? majority: most frequent answer (ties to
     the earliest sample); best_of_n: highest score among the samples whose answer parses (all when none
-    does; ties to the earliest); weighted_majority: the answer
-    with the largest sum of exp(score) (metatuner.voting.weighted_vote)."""
+    does; ties to the earliest); weighted_majority: the answer with the largest sum of exp(score)
+    (metatuner.voting.weighted_vote)."""
     if strategy == "majority":
         sub = [answers[i] for i in idx]
         pick = majority_vote(sub)
@@ -38,7 +38,8 @@ def subset_outcome(answers: list, correct: list[bool], scores: list[float] | Non
         j = idx[sub.index(pick)]
         return bool(correct[j])
     if strategy == "best_of_n":
-        j = idx[best_of_n([answers[i] for i in idx], [scores[i] for i in idx], [answers[i] for i in idx])]
+        sub = [answers[i] for i in idx]
+        j = idx[best_of_n(sub, [scores[i] for i in idx], sub)]
         return bool(correct[j])
     if strategy == "weighted_majority":
         k = weighted_vote([answers[i] for i in idx], [scores[i] for i in idx])

@@ -70,8 +70,8 @@ class EvalConfig:
 class InferenceConfig:
     strategy: str = _f("greedy", "greedy, best_of_n, majority, weighted_majority (the answer whose samples' exp(score) sum highest: confidence-weighted self-consistency, scored as best_of_n), or early_majority (majority vote that stops sampling a query once its vote is settled; inference.n is the cap).")
     n: int = _f(1, "Samples per query for best_of_n / majority / weighted_majority; the most samples per query for early_majority.")
-    temperature: float = _f(0.7, "Sampling temperature (best_of_n / majority / early_majority).")
-    top_p: float = _f(1.0, "Nucleus sampling top-p (best_of_n / majority / early_majority).")
+    temperature: float = _f(0.7, "Sampling temperature (every strategy but greedy).")
+    top_p: float = _f(1.0, "Nucleus sampling top-p (every strategy but greedy).")
     stop_threshold: float = _f(0.95, "early_majority: stop sampling a query once P(leading answer beats the runner-up) >= this, under Adaptive-Consistency's Beta(c1+1, c2+1) criterion (c1, c2: counts of the top two parsable answers; unparsable ones are ignored). A unanimous vote settles after 4 samples at 0.95, after 3 at 0.93, after 2 at 0.85.")
     stop_min: int = _f(2, "early_majority: samples drawn for every query before the stopping rule may stop it (the first round).")
     stop_chunk: int = _f(1, "early_majority: samples added per round to each query whose vote is not settled yet.")

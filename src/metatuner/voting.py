@@ -57,14 +57,17 @@ def weighted_vote(answers: list[str | None], scores: list[float]) -> int | None:
     sum of exp(score) over the samples that hold it (score: the mean token log-probability, so a weight is
     the sample's geometric-mean token probability; or a verifier's score), and the answer with the largest
     sum wins. Returns the index of its first sample (ties: the answer seen first), None when nothing parses.
-    Non-finite scores weigh 0."""
+    Non-finite scores weigh 0. The weights are exp(score - the largest finite score): the same winner,
+    and a verifier's large scores do not overflow."""
+    finite = [x if isinstance(x, (int, float)) and math.isfinite(x) else None
+              for x in (list(scores[: len(answers)]) + [None] * (len(answers) - len(scores)))]
+    top = max((x for x in finite if x is not None), default=0.0)
     weight: dict[str, float] = {}
     first: dict[str, int] = {}
     for i, a in enumerate(answers):
         if a is None or a == "":
             continue
-        x = scores[i] if i < len(scores) else None
-        w = math.exp(x) if isinstance(x, (int, float)) and math.isfinite(x) else 0.0
+        w = math.exp(finite[i] - top) if finite[i] is not None else 0.0
         weight[a] = weight.get(a, 0.0) + w
         first.setdefault(a, i)
     if not weight:
