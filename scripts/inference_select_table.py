@@ -4,7 +4,8 @@
 
 Each argument is a compare output_dir (its inference_select/seed_*/ folders are read) or a run folder
 holding select.json. Table 1: the chosen arm against greedy decoding on the test split (paired bootstrap
-interval and exact McNemar p-value, from select.json `vs_greedy`). Table 2: early-stopping majority against
+interval and exact McNemar p-value, from select.json `vs_greedy`; Holm's adjustment over the runs given,
+the family of comparisons this table makes). Table 2: early-stopping majority against
 fixed majority at the cap, on the same test samples (rule: threshold, minimum samples, confidence gate).
 Table 3: the budget comparison (validation decides). Table 4: the stopping rule fitted per (prompt,
 temperature) on validation, with its accuracy and samples there. Table 5 (runs with early_stop_groups.json:
@@ -17,6 +18,8 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+from metatuner.stats import holm
 
 
 def runs(arg: str) -> list[Path]:
@@ -44,14 +47,16 @@ def main(args: list[str]) -> None:
             sel = json.loads((d / "select.json").read_text())
             task = json.loads((d / "metrics.json").read_text()).get("task", "?")
             rows.append((task, d, sel))
-    print("| task | run | chosen arm (validation acc %) | test acc % | greedy same prompt % | diff (95% CI) | McNemar p |")
-    print("|---|---|---|---|---|---|---|")
-    for task, d, s in rows:
+    print("| task | run | chosen arm (validation acc %) | test acc % | greedy same prompt % | diff (95% CI) | McNemar p | "
+          f"Holm p ({len(rows)} runs) |")
+    print("|---|---|---|---|---|---|---|---|")
+    adjusted = holm([s["vs_greedy"]["vs_same_prompt"]["p_value"] for _, _, s in rows])
+    for (task, d, s), p_holm in zip(rows, adjusted):
         c, v = s["chosen"], s["vs_greedy"]
         same = v["vs_same_prompt"]
         print(f"| {task} | {d} | {c['label']} ({pct(c['accuracy'])}) | {pct(v['chosen_accuracy'])} | "
               f"{pct(v['greedy_same_prompt_accuracy'])} | {100 * same['diff']:+.1f} ({100 * same['ci95'][0]:+.1f} to "
-              f"{100 * same['ci95'][1]:+.1f}) | {same['p_value']:.3g} |")
+              f"{100 * same['ci95'][1]:+.1f}) | {same['p_value']:.3g} | {p_holm:.3g} |")
     print()
     print("| task | prompt | T | rule (threshold, min, gate; fitted on validation?) | fixed majority@cap % | early stop % | "
           "gap (pts) | early mean samples | share of fixed's samples |")

@@ -150,7 +150,7 @@ def test_inference_select_halving_and_greedy_only(tiny_model_path, tmp_path):
     assert main(bad) == 2
 
 
-def test_inference_select_early_test_groups_and_script(tiny_model_path, tmp_path):
+def test_inference_select_early_test_groups_and_script(tiny_model_path, tmp_path, capsys):
     """select.early_test=cheapest compares early stopping on test at the chosen group and at the group
     whose rule is cheapest on validation; scripts/early_stop_test.py adds every other group to the
     finished run, reusing the samples on disk."""
@@ -221,6 +221,16 @@ def test_inference_select_early_test_groups_and_script(tiny_model_path, tmp_path
     (other / "predictions.jsonl").write_text("\n".join([json.dumps({**json.loads(preds[0]), "query": "x"})] + preds[1:]))
     with pytest.raises(MetatunerError, match="test queries differ"):
         add(other, "all")
+    # scripts/inference_select_table.py: one row per run, Holm's adjustment over the runs given
+    table = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "inference_select_table.py"))["main"]
+    capsys.readouterr()
+    table([str(out), str(out)])
+    first_table = capsys.readouterr().out.split("\n\n")[0].splitlines()
+    assert "Holm p (2 runs)" in first_table[0] and len(first_table) == 4
+    p = rep["vs_greedy"]["vs_same_prompt"]["p_value"]
+    for line in first_table[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[-2] == f"{p:.3g}" and cells[-1] == f"{min(1.0, 2 * p):.3g}"
 
 
 def test_compare_early_groups_draws_only_what_is_missing():
