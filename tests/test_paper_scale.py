@@ -14,7 +14,7 @@ SCRIPT = Path(__file__).parents[1] / "benchmarks" / "paper_scale.py"
 def test_paper_scale_tiny_runs_and_reports_consistent_numbers(capsys):
     run = runpy.run_path(str(SCRIPT))["run"]
     res = run(["--shapes", "tiny", "--device", "cpu", "--batch", "2", "--query-tokens", "16", "--target-tokens", "8",
-               "--gen-batch", "3", "--gen-tokens", "4", "--reps", "1", "--peak-tflops", "1.0"])
+               "--gen-batch", "3", "--gen-tokens", "4", "--reps", "1", "--peak-tflops", "1.0", "--no-vllm"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last) == res  # the last line printed is the JSON object
     assert res["shapes"] == "tiny" and res["device"] == "cpu" and res["batch"] == 2
@@ -26,7 +26,8 @@ def test_paper_scale_tiny_runs_and_reports_consistent_numbers(capsys):
     assert res["actor_tflops_per_s"] == pytest.approx(res["actor_model_flops"] / (res["actor_fwd_bwd_ms"] / 1000) / 1e12,
                                                       rel=0.02, abs=1e-4)
     assert res["actor_mfu"] == pytest.approx(res["actor_tflops_per_s"], abs=1e-4)
-    assert res["actor_tokens"] <= 2 * res["actor_seq_len"] and res["vllm_tokens_per_s"] is None
+    assert res["actor_tokens"] <= 2 * res["actor_seq_len"]
+    assert res["vllm_tokens_per_s"] is None and res["vllm_speedup"] is None and res["vllm_note"] == "not measured: --no-vllm"
     assert res["generator_trainable_params_m"] > 0 and res["split_k"] == 2
     # the same pass without the LoRA hooks: same FLOPs, its own time
     assert res["actor_base_fwd_bwd_ms"] > 0
@@ -65,3 +66,11 @@ def test_paper_scale_flops_and_shapes():
     assert {"generator.share_ratio=0.25", "generator.lora_targets=[]", "generator.lora_rank=64", "lora.rank=16"} <= set(over)
     with pytest.raises(SystemExit, match="expected paper, small or tiny"):
         ns["shapes"]("huge")
+
+
+def test_paper_scale_says_why_vllm_was_not_measured(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as on a machine without the extra
+    tps, note = runpy.run_path(str(SCRIPT))["vllm_throughput"](None, None, [], None, False, None)
+    assert tps is None and "vLLM is not installed" in note and "pip install -e '.[vllm]'" in note

@@ -29,6 +29,7 @@ from metatuner.schema import (  # noqa: F401 - re-exported: `from metatuner.conf
     TaskConfig,
     EvalConfig,
     InferenceConfig,
+    GenerationConfig,
     SelectConfig,
     SapoConfig,
     ContinualConfig,
@@ -316,19 +317,22 @@ def _fill_short_before(data: dict) -> bool:
 
 SAVED_BEFORE = {("task", "split_order"): ("generation", None),
                 ("task", "fill_short"): (_fill_short_before, None),
-                ("select", "stop_gate"): (False, ("inference_select",))}
+                ("select", "stop_gate"): (False, ("inference_select",)),
+                # runs saved before the generation section generated through transformers, with these defaults
+                **{("generation", k): (v, None) for k, v in dataclasses.asdict(GenerationConfig()).items()}}
 
 
 def _saved_before(data: dict) -> list[tuple[str, str, object]]:
     """(section, key, value) of the SAVED_BEFORE keys a saved config dict lacks and its method read."""
     return [(s, k, v(data) if callable(v) else v) for (s, k), (v, methods) in SAVED_BEFORE.items()
-            if isinstance(data.get(s), dict) and k not in data[s] and (methods is None or data.get("method") in methods)]
+            if isinstance(data.get(s, {}), dict) and k not in data.get(s, {})
+            and (methods is None or data.get("method") in methods)]
 
 
 def saved_settings(data: dict) -> dict:
     """A saved config.yaml's dict, with the keys of SAVED_BEFORE it lacks set to what that run did."""
     for section, key, value in _saved_before(data):
-        data[section][key] = value
+        data.setdefault(section, {})[key] = value
     return data
 
 

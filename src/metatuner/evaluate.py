@@ -54,6 +54,7 @@ def evaluate(
     max_new_tokens: int | None = None,
     diagnose: bool = True,
     stop_threshold: float = 0.95, stop_min: int = 2, stop_chunk: int = 1, stop_score: float | None = None,
+    engine=None,
 ) -> tuple[list[dict], dict]:
     """Generate, extract, score. Writes predictions.jsonl and metrics.json when output_dir is set (on the
     main process only). Records come back in the order of `examples`, each with its `index` there.
@@ -70,7 +71,12 @@ def evaluate(
     rule at stop_threshold, or the confidence gate stop_score on the samples' verifier score or mean token
     log-probability), never more than n per query. Sampled records keep their samples' `scores` when
     computed (best_of_n and weighted_majority: the verifier's or the mean log-probabilities; early_majority
-    with a gate)."""
+    with a gate).
+    `engine` (metatuner.vllm_backend.VllmActor, generation.backend=vllm): it generates instead of `model`,
+    every example of this process in one request (vLLM batches them itself); not with batch_context."""
+    if engine is not None and batch_context is not None:
+        raise MetatunerError("generation.backend=vllm: an actor whose weights change per query (batch_context) "
+                             "generates through hf")
     if strategy not in STRATEGIES:
         raise MetatunerError(f"inference.strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if batch_size < 1:
@@ -97,13 +103,19 @@ def evaluate(
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(mine), desc=desc, unit="ex", disable=not progress, leave=False)
-    for start in range(0, len(mine), batch_size):
-        idx = mine[start : start + batch_size]
+    step = max(1, len(mine)) if engine is not None else batch_size
+    for start in range(0, len(mine), step):
+        idx = mine[start : start + step]
         batch = [texts[i] for i in idx]
         if strategy == "early_majority":  # rounds of samples, each round in its own batch_context
             gens, ntoks, logps = _sample_until_settled(model, tokenizer, task, examples, idx, texts, max_new,
                                                        temperature, top_p, k, (stop_threshold, stop_min, stop_chunk),
-                                                       batch_context, answer_end, stop_score, verifier)
+                                                       batch_context, answer_end, stop_score, verifier, engine)
+        elif engine is not None:
+            gens, ntoks, logps = engine.generate(batch, max_new, do_sample=sample, temperature=temperature, top_p=top_p,
+                                                 num_return_sequences=k,
+                                                 return_logprobs=(strategy in SCORED and verifier is None),
+                                                 answer_end=answer_end, keys=idx)
         else:
             with batch_context(idx) if batch_context else contextlib.nullcontext():
                 if not sample and (fast_greedy or answer_end):
@@ -180,13 +192,14 @@ SCORED = ("best_of_n", "weighted_majority")  # strategies that read a score per 
 
 
 def _sample_until_settled(model, tokenizer, task, examples, idx, texts, max_new, temperature, top_p, cap, rule,
-                          batch_context, answer_end, stop_score=None, verifier=None):
+                          batch_context, answer_end, stop_score=None, verifier=None, engine=None):
     """early_majority for one batch (rows `idx`): draw stop_min samples per row (one with a stop_score
     gate, which may settle a single sample), then stop_chunk more per round for the rows whose vote
     (metatuner.voting.vote_settled) is not settled, at most `cap` per row. Each round's generation runs
     inside batch_context(rows still sampling), so a per-query LoRA follows its rows (generate repeats it
     across the round's samples). Returns every row's samples in order, their token counts, and with a
-    gate their scores (verifier, else mean token log-probability; None without a gate)."""
+    gate their scores (verifier, else mean token log-probability; None without a gate). With a vLLM `engine`
+    each round is one request, every row's samples seeded by (row, samples drawn so far)."""
     threshold, min_samples, chunk = rule
     first = 1 if stop_score is not None else min_samples
     gens: list[list[str]] = [[] for _ in idx]
@@ -194,17 +207,24 @@ def _sample_until_settled(model, tokenizer, task, examples, idx, texts, max_new,
     answers: list[list] = [[] for _ in idx]
     scores: list[list[float]] = [[] for _ in idx]
     active = list(range(len(idx)))
-    with batch_context(idx) if batch_context else contextlib.nullcontext():
-        prompts = PromptCache(model, tokenizer, [texts[i] for i in idx])  # run once, copied to every round
+    if engine is None:
+        with batch_context(idx) if batch_context else contextlib.nullcontext():
+            prompts = PromptCache(model, tokenizer, [texts[i] for i in idx])  # run once, copied to every round
     while active:
         done = len(gens[active[0]])  # every active row has drawn the same number so far
         k = min(cap - done, first - done if done < first else chunk)
         rows = [idx[a] for a in active]
-        with batch_context(rows) if batch_context else contextlib.nullcontext():
-            g, nt, lp = generate_texts(model, tokenizer, [texts[i] for i in rows], max_new, do_sample=True,
-                                       temperature=temperature, top_p=top_p, num_return_sequences=k,
-                                       return_logprobs=stop_score is not None and verifier is None,
-                                       answer_end=answer_end, prompt_cache=(prompts, active))
+        if engine is not None:
+            g, nt, lp = engine.generate([texts[i] for i in rows], max_new, do_sample=True, temperature=temperature,
+                                        top_p=top_p, num_return_sequences=k,
+                                        return_logprobs=stop_score is not None and verifier is None,
+                                        answer_end=answer_end, keys=[i * (cap + 1) + done for i in rows])
+        else:
+            with batch_context(rows) if batch_context else contextlib.nullcontext():
+                g, nt, lp = generate_texts(model, tokenizer, [texts[i] for i in rows], max_new, do_sample=True,
+                                           temperature=temperature, top_p=top_p, num_return_sequences=k,
+                                           return_logprobs=stop_score is not None and verifier is None,
+                                           answer_end=answer_end, prompt_cache=(prompts, active))
         for r, (a, gs, ns) in enumerate(zip(active, g, nt)):
             gens[a] += gs
             ntoks[a] += ns

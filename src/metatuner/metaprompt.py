@@ -48,10 +48,11 @@ def parse_instruction(text: str) -> str:
     return lines[0] if lines else ""
 
 
-def optimize(cfg: Config, actor, tok, gen, gtok, task, log_path=None, seeds: list[str] | None = None
-             ) -> tuple[str, float, list[dict], int]:
+def optimize(cfg: Config, actor, tok, gen, gtok, task, log_path=None, seeds: list[str] | None = None,
+             engine=None) -> tuple[str, float, list[dict], int]:
     """Run OPRO; returns (best instruction, its training accuracy, history rows, optimizer LLM samples).
-    `seeds`: the instructions scored first (default [p~]; with a candidate pool, the pool, p~ first)."""
+    `seeds`: the instructions scored first (default [p~]; with a candidate pool, the pool, p~ first).
+    `engine`: a vLLM engine over the actor's weights that scores the instructions (generation.backend=vllm)."""
     oc = cfg.opro
     rng = random.Random(cfg.seed)
     subset = task.train[: oc.subset]
@@ -59,7 +60,7 @@ def optimize(cfg: Config, actor, tok, gen, gtok, task, log_path=None, seeds: lis
     rows = []
     seeds = seeds or [task.prompt]
     for ins in seeds:  # the candidate pool seeds the search (same prompts as MetaTuner's pool modes)
-        score = accuracy_of(actor, tok, task, subset, ins, cfg.eval.batch_size)
+        score = accuracy_of(actor, tok, task, subset, ins, cfg.eval.batch_size, engine=engine)
         history.append((ins, score))
         rows.append({"step": 0, "instruction": ins, "train_accuracy": score})
     calls = 0
@@ -76,7 +77,7 @@ def optimize(cfg: Config, actor, tok, gen, gtok, task, log_path=None, seeds: lis
             if not ins or ins in seen or len(ins) > oc.max_chars or "INS" in ins:
                 continue
             seen.add(ins)
-            acc = accuracy_of(actor, tok, task, subset, ins, cfg.eval.batch_size)
+            acc = accuracy_of(actor, tok, task, subset, ins, cfg.eval.batch_size, engine=engine)
             history.append((ins, acc))
             rows.append({"step": step, "instruction": ins, "train_accuracy": acc})
         bar.set_postfix(best=f"{max(h[1] for h in history):.3f}", scored=len(rows), refresh=False)

