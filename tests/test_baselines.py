@@ -277,7 +277,7 @@ def test_opro_keeps_the_best_instruction(monkeypatch, make_task):
         ["<INS>Think step by step.</INS>", "<INS>" + "x" * 600 + "</INS>", "Best one\nmore", "<INS>Seed prompt.</INS>"],
     ])
 
-    def fake_acc(actor, tok, task_, examples, prompt, bs=16):
+    def fake_acc(actor, tok, task_, examples, prompt, bs=16, engine=None):
         scored.append(prompt)
         assert examples == task.train[:4]
         return scores[prompt]

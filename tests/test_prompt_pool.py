@@ -208,7 +208,7 @@ def test_baselines_that_choose_a_prompt_get_the_same_pool(model_dir, tmp_path, m
     from metatuner.models import load_model
 
     favourite = CANDS[1]
-    fake = lambda model, tok, task, examples, prompt, batch_size=16: 0.9 if prompt == favourite else 0.1  # noqa: E731
+    fake = lambda model, tok, task, examples, prompt, batch_size=16, engine=None: 0.9 if prompt == favourite else 0.1  # noqa: E731
     monkeypatch.setattr(metatuner.prompts, "accuracy_of", fake)
     cfg = make_cfg(model_dir, tmp_path / "zs", "method=zero_shot", "prompts.val_examples=2")
     metrics = zero_shot.run(cfg)

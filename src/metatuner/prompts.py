@@ -31,11 +31,14 @@ def accuracy_of(model, tok, task: Task, examples: list[Example], prompt: str, ba
 @torch.no_grad()
 def prompt_outcomes(model, tok, task: Task, examples: list[Example], candidates: list[list[str]], criterion: str = "answer",
                     batch_size: int = 16, max_length: int = 512, bf16: bool = True,
-                    factors_ctx=None, desc: str | None = None) -> list[list[tuple[str, bool, float]]]:
+                    factors_ctx=None, desc: str | None = None, engine=None) -> list[list[tuple[str, bool, float]]]:
     """Per query, (prompt, correct, nll) for each of its distinct candidates in order: whether the actor's
     greedy answer with that prompt is right (always False with criterion=nll) and the NLL of the reference.
     `factors_ctx(examples)` may return a context that changes the actor per row; `desc` labels a
-    progress bar over the (query, candidate) rows (main process only)."""
+    progress bar over the (query, candidate) rows (main process only). `engine` (generation.backend=vllm,
+    an actor with fixed weights): vLLM gives the greedy answers; the NLL stays a forward pass of `model`."""
+    if engine is not None and factors_ctx is not None:
+        raise ValueError("prompt_outcomes: a vLLM engine generates for fixed weights, not per-row factors")
     if criterion not in ("answer", "nll"):
         from metatuner.errors import MetatunerError
 
@@ -59,8 +62,12 @@ def prompt_outcomes(model, tok, task: Task, examples: list[Example], candidates:
             if criterion == "answer":
                 texts = [chat_text(tok, task.render(p, ex.query)) for p, ex in zip(ps, exs)]
                 per_row = factors_ctx is not None  # weights may differ per row: keep the batch whole
-                gens, _ = greedy_texts(model, tok, texts, task.max_new_tokens, answer_end=getattr(task, "answer_end", ""),
-                                       share_prefix=not per_row, drop_finished=not per_row)
+                if engine is not None:
+                    gens = engine.generate(texts, task.max_new_tokens, answer_end=getattr(task, "answer_end", ""))[0]
+                else:
+                    gens, _ = greedy_texts(model, tok, texts, task.max_new_tokens,
+                                           answer_end=getattr(task, "answer_end", ""),
+                                           share_prefix=not per_row, drop_finished=not per_row)
                 correct += [bool(task.score(task.extract_for(g[0], ex), ex)["correct"]) for g, ex in zip(gens, exs)]
             else:
                 correct += [False] * len(exs)
@@ -83,12 +90,12 @@ def best_outcome(outcomes: list[tuple[str, bool, float]], decisive: bool = False
 
 def rank_prompts(model, tok, task: Task, examples: list[Example], candidates: list[list[str]], criterion: str = "answer",
                  batch_size: int = 16, max_length: int = 512, bf16: bool = True,
-                 factors_ctx=None, desc: str | None = None, decisive: bool = False) -> list[tuple]:
+                 factors_ctx=None, desc: str | None = None, decisive: bool = False, engine=None) -> list[tuple]:
     """Best candidate per query: (prompt, correct, nll), ranked by (correct first, then lower NLL of the
     reference); see `prompt_outcomes`. With `decisive`, each tuple gains a fourth field: whether the
     query's candidates disagree on correctness (some right, some wrong)."""
     outs = prompt_outcomes(model, tok, task, examples, candidates, criterion, batch_size, max_length, bf16,
-                           factors_ctx, desc)
+                           factors_ctx, desc, engine=engine)
     return [best_outcome(o, decisive) for o in outs]
 
 

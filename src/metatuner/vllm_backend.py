@@ -28,6 +28,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+
 from metatuner.errors import MetatunerError
 
 INSTALL = ("generation.backend=vllm needs vLLM, which is not installed: pip install -e '.[vllm]' on a GPU machine "
@@ -77,11 +79,15 @@ class VllmActor:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(gen_cfg.kv_cache_gb))))
             # the engine core in this process: no spawned process re-running the caller's script
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        threads = torch.get_num_threads()  # vLLM lowers this process's torch threads for serving
         try:
             self.llm = vllm.LLM(**kwargs)
         except (OSError, ValueError, RuntimeError) as e:
             raise MetatunerError(f"generation.backend=vllm: cannot start vLLM on {weights_dir} "
                                  f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        finally:
+            if device != "cuda":
+                torch.set_num_threads(threads)  # hf training and generation in this process keep their threads
         self._vllm = vllm
 
     def generate(self, texts: list[str], max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,

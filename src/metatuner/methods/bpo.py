@@ -25,6 +25,7 @@ from metatuner.rewrite import clean_prompt, rewrite_messages
 from metatuner.sampling import sample_texts
 from metatuner.train_log import open_train_log
 from metatuner.training import use_bf16
+from metatuner.vllm_backend import actor_engine
 
 
 def rewrite(gen, gtok, p_tilde: str, examples, cfg: Config, n: int = 1, greedy: bool = True,
@@ -52,7 +53,8 @@ def run(cfg: Config) -> dict:
     with torch.no_grad():
         cands = rewrite(gen, gtok, task.prompt, queries, cfg, n=cfg.rollout.n, greedy=False, desc="bpo rollouts")
         best = rank_prompts(actor, tok, task, queries, [[task.prompt] + c for c in cands], cfg.rollout.criterion,
-                            cfg.rollout.batch_size, cfg.train.max_length, use_bf16(cfg.train, actor.device), desc="bpo ranking")
+                            cfg.rollout.batch_size, cfg.train.max_length, use_bf16(cfg.train, actor.device), desc="bpo ranking",
+                            engine=actor_engine(cfg, actor, tok))  # vLLM answers with generation.backend=vllm
     pairs = [{"prompt": rewrite_messages(task.prompt, ex.query), "completion": [{"role": "assistant", "content": b[0]}]}
              for ex, b in zip(queries, best)]
     if is_main_process():
