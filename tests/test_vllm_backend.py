@@ -177,3 +177,31 @@ def test_real_vllm_greedy_equals_hf_on_a_tiny_model(tmp_path):
     engine = vb.engine_for(model, tok, Config().generation, weights_dir=str(path))
     got, got_n, _ = engine.generate(texts, 16, answer_end=r"\d")
     assert got == want and got_n == want_n
+
+
+def test_engine_reads_the_models_own_directory_only_when_its_weights_are_unchanged(monkeypatch, tiny_model_path):
+    seen = []
+    monkeypatch.setattr(vb, "engine_for", lambda model, tok, gcfg, seed=0, weights_dir=None: seen.append(weights_dir))
+    monkeypatch.setattr(vb, "require_vllm", lambda: None)
+    base = ["generation.backend=vllm", f"model.name={tiny_model_path}"]
+    for method in ("zero_shot", "opro", "bpo", "inference_select", "sft", "dpo", "bettertogether", "continual"):
+        vb.actor_engine(load_config(None, base + [f"method={method}"]), None, None)
+    vb.actor_engine(load_config(None, base + ["method=zero_shot", f"model.adapter={tiny_model_path}"]), None, None)
+    assert seen == [str(tiny_model_path)] * 4 + [None] * 5  # None: a copy of the current weights is written
+
+
+def test_write_weights_merges_a_lora_adapter_into_a_copy(tiny_model_path):
+    from peft import LoraConfig, get_peft_model
+
+    from metatuner.models import load_model
+
+    model, tok = load_model(str(tiny_model_path), dtype="float32", device="cpu")
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+    out = vb.write_weights(peft_model, tok)
+    merged, _ = load_model(str(out), dtype="float32", device="cpu")
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, want, atol=1e-5)
+    assert hasattr(peft_model, "peft_config") and any("lora_A" in n for n, _ in peft_model.named_parameters())
