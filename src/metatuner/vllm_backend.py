@@ -71,8 +71,9 @@ class VllmActor:
         vllm = require_vllm()
         self.tokenizer, self.seed, self.stop = tokenizer, seed, list(stop or [])
         kwargs = dict(model=str(weights_dir), tokenizer=str(weights_dir), dtype=dtype, seed=seed,
-                      max_model_len=gen_cfg.max_model_len, enforce_eager=gen_cfg.enforce_eager,
-                      trust_remote_code=False, logprobs_mode="processed_logprobs")
+                      enforce_eager=gen_cfg.enforce_eager, trust_remote_code=False, logprobs_mode="processed_logprobs")
+        if gen_cfg.max_model_len:
+            kwargs["max_model_len"] = gen_cfg.max_model_len
         if device == "cuda":
             kwargs["gpu_memory_utilization"] = gen_cfg.gpu_memory_utilization
         else:  # vLLM's CPU backend sizes its KV cache from this variable (GiB)
