@@ -4,13 +4,17 @@ differ, how many answers changed from right to wrong and back.
     .venv/bin/python scripts/compare_predictions.py runs/pool_autocast/sft/seed_0 runs/pool/sft/seed_0
 
 Each argument is a run folder (its predictions.jsonl) or a predictions.jsonl file. Rows are matched
-by query; queries in only one of them are counted and left out.
+by query; queries in only one of them are counted and left out. `--without RUN` (repeatable) also leaves
+out every query of RUN's predictions: the part of a test split that another split does not share
+(seeds whose random splits overlap).
+
+    .venv/bin/python scripts/compare_predictions.py runs/ptilde_ba/zero_shot/seed_2 runs/ptilde_ba/inference_select/seed_2 \
+        --without runs/weighted_ba_ptilde/zero_shot/seed_1
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 
@@ -21,9 +25,13 @@ def read(path: str) -> dict:
     return {r["query"]: r for r in rows}
 
 
-def main(a_path: str, b_path: str) -> None:
+def main(a_path: str, b_path: str, without: list[str] = ()) -> None:
     a, b = read(a_path), read(b_path)
+    drop = {q for path in without for q in read(path)}
     both = [q for q in a if q in b]
+    if without:
+        print(f"leaving out the {sum(q in drop for q in both)} queries also in {', '.join(without)}")
+        both = [q for q in both if q not in drop]
     acc = lambda rows: 100 * sum(bool(rows[q]["correct"]) for q in both) / max(1, len(both))  # noqa: E731
     gen = sum(a[q]["generation"] != b[q]["generation"] for q in both)
     lost = sum(bool(a[q]["correct"]) and not b[q]["correct"] for q in both)
@@ -38,6 +46,12 @@ def main(a_path: str, b_path: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: compare_predictions.py RUN_OR_FILE_A RUN_OR_FILE_B")
-    main(sys.argv[1], sys.argv[2])
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("a", help="run folder or predictions.jsonl (A)")
+    ap.add_argument("b", help="run folder or predictions.jsonl (B)")
+    ap.add_argument("--without", action="append", default=[], metavar="RUN",
+                    help="leave out the queries of this run's predictions (repeatable)")
+    args = ap.parse_args()
+    main(args.a, args.b, args.without)

@@ -245,3 +245,25 @@ def test_no_prompt_section_when_everyone_used_p_tilde(tmp_path):
     for n in ("zero_shot", "sft"):
         fake_run(tmp_path, n, 0, [1, 0, 1, 1], p_tilde="P~")
     assert "## Prompts the test queries got" not in markdown(summarize(spec_of(tmp_path, ["zero_shot", "sft"]), {}))
+
+
+def test_compare_predictions_leaves_out_the_queries_of_another_split(tmp_path, capsys):
+    import json
+    import runpy
+    from pathlib import Path
+
+    def write(name, rows):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"query": q, "correct": c, "generation": g}) + "\n" for q, c, g in rows))
+        return str(path)
+
+    a = write("a", [("q1", False, "x"), ("q2", False, "x"), ("q3", True, "y"), ("q4", False, "z")])
+    b = write("b", [("q1", True, "x1"), ("q2", True, "x2"), ("q3", True, "y"), ("q4", False, "z")])
+    other = write("other", [("q1", False, "-"), ("q9", True, "-")])
+    main = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "compare_predictions.py"))["main"]
+    main(a, b)
+    out = capsys.readouterr().out
+    assert "4 queries in both" in out and "A 25.0%  B 75.0%" in out and "right in B only: 2" in out
+    main(a, b, [other])
+    out = capsys.readouterr().out
+    assert "leaving out the 1 queries" in out and "A 33.3%  B 66.7%" in out and "right in B only: 1" in out

@@ -780,3 +780,24 @@ def test_split_stats_rows_for_full_and_empty_splits():
     exs = [Example(query="q" * 10, answer=a, target="") for a in ("5", "5", "250")]
     assert ns["split_row"]("test", exs) == "| test | 3 | 10.0 | 2 | '5' 66.7% | 66.7 |"
     assert ns["split_row"]("train", []) == "| train | 0 | - | 0 | - | - |"
+
+
+def test_generation_order_seeds_are_seed_zero_shifted_and_the_run_says_so():
+    """reasoning-gym seeds question i with seed + i: in generation order seed 1's splits are seed 0's shifted
+    by one question (the two test splits share all but one); shuffled order cuts each seed's own split."""
+    from metatuner.config import load_config
+    from metatuner.run import generation_order_shift
+    from metatuner.tasks import load_task
+
+    base = ["task.name=chain_sum", "task.train_size=20", "task.val_size=5", "task.test_size=10"]
+    tc = load_config(None, base + ["task.split_order=generation"]).task
+    a, b = load_task(tc, 0), load_task(tc, 1)
+    qa = [e.query for e in a.test + a.validation + a.train]
+    qb = [e.query for e in b.test + b.validation + b.train]
+    assert qb[:-1] == qa[1:len(qb)]
+    assert generation_order_shift(tc, 1) == 1 and generation_order_shift(tc, 0) == 0
+    shuffled = load_config(None, base).task
+    assert generation_order_shift(shuffled, 1) == 0
+    s0, s1 = ({e.query for e in load_task(shuffled, seed).test} for seed in (0, 1))
+    assert len(s0 & s1) < 9  # each seed shuffles before cutting: not the same questions shifted
+    assert generation_order_shift(load_config(None, ["task.name=gsm8k", "task.split_order=generation"]).task, 3) == 0

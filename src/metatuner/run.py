@@ -45,6 +45,11 @@ def start_run(cfg: Config, needs_train: bool | None = None) -> Task:
     out = resolve_output_dir(cfg)
     stage(f"{cfg.method} on {cfg.task.name}: loading the task")
     task = load_task(cfg.task, cfg.seed)
+    shift = generation_order_shift(cfg.task, cfg.seed)
+    if shift:
+        stage(f"task.split_order=generation: reasoning-gym makes question i of seed {shift} as question i+{shift} of "
+              f"seed 0, so these splits are seed 0's shifted by {shift} (nearly the same questions); "
+              "task.split_order=shuffled draws a split of its own per seed")
     if needs_train is None:
         needs_train = cfg.method != "zero_shot"
     if not task.train and needs_train:
@@ -71,6 +76,16 @@ def start_run(cfg: Config, needs_train: bool | None = None) -> Task:
                 (out / name).unlink(missing_ok=True)
         save_config(cfg, out / "config.yaml")
     return task
+
+
+def generation_order_shift(tc, seed: int) -> int:
+    """The split seed of a reasoning-gym task cut in generation order (0: none, or another order or task).
+    reasoning-gym seeds question i with seed + i, so such a seed's splits are seed 0's shifted by it."""
+    from metatuner.tasks.loading import BENCHMARKS, FILE_TASKS
+
+    if getattr(tc, "split_order", "shuffled") != "generation" or tc.name in BENCHMARKS or tc.name in FILE_TASKS:
+        return 0
+    return tc.split_seed if tc.split_seed is not None and tc.split_seed >= 0 else seed
 
 
 def eval_examples(cfg: Config, task: Task):
