@@ -267,3 +267,16 @@ def test_compare_predictions_leaves_out_the_queries_of_another_split(tmp_path, c
     main(a, b, [other])
     out = capsys.readouterr().out
     assert "leaving out the 1 queries" in out and "A 33.3%  B 66.7%" in out and "right in B only: 1" in out
+    run = tmp_path / "run"  # a run folder: its rebuilt test and validation splits are left out
+    run.mkdir()
+    from metatuner.config import load_config, save_config
+    from metatuner.tasks import load_task
+
+    cfg = load_config(None, ["task.name=chain_sum", "task.train_size=6", "task.val_size=2", "task.test_size=3"])
+    save_config(cfg, run / "config.yaml")
+    task = load_task(cfg.task, 0)
+    held = [e.query for e in task.test + task.validation]
+    c = write("c", [(q, False, "x") for q in held] + [("fresh", True, "y")])
+    main(c, c, [str(run)])
+    out = capsys.readouterr().out
+    assert "6 queries in both" in out and "leaving out the 5 queries" in out and "1 compared" in out and "A 100.0%" in out
