@@ -25,6 +25,15 @@ a right candidate where one exists, and its picks per candidate.
 difference with its bootstrap interval and the exact McNemar p (metatuner.stats), for runs whose own test
 evaluation did not finish.
 
+--learned N (MetaTuner runs): the same question with a supervised chooser. Every candidate also answers
+the first N training queries; a linear softmax over the pool, read from the h_i the run's own meta
+encoder gives each query (what its decoders read), is fitted on those queries' full outcomes (the listwise
+loss: -log of the probability on the candidates that answered right; queries whose candidates all agree
+carry no choice and are left out), its L2 weight chosen on validation; its argmax is scored on test and
+compared, paired, with the candidate best on validation. A chooser trained directly on every candidate's
+outcome, with more queries than the decoder's D2 ever held: if it gains nothing on test, the headroom is
+not learnable from h_i.
+
 --groups operators: is the per-query headroom learnable from the query at all? Groups the queries by the
 binary operators they contain (' + ', ' - ', ' * ', ' / '; e.g. basic_arithmetic's + - * questions), takes
 per group the candidate best on validation (ties: the candidate best on all of validation) and scores that
@@ -104,12 +113,91 @@ def group_chooser(correct: dict[str, list[list[bool]]], keys: dict[str, list[str
     return out
 
 
+def learned_chooser(feats: dict, correct: dict[str, list[list[bool]]], l2_grid=(1e-3, 1e-2, 1e-1, 1.0, 10.0),
+                    steps: int = 200, seed: int = 0) -> dict:
+    """A linear softmax chooser over the pool (pure; feats[split]: [n, d] float tensor, correct[split]: the
+    outcome matrix), fitted on the train queries whose candidates disagree with -log of the probability on
+    the right candidates + l2 x mean squared weight (features standardised on train; full-batch LBFGS), the
+    L2 weight picked by validation accuracy of the argmax (ties: the larger). Returns per split its accuracy
+    and picks, the L2 chosen, and the paired comparison on test with the candidate best on validation."""
+    import torch
+
+    from metatuner.stats import paired_comparison
+
+    tr = torch.tensor(correct["train"], dtype=torch.bool)
+    keep = tr.any(1) & ~tr.all(1)
+    x = feats["train"].float()
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    norm = {k: (v.float() - mu) / sd for k, v in feats.items()}
+    C = tr.shape[1]
+
+    def fit(l2: float) -> torch.nn.Linear:
+        torch.manual_seed(seed)
+        lin = torch.nn.Linear(x.shape[1], C)
+        torch.nn.init.zeros_(lin.weight)
+        torch.nn.init.zeros_(lin.bias)
+        opt = torch.optim.LBFGS(lin.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+        xs, right = norm["train"][keep], tr[keep]
+
+        def closure():
+            opt.zero_grad()
+            logp = torch.log_softmax(lin(xs), -1)
+            loss = -torch.logsumexp(logp.masked_fill(~right, float("-inf")), -1).mean() + l2 * lin.weight.pow(2).mean()
+            loss.backward()
+            return loss
+
+        if int(keep.sum()):
+            opt.step(closure)
+        return lin
+
+    def accuracy(lin, split):
+        with torch.no_grad():
+            pick = lin(norm[split]).argmax(-1).tolist()
+        rows = correct[split]
+        return sum(r[j] for r, j in zip(rows, pick)) / max(1, len(rows)), pick
+
+    fits = [(l2, fit(l2)) for l2 in l2_grid]
+    scored = [(accuracy(lin, "validation")[0], l2, lin) for l2, lin in fits]
+    val_acc, l2, lin = max(scored, key=lambda t: (t[0], t[1]))
+    val = correct["validation"]
+    best = max(range(C), key=lambda j: (sum(r[j] for r in val), -j))
+    out = {"l2": l2, "train_queries": len(correct["train"]), "train_decisive": int(keep.sum()),
+           "validation_by_l2": {str(g): a for a, g, _ in scored}, "best_on_validation": best}
+    for split in ("train", "validation", "test"):
+        acc, pick = accuracy(lin, split)
+        out[split] = {"accuracy": acc, "picks": [pick.count(j) for j in range(C)]}
+    _, pick = accuracy(lin, "test")
+    test = correct["test"]
+    out["test_best_single_accuracy"] = sum(r[best] for r in test) / max(1, len(test))
+    out["versus_best_single"] = paired_comparison({0: {i: int(r[j]) for i, (r, j) in enumerate(zip(test, pick))}},
+                                                  {0: {i: int(r[best]) for i, r in enumerate(test)}})
+    return out
+
+
+def query_states(system, examples, batch_size: int):
+    """h_i of each query (the run's meta encoder over (p~, x), pooled as its parameter decoder pools): [n, d]."""
+    import torch
+
+    from metatuner.hypernet import pool as pool_states
+
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(examples), batch_size):
+            enc = system.gen_encode(examples[s : s + batch_size])
+            h = system.gen.encode(enc["input_ids"], enc["attention_mask"])
+            out.append(pool_states(h, enc["attention_mask"], system.cfg.hypernet.pooling).float().cpu())
+    return torch.cat(out)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir")
     ap.add_argument("--pool", default="", help="a pool.json ({'pool': [...]}) instead of the run's sapo.json candidates")
     ap.add_argument("--groups", choices=["operators"], default=None,
                     help="also score a per-group choice fitted on validation (groups: the query's binary operators)")
+    ap.add_argument("--learned", type=int, default=0, metavar="N",
+                    help="MetaTuner runs: also answer the first N training queries with every candidate and score a "
+                         "linear chooser over the pool fitted on them (see above)")
     ap.add_argument("--versus", default="",
                     help="MetaTuner runs: another run folder on the same test queries (its predictions.jsonl); the "
                          "decoder's choice against it, paired: difference, 95%% bootstrap interval, exact McNemar p")
@@ -136,14 +224,21 @@ def main(argv: list[str] | None = None) -> dict:
     pool = data.get("pool") or data.get("candidates")
     if not pool or not all(isinstance(p, str) for p in pool):
         raise SystemExit(f"error: {src}: expected 'pool' or 'candidates', a list of prompt strings")
+    if args.learned and not metatuner:
+        raise SystemExit("error: --learned needs a MetaTuner run with a pool (the chooser reads its meta encoder)")
     cached = d / "pool_oracle.json"
-    if cached.is_file() and json.loads(cached.read_text()).get("pool") == pool:
-        rep = json.loads(cached.read_text())
+    old = json.loads(cached.read_text()) if cached.is_file() else {}
+    if old.get("pool") != pool:
+        old = {}
+    if old and len(old["correct"].get("train", [])) >= args.learned:
+        rep = old
     else:
         cfg = load_saved_config(d / "config.yaml")
         set_seed(cfg.seed)
         task = load_task(cfg.task, cfg.seed)
         splits = {"validation": task.split("validation"), "test": eval_examples(cfg, task)}  # the run's own test queries
+        if args.learned:
+            splits["train"] = task.split("train")[: args.learned]
         picks, context = None, (lambda exs: None)
         # one column (split, candidate) at a time, kept in pool_oracle.partial.json with the decoder's picks:
         # an interrupted run resumes (scoring the pool for every query is itself long on a CPU)
@@ -151,6 +246,11 @@ def main(argv: list[str] | None = None) -> dict:
         partial = json.loads(partial_path.read_text()) if partial_path.is_file() else {}
         if partial.get("pool") != pool:
             partial = {"pool": pool, "columns": {}}
+        for split, rows in old.get("correct", {}).items():  # a finished report's columns are kept (adding --learned)
+            for j in range(len(pool)):
+                partial["columns"].setdefault(f"{split}/{j}", [bool(r[j]) for r in rows])
+        if "picks" in old:
+            partial.setdefault("picks", old["picks"])
         try:
             if metatuner:
                 from metatuner.methods.metatuner.inference import load_system
@@ -160,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
                 model, tok = system.actor, system.tok
                 if "picks" not in partial:
                     with torch.no_grad():
-                        chosen = {k: test_prompts(system, exs) for k, exs in splits.items()}
+                        chosen = {k: test_prompts(system, exs) for k, exs in splits.items() if k != "train"}
                     if any(p not in pool for ps in chosen.values() for p in ps):
                         raise SystemExit(f"error: {d}: the decoder chose prompts outside {src} (prompt_space=mixed?)")
                     partial["picks"] = {k: [pool.index(p) for p in ps] for k, ps in chosen.items()}
@@ -185,6 +285,9 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"{key}: {100 * sum(partial['columns'][key]) / max(1, len(exs)):.1f}%", flush=True)
             correct[split] = [list(row) for row in zip(*(partial["columns"][f"{split}/{j}"] for j in range(len(pool))))]
         rep = {**oracle_report(correct, pool), "correct": correct, "run": str(d)}
+        if args.learned:
+            feats = {k: query_states(system, exs, cfg.eval.batch_size) for k, exs in splits.items()}
+            rep["learned_chooser"] = learned_chooser(feats, correct)
         if picks is not None:
             rep["chooser"] = chooser_report(correct, picks)
             rep["picks"] = picks
@@ -222,6 +325,15 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{100 * c['right_when_possible']:.1f}%; picks per candidate {c['picks']}")
         if rep.get("run_test_accuracy") is not None:
             print(f"(the run's own test accuracy: {100 * rep['run_test_accuracy']:.1f}%)")
+    if rep.get("learned_chooser"):
+        lc = rep["learned_chooser"]
+        v = lc["versus_best_single"]
+        print(f"linear chooser on h_i, fitted on {lc['train_queries']} training queries ({lc['train_decisive']} whose "
+              f"candidates disagree), L2 {lc['l2']:g} chosen on validation: train {100 * lc['train']['accuracy']:.1f}%, "
+              f"validation {100 * lc['validation']['accuracy']:.1f}%, test {100 * lc['test']['accuracy']:.1f}% "
+              f"(picks {lc['test']['picks']}) vs the best single candidate {100 * lc['test_best_single_accuracy']:.1f}%: "
+              f"{100 * v['diff']:+.1f} points ({100 * v['ci95'][0]:+.1f} to {100 * v['ci95'][1]:+.1f}), "
+              f"McNemar p={v['p']:.3f}")
     if args.versus:
         if "chooser" not in rep:
             raise SystemExit("error: --versus needs a MetaTuner run with a pool (the decoder's choice is compared)")

@@ -111,6 +111,38 @@ def test_pool_oracle_on_a_tiny_metatuner_pool_run(tiny_model_path, tmp_path, mon
     v = NS["main"]([str(out), "--versus", str(out)])["versus"]
     assert v["n_examples"] == 5 and v["accuracy"] == v["other_accuracy"] == rep["run_test_accuracy"]
     assert v["diff"] == 0 and v["p"] == 1.0
+    # --learned: the finished report's columns are kept, only the training queries are answered; the chooser
+    # reads the run's own meta encoder
+    done = json.loads((out / "pool_oracle.json").read_text())
+    import metatuner.evaluate as E
+
+    calls = []
+    real = E.evaluate
+    monkeypatch.setattr(E, "evaluate", lambda *a, **k: (calls.append(len(a[3])), real(*a, **k))[1])
+    rep = NS["main"]([str(out), "--learned", "6"])
+    assert calls == [6, 6, 6] and rep["correct"]["test"] == done["correct"]["test"] and len(rep["correct"]["train"]) == 6
+    lc = rep["learned_chooser"]
+    assert lc["train_queries"] == 6 and sum(lc["test"]["picks"]) == 5 and lc["versus_best_single"]["n_examples"] == 5
+    assert "linear chooser on h_i" in capsys.readouterr().out
+    assert NS["main"]([str(out), "--learned", "6"])["learned_chooser"] == lc and calls == [6, 6, 6]  # read back
+
+
+def test_learned_chooser_finds_a_choice_the_features_carry_and_none_they_do_not():
+    """Candidate 0 is right when feature 0 is positive, candidate 1 otherwise: the chooser learns it (test
+    100% against 50-ish for one candidate for all); with the outcomes shuffled against the features, it
+    gains nothing beyond chance."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    feats = {k: torch.randn(n, 5, generator=g) for k, n in (("train", 200), ("validation", 60), ("test", 100))}
+    correct = {k: [[bool(x[0] > 0), bool(x[0] <= 0)] for x in v] for k, v in feats.items()}
+    lc = NS["learned_chooser"](feats, correct)
+    assert lc["test"]["accuracy"] >= 0.97 and lc["test_best_single_accuracy"] < 0.65
+    assert lc["versus_best_single"]["p"] < 0.001 and lc["train_decisive"] == 200
+    perm = torch.randperm(200, generator=g)
+    shuffled = dict(correct, train=[correct["train"][i] for i in perm])
+    lc = NS["learned_chooser"](feats, shuffled)
+    assert lc["test"]["accuracy"] <= lc["test_best_single_accuracy"] + 0.12
 
 
 def test_pool_run_summary_without_test_predictions(tmp_path):

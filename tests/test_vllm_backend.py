@@ -18,6 +18,7 @@ from metatuner.errors import MetatunerError
 from metatuner.evaluate import evaluate
 from metatuner.generation import chat_text, greedy_texts, stop_token_ids
 from metatuner.tasks.answers import END_ANSWER_LINE, END_LETTER
+from metatuner.testing import FakeVllm
 from metatuner import vllm_backend as vb
 
 QUERIES = ["1+2=", "What is 12 + 35?", "abc", "Hello there, how are you?", "x", "9 - 4 - 3 ="]
@@ -71,33 +72,10 @@ def test_cut_at_answer_is_where_greedy_stops(tiny_model):
     assert tok.decode(ids[: vb.cut_at_answer(tok, ids, END_LETTER)]) == "Answer: B"
 
 
-class _FakeLLM:
-    """Stands in for vllm.LLM: greedy continuations of the tiny model as vLLM returns them (raw token ids up
-    to max_tokens or an end token, the end token included; log-probabilities per position)."""
-
-    def __init__(self, model, tok):
-        self.model, self.tok, self.calls = model, tok, []
-
-    @torch.no_grad()
-    def generate(self, prompts, params, use_tqdm=False):
-        self.calls.append((prompts, params))
-        outs = []
-        for prompt, p in zip(prompts, params):
-            ids = torch.tensor([prompt["prompt_token_ids"]])
-            seq = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=p.max_tokens,
-                                      do_sample=False, eos_token_id=p.stop_token_ids, pad_token_id=self.tok.pad_token_id,
-                                      output_scores=True, return_dict_in_generate=True)
-            new = seq.sequences[0, ids.shape[1]:].tolist()
-            lps = [torch.log_softmax(s[0].float(), -1) for s in seq.scores]
-            logprobs = [{t: SimpleNamespace(logprob=lp[t].item())} for t, lp in zip(new, lps)]
-            outs.append(SimpleNamespace(outputs=[SimpleNamespace(index=0, token_ids=new, logprobs=logprobs)]))
-        return outs
-
-
 def _fake_actor(model, tok):
     actor = vb.VllmActor.__new__(vb.VllmActor)  # no engine: the fake LLM answers
     actor.tokenizer, actor.seed, actor.stop = tok, 0, stop_token_ids(model, tok)
-    actor.llm = _FakeLLM(model, tok)
+    actor.llm = FakeVllm(model, tok)
     actor._vllm = SimpleNamespace(SamplingParams=lambda **kw: SimpleNamespace(**kw))
     return actor
 
@@ -248,3 +226,22 @@ def test_a_per_query_lora_actor_generates_through_hf_under_the_vllm_setting(monk
     assert metrics["generation_backend"] == "hf" and metrics["n"] == 3
     said = capsys.readouterr()
     assert "per-query-LoRA actor generates through hf" in said.err + said.out
+
+
+@pytest.mark.slow
+def test_real_vllm_samples_many_long_seeded_rows(tmp_path):
+    """vLLM installed only: seeded sampling over more prompt tokens than one engine step takes (a prefill
+    split over steps made vLLM 0.32's CPU runner fail on the rows' generators); the same keys draw the same."""
+    pytest.importorskip("vllm")
+    from metatuner.models import load_model
+    from metatuner.schema import GenerationConfig
+    from metatuner.testing import tiny_model_dir
+
+    path = tiny_model_dir(tmp_path / "m", hidden_size=128, num_heads=2, intermediate_size=256)
+    model, tok = load_model(str(path), dtype="float32", device="cpu")
+    engine = vb.engine_for(model, tok, GenerationConfig(enforce_eager=True), weights_dir=str(path))
+    texts = [f"row {i}: " + "abc def " * 60 for i in range(40)]  # 40 x ~490 tokens
+    a, n, _ = engine.generate(texts, 8, do_sample=True, temperature=1.0, num_return_sequences=3, keys=range(40))
+    assert len(a) == 40 and all(len(r) == 3 for r in a)
+    b, _, _ = engine.generate(texts[:5], 8, do_sample=True, temperature=1.0, num_return_sequences=3, keys=range(5))
+    assert b == a[:5]

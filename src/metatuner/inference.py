@@ -143,18 +143,26 @@ def accuracy_with_allocation(samples: list[dict], alloc: list[int], strategy: st
 
 
 def draw_samples(model, tok, task, examples, prompt: str, n: int, temperature: float, top_p: float,
-                 batch_size: int = 16, verifier: Callable | None = None, scores: bool = True) -> list[dict]:
+                 batch_size: int = 16, verifier: Callable | None = None, scores: bool = True, engine=None,
+                 keys: list[int] | None = None) -> list[dict]:
     """n samples per query with one prompt: answers, correctness, scores (verifier or mean log-prob;
-    none without `scores`). Generation stops at the task's answer_end, as evaluate() does."""
+    none without `scores`). Generation stops at the task's answer_end, as evaluate() does. `engine`
+    (generation.backend=vllm): it samples instead of `model`, every query in one request, query j seeded
+    by keys[j] (default its position)."""
     from metatuner.generation import chat_text, generate_texts
 
     out = []
-    for s in range(0, len(examples), batch_size):
-        exs = examples[s : s + batch_size]
+    step = max(1, len(examples)) if engine is not None else batch_size
+    keys = list(range(len(examples))) if keys is None else list(keys)
+    for s in range(0, len(examples), step):
+        exs = examples[s : s + step]
         texts = [chat_text(tok, task.render(prompt, ex.query)) for ex in exs]
-        gens, _, lps = generate_texts(model, tok, texts, task.max_new_tokens, do_sample=True, temperature=temperature,
-                                      top_p=top_p, num_return_sequences=n, return_logprobs=scores and verifier is None,
-                                      answer_end=getattr(task, "answer_end", ""))
+        kw = dict(do_sample=True, temperature=temperature, top_p=top_p, num_return_sequences=n,
+                  return_logprobs=scores and verifier is None, answer_end=getattr(task, "answer_end", ""))
+        if engine is not None:
+            gens, _, lps = engine.generate(texts, task.max_new_tokens, keys=keys[s : s + step], **kw)
+        else:
+            gens, _, lps = generate_texts(model, tok, texts, task.max_new_tokens, **kw)
         for j, ex in enumerate(exs):
             answers = [task.extract_for(g, ex) for g in gens[j]]
             correct = [bool(task.score(a, ex)["correct"]) for a in answers]

@@ -131,6 +131,8 @@ def opro_key(cfg: Config, task: Task, seeds: list[str]) -> str:
              "generator": model_fingerprint(cfg.generator.name or cfg.model.name), "task": vars(cfg.task),
              "seed": cfg.seed, "opro": vars(cfg.opro), "k": cfg.prompts.opro, "seeds": seeds,
              "torch": torch.__version__}
+    if cfg.model.adapter:  # OPRO scores with the adapter merged (no key without one: older pools keep theirs)
+        parts["adapter"] = model_fingerprint(cfg.model.adapter)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -150,14 +152,21 @@ def opro_members(cfg: Config, task: Task, seeds: list[str], gen=None, gtok=None,
             return json.loads(path.read_text())["members"]
         except (OSError, ValueError, KeyError):
             pass  # damaged: compute again and overwrite
+    engine = None
     if actor is None:
         actor, tok = load_from_config(cfg.model)
+        if cfg.generation.backend == "vllm":  # the loaded weights: the model's own directory unless an adapter is merged
+            from metatuner.models import resolve_path
+            from metatuner.vllm_backend import engine_for
+
+            engine = engine_for(actor, tok, cfg.generation, seed=cfg.seed,
+                                weights_dir=None if cfg.model.adapter else resolve_path(cfg.model.name))
     if gen is None:
         gen, gtok = (actor, tok) if not cfg.generator.name else load_model(
             cfg.generator.name, cfg.generator.dtype, cfg.model.device, cfg.generator.trust_remote_code)
     with torch.no_grad(), torch.random.fork_rng():  # the same members whichever method computes them first
         torch.manual_seed(cfg.seed)
-        _, _, rows, _ = optimize(cfg, actor, tok, gen, gtok, task, seeds=seeds)
+        _, _, rows, _ = optimize(cfg, actor, tok, gen, gtok, task, seeds=seeds, engine=engine)
     new = [r for r in rows if r["instruction"] not in seeds]
     ranked = sorted(range(len(new)), key=lambda i: (-new[i]["train_accuracy"], i))
     members = [new[i]["instruction"] for i in ranked[: cfg.prompts.opro]]

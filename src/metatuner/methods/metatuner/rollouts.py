@@ -29,8 +29,11 @@ from metatuner.training import use_bf16
 
 @torch.no_grad()
 def sample_prompts(system, examples: list[Example], n: int, live: bool = False, greedy: bool = False) -> list[list[str]]:
-    """n prompts per query from phi_p' (or the live phi_p): [len(examples)][n]."""
+    """n prompts per query from phi_p' (or the live phi_p): [len(examples)][n]. generation.backend=vllm:
+    through G's vLLM engine (`sample_prompts_vllm`)."""
     cfg = system.cfg
+    if cfg.generation.backend == "vllm":
+        return sample_prompts_vllm(system, examples, n, live, greedy)
     out = []
     bs = cfg.rollout.batch_size
     bar = tqdm(total=len(examples), desc="rewriting prompts" if live else "sampling prompts (phi_p')", leave=False,
@@ -52,6 +55,28 @@ def sample_prompts(system, examples: list[Example], n: int, live: bool = False, 
         bar.update(len(chunk))
     bar.close()
     return out
+
+
+def sample_prompts_vllm(system, examples: list[Example], n: int, live: bool = False, greedy: bool = False) -> list[list[str]]:
+    """`sample_prompts` through a vLLM engine over G's checkpoint (made once per run): G's current weights go
+    in first (the live meta encoder with phi_p', or with the live phi_p), then every query in one request,
+    each seeded by the run's seed and a count that grows over the run (no two calls repeat their draws)."""
+    from metatuner.models import resolve_path
+    from metatuner.vllm_backend import generator_engine
+
+    cfg = system.cfg
+    if getattr(system, "gen_engine", None) is None:
+        system.gen_engine = generator_engine(resolve_path(cfg.generator.name or cfg.model.name), system.gen.model,
+                                             system.gen_tok, cfg.generation, seed=cfg.seed)
+    with contextlib.nullcontext() if live else system.gen.frozen_decoder():
+        system.gen_engine.push(system.gen.model)
+    first = system.counts["generation_calls"]
+    gens, _, _ = system.gen_engine.generate(system.gen_prefixes(examples), cfg.generator.max_prompt_tokens,
+                                            do_sample=not greedy, temperature=cfg.rollout.temperature,
+                                            top_p=cfg.rollout.top_p, num_return_sequences=n,
+                                            keys=[first + i for i in range(len(examples))])
+    system.counts["generation_calls"] += len(examples) * n
+    return [[clean_prompt(t, system.p_tilde) for t in (g * n if greedy else g)] for g in gens]
 
 
 def pool_scores(system, examples: list[Example], candidates: list[list[str]], frozen: bool, grad: bool = False) -> torch.Tensor:
