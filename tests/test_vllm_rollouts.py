@@ -57,6 +57,19 @@ def _fake_engine(path, tok, cls=vb.GeneratorEngine):
     return engine
 
 
+def _greedy_prompts_both_ways(system, exs) -> dict[bool, list[list[str]]]:
+    """G's greedy prompts through hf and through the engine, with phi_p' (False) and the live phi_p (True);
+    asserts the two backends agree and returns the engine's."""
+    got = {}
+    for live in (False, True):
+        system.cfg.generation.backend = "hf"
+        want = R.sample_prompts(system, exs, 1, live=live, greedy=True)
+        system.cfg.generation.backend = "vllm"
+        got[live] = R.sample_prompts(system, exs, 1, live=live, greedy=True)
+        assert got[live] == want, live
+    return got
+
+
 @pytest.mark.parametrize("lora_rank", [4, 0])
 def test_current_weights_make_a_fresh_checkpoint_compute_as_the_generator(tiny_model_path, lora_rank):
     """Reloaded into a fresh copy of G's checkpoint, current_weights gives G's logits: with the live phi_p, and
@@ -103,13 +116,7 @@ def test_rollout_prompts_through_the_engine_equal_hf_and_take_each_calls_weights
 
     monkeypatch.setattr(vb, "generator_engine", fake)
     exs = system.task.train[:4]
-    got = {}
-    for live in (False, True):
-        cfg.generation.backend = "hf"
-        want = R.sample_prompts(system, exs, 1, live=live, greedy=True)
-        cfg.generation.backend = "vllm"
-        got[live] = R.sample_prompts(system, exs, 1, live=live, greedy=True)
-        assert got[live] == want, live
+    got = _greedy_prompts_both_ways(system, exs)
     assert got[False] != got[True]  # phi_p' and phi_p write different prompts: the push is what made them agree
     assert made == [str(tiny_model_path)]  # one engine over G's checkpoint for the whole run
     llm = system.gen_engine.llm
@@ -206,14 +213,7 @@ def test_real_vllm_rollout_prompts_equal_hf(tmp_path):
     system.gen.sync_frozen()
     _jolt([p for p in system.gen.decoder_parameters() if p.requires_grad], seed=4, scale=0.1)
     threads = torch.get_num_threads()
-    exs = system.task.train[:6]
-    got = {}
-    for live in (False, True):
-        cfg.generation.backend = "hf"
-        want = R.sample_prompts(system, exs, 1, live=live, greedy=True)
-        cfg.generation.backend = "vllm"
-        got[live] = R.sample_prompts(system, exs, 1, live=live, greedy=True)
-        assert got[live] == want, live
+    got = _greedy_prompts_both_ways(system, system.task.train[:6])
     assert got[False] != got[True]
     assert torch.get_num_threads() == threads  # hf training after the engine starts keeps its threads
 
