@@ -366,8 +366,10 @@ def test_top_up_reuses_the_chosen_arms_samples_and_draws_the_rest(make_task, mon
 
     drawn = []
 
-    def fake_draw(actor, tok, task, examples, prompt, n, temperature, top_p, batch_size, verifier=None):
+    def fake_draw(actor, tok, task, examples, prompt, n, temperature, top_p, batch_size, verifier=None, engine=None,
+                  keys=None):
         drawn.append((len(examples), n))
+        assert engine is None and list(keys) == [IS.TOP_UP_KEYS + task.test.index(ex) for ex in examples]
         return [{"answers": ["9"] * n, "correct": [False] * n, "scores": [-0.5] * n} for _ in examples]
 
     monkeypatch.setattr(IS, "draw_samples", fake_draw)
