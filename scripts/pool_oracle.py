@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
         for split, exs in splits.items():
             for j, prompt in enumerate(pool):
                 key = f"{split}/{j}"
-                if key not in partial["columns"]:
+                if len(partial["columns"].get(key, [])) != len(exs):  # absent, or kept from another --learned N
                     with torch.no_grad():
                         recs, _ = evaluate(model, tok, task, exs, prompt, batch_size=cfg.eval.batch_size,
                                            batch_context=context(exs), progress=False, diagnose=False)

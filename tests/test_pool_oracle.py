@@ -125,6 +125,8 @@ def test_pool_oracle_on_a_tiny_metatuner_pool_run(tiny_model_path, tmp_path, mon
     assert lc["train_queries"] == 6 and sum(lc["test"]["picks"]) == 5 and lc["versus_best_single"]["n_examples"] == 5
     assert "linear chooser on h_i" in capsys.readouterr().out
     assert NS["main"]([str(out), "--learned", "6"])["learned_chooser"] == lc and calls == [6, 6, 6]  # read back
+    rep = NS["main"]([str(out), "--learned", "8"])  # more training queries: their columns are answered again
+    assert calls == [6, 6, 6, 8, 8, 8] and len(rep["correct"]["train"]) == 8 and rep["learned_chooser"]["train_queries"] == 8
 
 
 def test_learned_chooser_finds_a_choice_the_features_carry_and_none_they_do_not():
