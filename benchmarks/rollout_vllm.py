@@ -18,7 +18,6 @@ backend (sampled prompts differ between the backends; their lengths should be al
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import tempfile
@@ -41,7 +40,7 @@ def build(args):
         cfg = system.cfg
         timing = load_config(f"{args.run}/config.yaml", args.overrides)  # rollout.* and generation.* may change
         cfg.rollout, cfg.generation = timing.rollout, timing.generation
-        queries = load_task(dataclasses.replace(cfg.task, split_seed=cfg.seed), cfg.seed).train
+        queries = load_task(cfg.task, cfg.seed).train  # the run's own splits, as pool_oracle.py rebuilds them
     else:
         out = tempfile.mkdtemp(prefix="rollout-vllm-")
         cfg = load_config(None, ["method=metatuner_j", "warmup.max_steps=0", "warmup.generator_steps=0",
