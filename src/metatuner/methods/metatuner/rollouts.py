@@ -60,7 +60,8 @@ def sample_prompts(system, examples: list[Example], n: int, live: bool = False, 
 def sample_prompts_vllm(system, examples: list[Example], n: int, live: bool = False, greedy: bool = False) -> list[list[str]]:
     """`sample_prompts` through a vLLM engine over G's checkpoint (made once per run): G's current weights go
     in first (the live meta encoder with phi_p', or with the live phi_p), then every query in one request,
-    each seeded by the run's seed and a count that grows over the run (no two calls repeat their draws)."""
+    each seeded by the run's seed and a count that grows over the run (no two calls repeat their draws;
+    with several processes, each process's keys are its own)."""
     from metatuner.models import resolve_path
     from metatuner.vllm_backend import generator_engine
 
@@ -71,10 +72,11 @@ def sample_prompts_vllm(system, examples: list[Example], n: int, live: bool = Fa
     with contextlib.nullcontext() if live else system.gen.frozen_decoder():
         system.gen_engine.push(system.gen.model)
     first = system.counts["generation_calls"]
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     gens, _, _ = system.gen_engine.generate(system.gen_prefixes(examples), cfg.generator.max_prompt_tokens,
                                             do_sample=not greedy, temperature=cfg.rollout.temperature,
                                             top_p=cfg.rollout.top_p, num_return_sequences=n,
-                                            keys=[first + i for i in range(len(examples))])
+                                            keys=[(first + i) * world + rank for i in range(len(examples))])
     system.counts["generation_calls"] += len(examples) * n
     return [[clean_prompt(t, system.p_tilde) for t in (g * n if greedy else g)] for g in gens]
 
