@@ -34,6 +34,13 @@ compared, paired, with the candidate best on validation. A chooser trained direc
 outcome, with more queries than the decoder's D2 ever held: if it gains nothing on test, the headroom is
 not learnable from h_i.
 
+--resample K (with --temperature T, default 0.7): is the pool's per-query spread more than decoding luck?
+The candidate best on validation answers every test query K times, sampled at T, with the same model;
+reports pass@K (some sample right) beside the pool's per-query oracle, and how many of the queries where the
+best candidate is wrong and another candidate right are also answered right by one of its own samples. If
+sampling one prompt reaches as far as switching prompts, the pool's headroom is of the same kind as
+sampling noise, which nothing read from the query predicts.
+
 --groups operators: is the per-query headroom learnable from the query at all? Groups the queries by the
 binary operators they contain (' + ', ' - ', ' * ', ' / '; e.g. basic_arithmetic's + - * questions), takes
 per group the candidate best on validation (ties: the candidate best on all of validation) and scores that
@@ -66,6 +73,24 @@ def oracle_report(correct: dict[str, list[list[bool]]], pool: list[str]) -> dict
         "test_best_wrong_other_right": sum(not r[best] and any(r) for r in test) / max(1, len(test)),
         "test_all_agree": sum(all(r) or not any(r) for r in test) / max(1, len(test)),
         "queries": {"validation": len(val), "test": len(test)},
+    }
+
+
+def resample_report(test_correct: list[list[bool]], best: int, samples_correct: list[list[bool]],
+                    temperature: float) -> dict:
+    """The pool's per-query spread (test_correct[query][candidate]) beside K samples of candidate `best`
+    (samples_correct[query][k]), pure."""
+    n = max(1, len(samples_correct))
+    headroom = [q for q, r in enumerate(test_correct) if not r[best] and any(r)]
+    return {
+        "candidate": best, "samples": len(samples_correct[0]) if samples_correct else 0, "temperature": temperature,
+        "single_sample_accuracy": sum(sum(s) / max(1, len(s)) for s in samples_correct) / n,
+        "pass_at_k": sum(any(s) for s in samples_correct) / n,
+        "pool_oracle": sum(any(r) for r in test_correct) / n,
+        "pool_headroom_queries": len(headroom),
+        "pool_headroom_sampled_right": sum(any(samples_correct[q]) for q in headroom),
+        "sampling_headroom_queries": sum(not r[best] and any(s) for r, s in zip(test_correct, samples_correct)),
+        "samples_correct": samples_correct,
     }
 
 
@@ -198,6 +223,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--learned", type=int, default=0, metavar="N",
                     help="MetaTuner runs: also answer the first N training queries with every candidate and score a "
                          "linear chooser over the pool fitted on them (see above)")
+    ap.add_argument("--resample", type=int, default=0, metavar="K",
+                    help="also answer every test query K times, sampled, with the candidate best on validation, "
+                         "and set pass@K beside the pool's per-query oracle")
+    ap.add_argument("--temperature", type=float, default=0.7, help="--resample's sampling temperature")
     ap.add_argument("--versus", default="",
                     help="MetaTuner runs: another run folder on the same test queries (its predictions.jsonl); the "
                          "decoder's choice against it, paired: difference, 95%% bootstrap interval, exact McNemar p")
@@ -209,7 +238,6 @@ def main(argv: list[str] | None = None) -> dict:
     from metatuner.errors import MetatunerError
     from metatuner.evaluate import evaluate
     from metatuner.io import write_json
-    from metatuner.models import load_from_config
     from metatuner.run import eval_examples, set_seed
     from metatuner.tasks import load_task
 
@@ -239,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
         splits = {"validation": task.split("validation"), "test": eval_examples(cfg, task)}  # the run's own test queries
         if args.learned:
             splits["train"] = task.split("train")[: args.learned]
-        picks, context = None, (lambda exs: None)
+        picks = None
         # one column (split, candidate) at a time, kept in pool_oracle.partial.json with the decoder's picks:
         # an interrupted run resumes (scoring the pool for every query is itself long on a CPU)
         partial_path = d / "pool_oracle.partial.json"
@@ -252,12 +280,10 @@ def main(argv: list[str] | None = None) -> dict:
         if "picks" in old:
             partial.setdefault("picks", old["picks"])
         try:
+            model, tok, system, context = run_model(d, cfg, metatuner)
             if metatuner:
-                from metatuner.methods.metatuner.inference import load_system
                 from metatuner.methods.metatuner.rollouts import test_prompts
 
-                system = load_system(d)
-                model, tok = system.actor, system.tok
                 if "picks" not in partial:
                     with torch.no_grad():
                         chosen = {k: test_prompts(system, exs) for k, exs in splits.items() if k != "train"}
@@ -266,10 +292,6 @@ def main(argv: list[str] | None = None) -> dict:
                     partial["picks"] = {k: [pool.index(p) for p in ps] for k, ps in chosen.items()}
                     write_json(partial_path, partial)
                 picks = partial["picks"]
-                context = (lambda exs: lambda idx: system.with_factors([exs[i] for i in idx]))
-            else:
-                cfg.model.adapter = str(d / "adapter")
-                model, tok = load_from_config(cfg.model)
         except MetatunerError as e:
             raise SystemExit(f"error: {e}") from None
         correct = {}
@@ -296,6 +318,28 @@ def main(argv: list[str] | None = None) -> dict:
                 rep["run_test_accuracy"] = json.loads(metrics.read_text()).get("accuracy")
         write_json(cached, rep)
         partial_path.unlink()
+    rs = rep.get("resample")
+    if args.resample and not (rs and rs["samples"] == args.resample and rs["temperature"] == args.temperature
+                              and rs["candidate"] == rep["best_on_validation"]):
+        cfg = load_saved_config(d / "config.yaml")
+        task = load_task(cfg.task, cfg.seed)
+        tests = eval_examples(cfg, task)
+        if len(tests) != len(rep["correct"]["test"]):
+            raise SystemExit(f"error: {cached}: its correctness matrices do not match the run's test split (delete it to recompute)")
+        try:
+            model, tok, _, context = run_model(d, cfg, metatuner)
+        except MetatunerError as e:
+            raise SystemExit(f"error: {e}") from None
+        set_seed(cfg.seed)
+        best = rep["best_on_validation"]
+        with torch.no_grad():
+            recs, _ = evaluate(model, tok, task, tests, pool[best], batch_size=cfg.eval.batch_size, strategy="majority",
+                               n=args.resample, temperature=args.temperature, batch_context=context(tests),
+                               progress=False, diagnose=False)
+        samples = [[bool(task.score(task.extract_for(g, ex), ex)["correct"]) for g in r["generations"]]
+                   for r, ex in zip(recs, tests)]
+        rep["resample"] = resample_report(rep["correct"]["test"], best, samples, args.temperature)
+        write_json(cached, rep)
     print("| candidate | validation % | test % |\n|---|---|---|")
     for j, p in enumerate(pool):
         mark = " (best on validation)" if j == rep["best_on_validation"] else ""
@@ -334,6 +378,13 @@ def main(argv: list[str] | None = None) -> dict:
               f"(picks {lc['test']['picks']}) vs the best single candidate {100 * lc['test_best_single_accuracy']:.1f}%: "
               f"{100 * v['diff']:+.1f} points ({100 * v['ci95'][0]:+.1f} to {100 * v['ci95'][1]:+.1f}), "
               f"McNemar p={v['p']:.3f}")
+    if args.resample:
+        r = rep["resample"]
+        print(f"candidate #{r['candidate']} sampled {r['samples']} times per test query at T={r['temperature']:g}: "
+              f"one sample {100 * r['single_sample_accuracy']:.1f}%, pass@{r['samples']} {100 * r['pass_at_k']:.1f}% vs "
+              f"the pool's per-query oracle {100 * r['pool_oracle']:.1f}%; of the {r['pool_headroom_queries']} test queries "
+              f"where it is wrong greedily and another candidate right, its own samples get {r['pool_headroom_sampled_right']} "
+              f"right (sampling reaches {r['sampling_headroom_queries']} queries it gets wrong greedily)")
     if args.versus:
         if "chooser" not in rep:
             raise SystemExit("error: --versus needs a MetaTuner run with a pool (the decoder's choice is compared)")
@@ -343,6 +394,22 @@ def main(argv: list[str] | None = None) -> dict:
               f"{100 * v['diff']:+.1f} points ({100 * v['ci95'][0]:+.1f} to {100 * v['ci95'][1]:+.1f}), "
               f"McNemar p={v['p']:.3f} ({v['only_a']} right only here, {v['only_b']} only there; {v['n_examples']} queries)")
     return rep
+
+
+def run_model(d: Path, cfg, metatuner: bool):
+    """(model, tokenizer, system or None, context): a MetaTuner run's own system (the actor with the per-query
+    LoRA its parameter decoder generates: context(examples) gives evaluate's batch_context), else the run's
+    model with its adapter merged (context gives None)."""
+    if metatuner:
+        from metatuner.methods.metatuner.inference import load_system
+
+        system = load_system(d)
+        return system.actor, system.tok, system, (lambda exs: lambda idx: system.with_factors([exs[i] for i in idx]))
+    from metatuner.models import load_from_config
+
+    cfg.model.adapter = str(d / "adapter")
+    model, tok = load_from_config(cfg.model)
+    return model, tok, None, (lambda exs: None)
 
 
 def versus(d: Path, rep: dict, other_dir: Path) -> dict:

@@ -26,6 +26,16 @@ def test_oracle_report_by_hand():
 
 
 
+def test_resample_report_by_hand():
+    test = [[True, False], [False, True], [False, False], [False, True]]  # best: candidate 0
+    samples = [[True, False, False], [False, False, False], [False, True, False], [True, True, True]]
+    r = NS["resample_report"](test, 0, samples, 0.7)
+    assert r["samples"] == 3 and r["pass_at_k"] == 3 / 4 and r["single_sample_accuracy"] == pytest.approx(5 / 12)
+    assert r["pool_oracle"] == 3 / 4
+    assert r["pool_headroom_queries"] == 2 and r["pool_headroom_sampled_right"] == 1  # queries 1 and 3; 3 sampled right
+    assert r["sampling_headroom_queries"] == 2  # queries 2 and 3: wrong greedily, some sample right
+
+
 def test_group_chooser_by_hand():
     assert NS["operators"]("Calculate -33 * 4.") == "*" and NS["operators"]("7 + 2 - 3 =") == "+-"
     assert NS["operators"]("What is 5?") == "none"
@@ -127,6 +137,18 @@ def test_pool_oracle_on_a_tiny_metatuner_pool_run(tiny_model_path, tmp_path, mon
     assert NS["main"]([str(out), "--learned", "6"])["learned_chooser"] == lc and calls == [6, 6, 6]  # read back
     rep = NS["main"]([str(out), "--learned", "8"])  # more training queries: their columns are answered again
     assert calls == [6, 6, 6, 8, 8, 8] and len(rep["correct"]["train"]) == 8 and rep["learned_chooser"]["train_queries"] == 8
+    # --resample: the best candidate sampled 3 times per test query by the same system; nothing else is answered
+    kept = rep["correct"]
+    rep = NS["main"]([str(out), "--resample", "3", "--temperature", "1.0"])
+    r = rep["resample"]
+    assert calls[6:] == [5] and rep["correct"] == kept
+    assert r["candidate"] == rep["best_on_validation"] and r["samples"] == 3 and r["temperature"] == 1.0
+    assert len(r["samples_correct"]) == 5 and all(len(x) == 3 for x in r["samples_correct"])
+    assert r["pass_at_k"] == sum(any(x) for x in r["samples_correct"]) / 5
+    assert "pass@3" in capsys.readouterr().out
+    assert NS["main"]([str(out), "--resample", "3", "--temperature", "1.0"])["resample"] == r and len(calls) == 7
+    NS["main"]([str(out), "--resample", "2", "--temperature", "1.0"])  # another K: sampled again
+    assert calls[7:] == [5]
 
 
 def test_learned_chooser_finds_a_choice_the_features_carry_and_none_they_do_not():

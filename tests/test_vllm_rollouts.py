@@ -150,6 +150,7 @@ def test_a_joint_run_samples_its_rollouts_through_the_engine(tiny_model_path, tm
     metrics = M.run(cfg)
     assert len(engines) == 1 and engines[0].llm.calls and len(engines[0].llm.loaded) == len(engines[0].llm.calls)
     assert metrics["generation_backend"] == "hf" and metrics["n"] == 3
+    assert metrics["prompt_sampling_backend"] == "vllm"
 
 
 class _Recorder:

@@ -161,6 +161,8 @@ def train(cfg: Config, task: Task) -> tuple[MetaTunerSystem, dict]:
                   "train_tokens": warm.get("train_tokens", 0) + system.counts["train_tokens"] * world,
                   "generation_calls": system.counts["generation_calls"] * world,
                   "rollout_seconds": round(loop.rollout_seconds, 1), "train_seconds": round(time.time() - t_start, 1),
+                  # G's sampled prompts (free/mixed spaces); generation_backend names the test evaluation's
+                  "prompt_sampling_backend": "vllm" if getattr(system, "gen_engine", None) is not None else "hf",
                   "d2_rewritten": sum(v is not None and (v != system.p_tilde if isinstance(v, str) else 0 not in v)
                                       for v in d2.values()) / max(1, len(d2)),
                   "d2_targets": sum(v is not None for v in d2.values()) / max(1, len(d2))})
