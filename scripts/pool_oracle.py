@@ -84,6 +84,7 @@ def resample_report(test_correct: list[list[bool]], best: int, samples_correct: 
     headroom = [q for q, r in enumerate(test_correct) if not r[best] and any(r)]
     return {
         "candidate": best, "samples": len(samples_correct[0]) if samples_correct else 0, "temperature": temperature,
+        "top_p": 1.0,
         "single_sample_accuracy": sum(sum(s) / max(1, len(s)) for s in samples_correct) / n,
         "pass_at_k": sum(any(s) for s in samples_correct) / n,
         "pool_oracle": sum(any(r) for r in test_correct) / n,
@@ -231,6 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="MetaTuner runs: another run folder on the same test queries (its predictions.jsonl); the "
                          "decoder's choice against it, paired: difference, 95%% bootstrap interval, exact McNemar p")
     args = ap.parse_args(argv)
+    if args.resample < 0 or (args.resample and args.temperature <= 0):
+        raise SystemExit(f"error: --resample needs K >= 1 (got {args.resample}) and --temperature > 0 "
+                         f"(got {args.temperature:g})")
 
     import torch
 
@@ -258,6 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     old = json.loads(cached.read_text()) if cached.is_file() else {}
     if old.get("pool") != pool:
         old = {}
+    loaded = None  # (model, tokenizer, system, context) once a model is loaded
     if old and len(old["correct"].get("train", [])) >= args.learned:
         rep = old
     else:
@@ -280,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "picks" in old:
             partial.setdefault("picks", old["picks"])
         try:
-            model, tok, system, context = run_model(d, cfg, metatuner)
+            loaded = model, tok, system, context = run_model(d, cfg, metatuner)
             if metatuner:
                 from metatuner.methods.metatuner.rollouts import test_prompts
 
@@ -327,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
         if len(tests) != len(rep["correct"]["test"]):
             raise SystemExit(f"error: {cached}: its correctness matrices do not match the run's test split (delete it to recompute)")
         try:
-            model, tok, _, context = run_model(d, cfg, metatuner)
+            model, tok, _, context = loaded or run_model(d, cfg, metatuner)  # the model the matrices used, if loaded
         except MetatunerError as e:
             raise SystemExit(f"error: {e}") from None
         set_seed(cfg.seed)

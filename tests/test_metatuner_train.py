@@ -496,7 +496,7 @@ def test_infer_prints_prompt_and_answer(model_dir, tmp_path, capsys, finished_ru
 # ----------------------------------------------------------------------------- 7: two processes
 
 
-def _cli_train(model_dir: Path, out: Path, nproc: int, batch_size: int, extra=()) -> subprocess.CompletedProcess:
+def _cli_train(model_dir: Path, out: Path, nproc: int, batch_size: int, extra=(), env=None) -> subprocess.CompletedProcess:
     venv_bin = Path(sys.executable).parent
     args = [f"model.name={model_dir}", f"output_dir={out}", *SMALL, "method=metatuner_i",
             "train.prompt_rewrite=false", "rollout.n=0", "train.bf16=false", f"train.batch_size={batch_size}",
@@ -506,7 +506,7 @@ def _cli_train(model_dir: Path, out: Path, nproc: int, batch_size: int, extra=()
     else:
         cmd = [str(venv_bin / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", "metatuner.cli",
                "train", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -543,6 +543,22 @@ def test_two_processes_match_one_process_with_twice_the_batch(model_dir, tmp_pat
     adapter = "final/actor_adapter/adapter_model.safetensors"
     wa, wb = load_file(one / adapter), load_file(two / adapter)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa), "distributed actor warm-up differs"
+
+
+def test_two_processes_build_a_pool_with_opro_members_together(model_dir, tmp_path):
+    """A pool with OPRO's instructions: OPRO scores them with an evaluation split over the processes, so
+    every process builds the pool (a main-process-only build waited forever for the others); the pool is the
+    one a single process builds."""
+    extra = ["method=metatuner_j", "generator.prompt_space=pool", "prompts.opro=1", "opro.steps=1",
+             "opro.candidates=2", "opro.subset=4", "train.max_steps=3", "generator.max_prompt_tokens=8"]
+    pools = []
+    for nproc, bs in ((1, 4), (2, 2)):
+        out = tmp_path / f"p{nproc}"
+        r = _cli_train(model_dir, out, nproc, bs, extra, env={"METATUNER_CACHE": str(tmp_path / f"cache{nproc}")})
+        assert r.returncode == 0, r.stderr[-3000:]
+        pools.append(json.loads((out / "pool.json").read_text())["pool"])
+        assert list((tmp_path / f"cache{nproc}" / "pools").glob("*.json")), "OPRO did not run"
+    assert pools[0] == pools[1] and len(pools[0]) >= 1
 
 
 # ----------------------------------------------------------------------------- 8: Gumbel vocabulary

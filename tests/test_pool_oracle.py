@@ -36,6 +36,12 @@ def test_resample_report_by_hand():
     assert r["sampling_headroom_queries"] == 2  # queries 2 and 3: wrong greedily, some sample right
 
 
+@pytest.mark.parametrize("args", [["--resample", "-1"], ["--resample", "3", "--temperature", "0"]])
+def test_resample_arguments_are_checked(tmp_path, args):
+    with pytest.raises(SystemExit, match="--resample needs K >= 1"):
+        NS["main"]([str(tmp_path), *args])
+
+
 def test_group_chooser_by_hand():
     assert NS["operators"]("Calculate -33 * 4.") == "*" and NS["operators"]("7 + 2 - 3 =") == "+-"
     assert NS["operators"]("What is 5?") == "none"

@@ -202,6 +202,8 @@ def test_several_processes_each_build_an_engine_over_the_launchers_group(monkeyp
     """Launched with WORLD_SIZE > 1, an engine joins the launcher's process group (set up first) through
     vLLM's external_launcher executor, which puts it on this process's device; one process: vLLM's default."""
     made, states = [], []
+    for var in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING", "RANK", "LOCAL_RANK"):
+        monkeypatch.setenv(var, "0")  # restored after the test (the engine sets the first two for its process)
 
     class LLM:
         def __init__(self, **kw):
@@ -220,6 +222,9 @@ def test_several_processes_each_build_an_engine_over_the_launchers_group(monkeyp
     vb.GeneratorEngine(str(tmp_path), None, GenerationConfig(enforce_eager=True))
     assert made[-1]["distributed_executor_backend"] == "external_launcher"
     assert states == [not torch.cuda.is_available()]  # the group exists before vLLM looks for it
+    monkeypatch.delenv("LOCAL_RANK")
+    with pytest.raises(vb.MetatunerError, match="WORLD_SIZE=2: LOCAL_RANK not set"):
+        vb.VllmActor(str(tmp_path), None, GenerationConfig(enforce_eager=True))
 
 
 def test_each_process_seeds_its_rollout_rows_apart(tiny_model_path, tmp_path, monkeypatch):

@@ -74,6 +74,13 @@ def launched_processes() -> int:
     `external_launcher` executor joins it with this process's rank and takes device LOCAL_RANK."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
+        missing = [k for k in ("RANK", "LOCAL_RANK") if k not in os.environ]
+        if missing:
+            raise MetatunerError(f"generation.backend=vllm with WORLD_SIZE={world}: {' and '.join(missing)} not set "
+                                 "(launch with torchrun or accelerate launch)")
+        if torch.cuda.is_available() and int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():
+            raise MetatunerError(f"generation.backend=vllm: process LOCAL_RANK={os.environ['LOCAL_RANK']} has no GPU of "
+                                 f"its own ({torch.cuda.device_count()} visible); launch one process per GPU")
         from accelerate import PartialState
 
         PartialState(cpu=not torch.cuda.is_available())

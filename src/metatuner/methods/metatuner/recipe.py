@@ -95,8 +95,10 @@ def prepare(cfg: Config, task: Task) -> tuple[MetaTunerSystem, JointLoop, dict]:
 
 
 def prompt_pool(cfg: Config, task: Task, gen, gtok, out: Path, state, resuming: bool) -> list[str]:
-    """The candidate pool (generator.prompt_space=pool|mixed): built once by the main process, shared
-    with the others, written to output_dir/pool.json (a resumed run reads it back)."""
+    """The candidate pool (generator.prompt_space=pool|mixed), written to output_dir/pool.json (a resumed
+    run reads it back). Every process builds it (OPRO's scoring splits its queries over the processes and
+    gathers the answers, and a vLLM engine is built by all of them together), and the main process's pool
+    is the one all of them keep."""
     from accelerate.utils import broadcast_object_list
 
     from metatuner.pool import build_pool
@@ -104,13 +106,18 @@ def prompt_pool(cfg: Config, task: Task, gen, gtok, out: Path, state, resuming: 
     if cfg.generator.prompt_space == "free":
         return [task.prompt]
     path = out / "pool.json"
+    reuse = [resuming and path.is_file()]  # the main process's view: the others may not see its files
+    if state.num_processes > 1:
+        broadcast_object_list(reuse)
     pool = [None]
-    if state.is_main_process:
-        if resuming and path.is_file():
+    if reuse[0]:
+        if state.is_main_process:
             pool = [json.loads(path.read_text())["pool"]]
-        else:
-            pool = [build_pool(cfg, task, gen, gtok)]
-            write_json(path, {"pool": pool[0]})
+    else:
+        built = build_pool(cfg, task, gen, gtok)
+        if state.is_main_process:
+            pool = [built]
+            write_json(path, {"pool": built})
     if state.num_processes > 1:
         broadcast_object_list(pool)
     if state.is_main_process:
@@ -162,7 +169,7 @@ def train(cfg: Config, task: Task) -> tuple[MetaTunerSystem, dict]:
                   "generation_calls": system.counts["generation_calls"] * world,
                   "rollout_seconds": round(loop.rollout_seconds, 1), "train_seconds": round(time.time() - t_start, 1),
                   # G's sampled prompts (free/mixed spaces); generation_backend names the test evaluation's
-                  "prompt_sampling_backend": "vllm" if getattr(system, "gen_engine", None) is not None else "hf",
+                  "prompt_sampling_backend": getattr(system, "prompt_sampling_backend", "none"),
                   "d2_rewritten": sum(v is not None and (v != system.p_tilde if isinstance(v, str) else 0 not in v)
                                       for v in d2.values()) / max(1, len(d2)),
                   "d2_targets": sum(v is not None for v in d2.values()) / max(1, len(d2))})

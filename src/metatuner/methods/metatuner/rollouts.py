@@ -32,6 +32,7 @@ def sample_prompts(system, examples: list[Example], n: int, live: bool = False, 
     """n prompts per query from phi_p' (or the live phi_p): [len(examples)][n]. generation.backend=vllm:
     through G's vLLM engine (`sample_prompts_vllm`)."""
     cfg = system.cfg
+    system.prompt_sampling_backend = cfg.generation.backend  # for the run's metrics (none: G never sampled)
     if cfg.generation.backend == "vllm":
         return sample_prompts_vllm(system, examples, n, live, greedy)
     out = []
