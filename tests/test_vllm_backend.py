@@ -5,6 +5,7 @@ evaluate()'s routing to an engine; and, where vLLM is installed, the real engine
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from types import SimpleNamespace
@@ -185,6 +186,45 @@ def test_write_weights_merges_a_lora_adapter_into_a_copy(tiny_model_path):
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, want, atol=1e-5)
     assert hasattr(peft_model, "peft_config") and any("lora_A" in n for n, _ in peft_model.named_parameters())
+
+
+WRITE_SCRIPT = """
+import json, os, sys
+import torch
+from metatuner import vllm_backend as vb
+from metatuner.models import load_model
+
+torch.set_num_threads(1)
+model, tok = load_model(sys.argv[1], dtype="float32", device="cpu")
+saves = []
+real = vb._save_plain
+vb._save_plain = lambda *a: (saves.append(1), real(*a))
+out = vb.write_weights(model, tok)
+complete = all((out / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer_config.json"))
+with open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"out": str(out), "saves": len(saves), "complete": complete}, f)
+"""
+
+
+def test_two_processes_write_one_copy_of_the_weights_and_share_it(tiny_model_path, tmp_path):
+    """torchrun --nproc_per_node 2 on one machine: the first process writes the weights once, the other
+    waits for them and gets the same, complete folder."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "write.py"
+    script.write_text(WRITE_SCRIPT)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(tiny_model_path),
+                        str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert ranks[0]["out"] == ranks[1]["out"] and [x["saves"] for x in ranks] == [1, 0]
+    assert all(x["complete"] for x in ranks)  # complete when the waiting process got it
+    assert not Path(ranks[0]["out"]).exists()  # removed at exit
 
 
 def test_a_run_with_the_vllm_backend_evaluates_through_the_engine(monkeypatch, tiny_model_path, tmp_path):

