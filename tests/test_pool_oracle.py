@@ -132,9 +132,9 @@ def test_pool_oracle_on_a_tiny_metatuner_pool_run(tiny_model_path, tmp_path, mon
     done = json.loads((out / "pool_oracle.json").read_text())
     import metatuner.evaluate as E
 
-    calls = []
+    calls, how = [], []
     real = E.evaluate
-    monkeypatch.setattr(E, "evaluate", lambda *a, **k: (calls.append(len(a[3])), real(*a, **k))[1])
+    monkeypatch.setattr(E, "evaluate", lambda *a, **k: (calls.append(len(a[3])), how.append((a[4], k)), real(*a, **k))[2])
     rep = NS["main"]([str(out), "--learned", "6"])
     assert calls == [6, 6, 6] and rep["correct"]["test"] == done["correct"]["test"] and len(rep["correct"]["train"]) == 6
     lc = rep["learned_chooser"]
@@ -148,6 +148,9 @@ def test_pool_oracle_on_a_tiny_metatuner_pool_run(tiny_model_path, tmp_path, mon
     rep = NS["main"]([str(out), "--resample", "3", "--temperature", "1.0"])
     r = rep["resample"]
     assert calls[6:] == [5] and rep["correct"] == kept
+    prompt, k = how[6]  # sampled with the validation-best candidate, through the run's own per-query LoRA
+    assert prompt == pool[rep["best_on_validation"]] and k["batch_context"] is not None
+    assert (k["strategy"], k["n"], k["temperature"]) == ("majority", 3, 1.0)
     assert r["candidate"] == rep["best_on_validation"] and r["samples"] == 3 and r["temperature"] == 1.0
     assert len(r["samples_correct"]) == 5 and all(len(x) == 3 for x in r["samples_correct"])
     assert r["pass_at_k"] == sum(any(x) for x in r["samples_correct"]) / 5
