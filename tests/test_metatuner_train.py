@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -561,20 +562,82 @@ def test_two_processes_build_a_pool_with_opro_members_together(model_dir, tmp_pa
     assert pools[0] == pools[1] and len(pools[0]) >= 1
 
 
+def test_a_sharded_joint_phase_trains_as_ddp_and_resumes_exactly(model_dir, tmp_path):
+    """An FSDP launch (ACCELERATE_USE_FSDP=true, as `accelerate launch --config_file configs/accelerate/fsdp.yaml`
+    sets it; here on CPU under torchrun) shards G with FSDP2 (`metatuner.sharding`) and trains as DDP does: the
+    same D2, the same trained tensors up to float rounding, the same test answers; its checkpoints hold whole
+    tensors and the optimizer's whole state, and a run resumed from one ends where the uninterrupted run
+    ended. A DDP launch refuses to resume a sharded checkpoint."""
+    from safetensors.torch import load_file
+
+    extra = ["method=metatuner_j", "train.prompt_rewrite=true", "rollout.n=2"]
+    fsdp = {"ACCELERATE_USE_FSDP": "true"}
+    ddp_out, fsdp_out, resumed = tmp_path / "ddp", tmp_path / "fsdp", tmp_path / "resumed"
+    for out, env in ((ddp_out, {}), (fsdp_out, fsdp)):  # each its own cache: both train the actor's warm-up
+        r = _cli_train(model_dir, out, 2, 2, extra, env={**env, "METATUNER_CACHE": str(tmp_path / f"cache_{out.name}")})
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_file(ddp_out / "final" / "generator.safetensors"), load_file(fsdp_out / "final" / "generator.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("frozen.") for k in a)
+    assert all(a[k].shape == b[k].shape and torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    start = load_file(fsdp_out / "warmup" / "generator" / "generator.safetensors")
+    assert any(not torch.equal(start[k], b[k]) for k in b if "lora_B" in k), "G did not train"
+    assert (ddp_out / "final" / "d2.jsonl").read_text() == (fsdp_out / "final" / "d2.jsonl").read_text()
+    assert (ddp_out / "predictions.jsonl").read_text() == (fsdp_out / "predictions.jsonl").read_text()
+    ck = fsdp_out / "step_2"
+    assert json.loads((ck / "trainer_state.json").read_text())["sharded"] is True
+    assert (ck / "optimizer_full.pt").is_file() and (ck / "generator_adapter" / "adapter_model.safetensors").is_file()
+    opt = torch.load(ck / "optimizer_full.pt", weights_only=True)
+    assert len(opt["state"]) == sum(len(g["params"]) for g in opt["param_groups"]) > 0
+
+    resumed.mkdir()
+    shutil.copytree(ck, resumed / "step_2")
+    r = _cli_train(model_dir, resumed, 2, 2, [*extra, "resume_from_checkpoint=true"], env=fsdp)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stdout + r.stderr
+    c = load_file(resumed / "final" / "generator.safetensors")
+    assert all(torch.equal(b[k], c[k]) for k in b), "the resumed sharded run ended elsewhere"
+
+    other = tmp_path / "ddp_resume"
+    other.mkdir()
+    shutil.copytree(ck, other / "step_2")
+    r = _cli_train(model_dir, other, 2, 2, [*extra, "resume_from_checkpoint=true"])
+    assert r.returncode != 0 and "sharded (FSDP)" in r.stderr
+
+
 # ----------------------------------------------------------------------------- 8: Gumbel vocabulary
 
 
-@pytest.mark.parametrize("var", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
-def test_sharded_launch_is_refused_before_any_training(model_dir, tmp_path, monkeypatch, var):
-    """`accelerate launch` with an FSDP or DeepSpeed config sets these; the joint phase runs on DDP only."""
-    monkeypatch.setenv(var, "true")
+def test_deepspeed_launch_is_refused_before_any_training(model_dir, tmp_path, monkeypatch):
+    """`accelerate launch` with a DeepSpeed config sets this; the joint phase runs on DDP or FSDP only."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     out = tmp_path / "sharded"
     cfg = make_cfg(model_dir, out, "method=metatuner_j")
-    with pytest.raises(MetatunerError, match="the joint phase runs on DDP.*multi_gpu.yaml"):
+    with pytest.raises(MetatunerError, match="the joint phase runs on DDP or FSDP, not DeepSpeed.*fsdp.yaml"):
         M.train(cfg, start_run(cfg))
     assert not (out / "warmup").exists(), "must refuse before the warm-up"
-    monkeypatch.setenv(var, "false")  # what a DDP launch leaves: no refusal
-    M.recipe.refuse_sharded_launch("metatuner_j")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")  # what a DDP launch leaves: no refusal
+    M.recipe.refuse_sharded_launch(cfg)
+
+
+def test_fsdp_launch_refuses_what_the_sharded_joint_phase_does_not_do(model_dir, tmp_path, monkeypatch):
+    """Under FSDP with several processes: one line naming every unsupported setting, before any training;
+    the supported settings pass, and one process is not sharded (nothing to refuse)."""
+    from metatuner.sharding import check_settings, sharded_launch
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert sharded_launch()
+    check_settings(make_cfg(model_dir, tmp_path / "ok", "method=metatuner_j", "generator.prompt_space=mixed"))
+    bad = make_cfg(model_dir, tmp_path / "bad", "method=metatuner_gumbel", "generator.share_encoder=false",
+                   "warmup.queries=5")
+    with pytest.raises(MetatunerError) as err:
+        check_settings(bad)
+    msg = str(err.value)
+    assert "\n" not in msg and "2 processes" in msg and "multi_gpu.yaml" in msg
+    assert all(s in msg for s in ("metatuner_gumbel", "share_encoder=false", "warmup.queries=5"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not sharded_launch()
+    check_settings(bad)
 
 
 def test_gumbel_refuses_generator_with_another_vocabulary(model_dir, tmp_path):

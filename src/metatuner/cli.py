@@ -174,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_process_group() -> None:
+    """Shut a launched run's process group down before exit (a sharded run's device mesh otherwise aborts
+    the interpreter's exit with 'terminate called without an active exception')."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -213,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                 cols = ["method", "task", "n", "accuracy"] + [k for k in ("em", "f1") if k in metrics] + ["wall_seconds"]
                 print(format_table([metrics], cols))
                 print(f"wrote {cfg.output_dir}/")
+            _close_process_group()
         elif args.command == "infer":
             for r in run_infer(cfg):
                 print(f"query:  {r['query']}\nprompt: {r['prompt']}\nanswer: {r['answer']}\n  (generation: {r['generation']!r})")

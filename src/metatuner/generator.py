@@ -37,6 +37,7 @@ from torch import nn
 from metatuner.errors import MetatunerError
 from metatuner.io import atomic_path
 from metatuner.lora import decoder_layers
+from metatuner.sharding import copy_full_into, is_dtensor, whole
 
 
 def split_depth(num_layers: int, share_ratio: float) -> int:
@@ -251,9 +252,20 @@ class SplitGenerator(nn.Module):
         return out.loss, out.logits, out.hidden_states[self.k]
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Meta encoder phi_s only (stops after layer k): [B, T] -> hidden_k [B, T, d]."""
-        return self._shells["encoder"](input_ids=input_ids, attention_mask=attention_mask,
-                                       position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+        """Meta encoder phi_s only (stops after layer k): [B, T] -> hidden_k [B, T, d]. With G sharded
+        (FSDP2) the embeddings live in G's root unit, which only G's own forward gathers: gathered here for
+        the call (no gradient then; every process calls it alike)."""
+        sharded = hasattr(self.model, "unshard")
+        if sharded and torch.is_grad_enabled():
+            raise MetatunerError("generator: the meta encoder alone runs without gradients when G is sharded")
+        if sharded:
+            self.model.unshard()
+        try:
+            return self._shells["encoder"](input_ids=input_ids, attention_mask=attention_mask,
+                                           position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+        finally:
+            if sharded:
+                self.model.reshard()
 
     def param_encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The states F reads: `encode` when shared, else F's own encoder copy (ablation w/o S)."""
@@ -267,6 +279,9 @@ class SplitGenerator(nn.Module):
     def frozen_decoder(self):
         """Inside the block the live model computes with phi_p' in place of phi_p (storage swapped, no copy)."""
         live, frozen = self.live_decoder_state(), self.frozen_state()
+        if any(is_dtensor(t) for t in live.values()):  # sharded (FSDP2 owns the storage): swap values
+            yield from self._frozen_by_copy(live, frozen)
+            return
         swapped = []
         try:
             with torch.no_grad():
@@ -278,6 +293,18 @@ class SplitGenerator(nn.Module):
             with torch.no_grad():
                 for n in swapped:
                     live[n].data, frozen[n].data = frozen[n].data, live[n].data
+
+    def _frozen_by_copy(self, live: dict, frozen: dict):
+        keep = {n: t.detach().clone() for n, t in live.items()}
+        try:
+            with torch.no_grad():
+                for n, t in live.items():
+                    t.copy_(frozen[n])
+            yield
+        finally:
+            with torch.no_grad():
+                for n, t in live.items():
+                    t.copy_(keep[n])
 
     @torch.no_grad()
     def sample_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **generate_kwargs) -> torch.Tensor:
@@ -299,15 +326,19 @@ class SplitGenerator(nn.Module):
 
     # -- checkpoints
 
-    def save(self, path: str | os.PathLike, extra: dict[str, nn.Module] | None = None, metadata: dict | None = None) -> None:
+    def save(self, path: str | os.PathLike, extra: dict[str, nn.Module] | None = None, metadata: dict | None = None,
+             write: bool = True) -> None:
         """The trained state (see `trained_state`) plus `extra` modules (e.g. {"hypernet": F}) into
-        one safetensors file, atomically."""
+        one safetensors file, atomically. With G sharded every process calls it (the tensors are gathered)
+        and only the one with write=True writes."""
         from safetensors.torch import save_file
 
         meta = {"k": self.k, "num_layers": self.num_layers, "share_encoder": self.share_encoder, **(metadata or {})}
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.trained_state().items()}
+        tensors = {k: whole(v).cpu().contiguous().clone() for k, v in self.trained_state().items()}
         for name, module in (extra or {}).items():
-            tensors.update({f"{name}.{k}": v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()})
+            tensors.update({f"{name}.{k}": whole(v).cpu().contiguous().clone() for k, v in module.state_dict().items()})
+        if not write:
+            return
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"user": json.dumps(meta), "aliases": "{}"})
 
@@ -339,7 +370,7 @@ class SplitGenerator(nn.Module):
             for k, t in want.items():
                 if t.shape != flat[k].shape:
                     raise MetatunerError(f"{path}: {k} has shape {tuple(flat[k].shape)}, expected {tuple(t.shape)}")
-                t.copy_(flat[k])
+                copy_full_into(t, flat[k])
         for name, module in extra.items():
             sub = {k[len(name) + 1:]: v for k, v in flat.items() if k.startswith(name + ".")}
             try:
@@ -349,13 +380,17 @@ class SplitGenerator(nn.Module):
         return meta
 
 
-def save_metatuner(out_dir: str | os.PathLike, generator: SplitGenerator, decoder: nn.Module) -> Path:
-    """Write generator.safetensors (G's trained tensors, phi_p', F) and hypernet.json (F's config)."""
+def save_metatuner(out_dir: str | os.PathLike, generator: SplitGenerator, decoder: nn.Module, write: bool = True) -> Path:
+    """Write generator.safetensors (G's trained tensors, phi_p', F) and hypernet.json (F's config).
+    With G sharded every process calls it; the one with write=True writes."""
     from metatuner.io import write_json
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    generator.save(out / "generator.safetensors", extra={"hypernet": decoder})
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+    generator.save(out / "generator.safetensors", extra={"hypernet": decoder}, write=write)
+    if not write:
+        return out
     if hasattr(decoder, "config_dict"):
         write_json(out / "hypernet.json", decoder.config_dict())
     return out

@@ -16,18 +16,23 @@ from .rollouts import test_prompts
 from .system import MetaTunerSystem
 
 
-def save_generator_adapter(system: MetaTunerSystem, out: Path) -> None:
+def save_generator_adapter(system: MetaTunerSystem, out: Path, write: bool = True) -> None:
     """G's LoRA factors as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors), loadable
-    with PeftModel.from_pretrained(G's base model, out)."""
+    with PeftModel.from_pretrained(G's base model, out). With G sharded every process calls it (the factors
+    are gathered) and the one with write=True writes."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
+    from metatuner.sharding import whole
+
     cfg = system.cfg
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for n, p in system.gen.model.named_parameters():
         if "lora_" in n:
-            tensors["base_model.model." + n.replace(".default", "")] = p.detach().cpu().contiguous().clone()
+            tensors["base_model.model." + n.replace(".default", "")] = whole(p).cpu().contiguous().clone()
+    if not write:
+        return
+    out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     targets = list(cfg.generator.lora_targets) or sorted({n.split(".")[-3] for n in tensors})
     LoraConfig(r=cfg.generator.lora_rank, lora_alpha=2 * cfg.generator.lora_rank, target_modules=targets,

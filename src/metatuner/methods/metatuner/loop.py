@@ -46,16 +46,25 @@ class _Trained(nn.Module):
 
 
 class Runner:
-    """accelerate around the trained module: `forward(fn)` and `acc` (the Accelerator)."""
+    """accelerate around the trained module: `forward(fn)` and `acc` (the Accelerator). Under an FSDP launch
+    (`sharding.sharded_launch`) G is sharded with FSDP2 instead of wrapping the module in DDP."""
 
     def __init__(self, system):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
+        from metatuner.sharding import shard_generator, sharded_launch
+
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
         self.acc = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
         self.system = system
-        self.module = self.acc.prepare(_Trained(system))
+        self.sharded = sharded_launch()
+        system.sharded = self.sharded
+        if self.sharded:
+            shard_generator(system.gen)
+            self.module = _Trained(system)
+        else:
+            self.module = self.acc.prepare(_Trained(system))
         # checkpoints hold only what trains: accelerate must neither save nor load the module's full weights
         self.acc.register_save_state_pre_hook(lambda models, weights, out: weights.clear())
         self.acc.register_load_state_pre_hook(lambda models, inp: models.clear())
@@ -73,9 +82,10 @@ class JointLoop:
         self.joint_steps = cfg.train.max_steps - cfg.warmup.max_steps
         groups = system.trainable_groups()
         self.params = [p for g in groups for p in g["params"]]
-        self.opt = self.acc.prepare_optimizer(torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay))
-        self.sched = make_scheduler(self.opt.optimizer, cfg.train.scheduler, self.joint_steps,
-                                    cfg.train.lr_warmup_ratio)
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
+        self.sharded = runner.sharded  # FSDP2: the optimizer state is saved by `sharding`, not accelerate
+        self.opt = opt if self.sharded else self.acc.prepare_optimizer(opt)
+        self.sched = make_scheduler(opt, cfg.train.scheduler, self.joint_steps, cfg.train.lr_warmup_ratio)
         self.grad_accum = max(1, cfg.train.grad_accum)
         if cfg.train.batch_size % self.grad_accum:
             raise MetatunerError(f"train.grad_accum={cfg.train.grad_accum} must divide train.batch_size="
@@ -195,14 +205,21 @@ class JointLoop:
         self.opt.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "task_loss": 0.0, "reg": 0.0}
         for part in range(parts):
-            sync = acc.no_sync(self.runner.module) if part < parts - 1 else contextlib.nullcontext()
+            last = part == parts - 1
+            sync = contextlib.nullcontext() if last or self.sharded else acc.no_sync(self.runner.module)
             with sync:
                 loss, task_loss, reg = self.runner.forward(lambda: self.losses(step, part, parts))
                 check_finite(loss, step + 1, self.last_ckpt)
                 acc.backward(loss / parts)
             for k, v in (("loss", loss), ("task_loss", task_loss), ("reg", reg)):
                 totals[k] += v.item() / parts
-        grad_norm = acc.clip_grad_norm_(self.params, cfg.train.max_grad_norm or float("inf"))
+        if self.sharded:  # FSDP reduced G's gradients; F's are averaged here, as DDP would
+            from metatuner.sharding import average_gradients, clip_grad_norm
+
+            average_gradients([p for p in self.params if p.requires_grad])
+            grad_norm = clip_grad_norm(self.params, cfg.train.max_grad_norm or float("inf"))
+        else:
+            grad_norm = acc.clip_grad_norm_(self.params, cfg.train.max_grad_norm or float("inf"))
         check_finite(grad_norm, step + 1, self.last_ckpt, what="gradient norm")
         self.opt.step()
         self.sched.step()
@@ -241,16 +258,25 @@ class JointLoop:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))  # optimizer, scheduler, loop state, every process's RNG
-        if acc.is_main_process:
-            self.system.save(tmp)
-            if self.cfg.generator.lora_rank > 0:  # G's adapter in PEFT format too (what trains, a few MB)
-                from .inference import save_generator_adapter
+        acc.save_state(str(tmp))  # optimizer (DDP), scheduler, loop state, every process's RNG
+        main = acc.is_main_process
+        if self.sharded:  # the optimizer state gathered by every process, written by the main one
+            from metatuner.sharding import optimizer_state
 
-                save_generator_adapter(self.system, tmp / "generator_adapter")
+            state = optimizer_state(self.runner.module, self.opt)
+            if main:
+                torch.save(state, tmp / "optimizer_full.pt")
+        if main or self.sharded:  # with G sharded every process gathers its tensors; the main one writes
+            from .inference import save_generator_adapter
+
+            self.system.save(tmp, write=main)
+            if self.cfg.generator.lora_rank > 0:  # G's adapter in PEFT format too (what trains, a few MB)
+                save_generator_adapter(self.system, tmp / "generator_adapter", write=main)
+        if main:
             save_checkpoint_config(self.cfg, tmp)  # resume_from_checkpoint=auto compares these settings
             (tmp / "trainer_state.json").write_text(json.dumps(
-                {"step": step, "method": self.cfg.method, "world_size": acc.num_processes}))
+                {"step": step, "method": self.cfg.method, "world_size": acc.num_processes,
+                 "sharded": self.sharded}))
             (tmp / "COMPLETE").write_text(str(step))
             if final.exists():
                 shutil.rmtree(final)
@@ -269,12 +295,23 @@ class JointLoop:
             raise MetatunerError(f"resume_from_checkpoint: {ck} lacks {', '.join(missing)} (not written by a "
                                  "MetaTuner run?); remove it to resume from an older one, or start afresh")
         meta = json.loads((ck / "trainer_state.json").read_text())
-        if meta.get("method") != self.cfg.method or meta.get("world_size") != self.acc.num_processes:
-            raise MetatunerError(f"resume_from_checkpoint: {ck} was written by method={meta.get('method')} with "
-                                 f"{meta.get('world_size')} process(es); this run is method={self.cfg.method} with "
-                                 f"{self.acc.num_processes} (resume with the same settings, or start a new output_dir)")
+        if (meta.get("method") != self.cfg.method or meta.get("world_size") != self.acc.num_processes
+                or meta.get("sharded", False) != self.sharded):
+            how = lambda m, n, sh: f"method={m} with {n} process(es){' sharded (FSDP)' if sh else ''}"  # noqa: E731
+            raise MetatunerError(f"resume_from_checkpoint: {ck} was written by "
+                                 f"{how(meta.get('method'), meta.get('world_size'), meta.get('sharded', False))}; this run is "
+                                 f"{how(self.cfg.method, self.acc.num_processes, self.sharded)} (resume with the same "
+                                 "settings and launch, or start a new output_dir)")
         self.system.load(ck)
         self.acc.load_state(str(ck))
+        if self.sharded:
+            from metatuner.sharding import load_optimizer_state
+
+            if not (ck / "optimizer_full.pt").is_file():
+                raise MetatunerError(f"resume_from_checkpoint: {ck} lacks optimizer_full.pt (the optimizer of a "
+                                     "sharded run); remove it to resume from an older one, or start afresh")
+            state = torch.load(ck / "optimizer_full.pt", map_location="cpu", weights_only=True)
+            load_optimizer_state(self.runner.module, self.opt, state)
         self.last_ckpt = str(ck)
         if self.acc.is_main_process:
             print(f"resuming from {ck} at step {self.state['step']}")

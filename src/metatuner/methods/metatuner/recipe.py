@@ -3,6 +3,7 @@ warm-up -> joint phase -> final/ -> test evaluation."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,18 +28,17 @@ from .warmup import warmup_actor, warmup_generator
 METHODS = ("metatuner_j", "metatuner_i", "metatuner_gumbel")
 
 
-def refuse_sharded_launch(method: str) -> None:
-    """MetaTuner's joint phase runs on DDP only: FSDP2 needs the trained module and its optimizer prepared
-    together and turns G's and F's parameters into sharded DTensors, which the rollouts (G generating
-    outside the prepared module's forward), phi_p' <- phi_p and the checkpoint writer (G's trained tensors
-    only, never base weights) do not handle yet. Refused before any training, so no warm-up is wasted."""
-    for var, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(var, "false").lower() == "true":
-            raise MetatunerError(
-                f"method={method}: the joint phase runs on DDP, not {name} ({var}=true): launch it with "
-                "configs/accelerate/multi_gpu.yaml (one full copy per GPU; the paper's 7B G + 3B M stay below "
-                "70 GiB per GPU at train.batch_size=8, docs/results.md); FSDP shards the baselines (sft, dpo, "
-                "bettertogether)")
+def refuse_sharded_launch(cfg: Config) -> None:
+    """MetaTuner's joint phase runs on DDP or sharded with FSDP2 (`metatuner.sharding`), not on DeepSpeed;
+    what the sharded phase does not support is refused too. Before any training, so no warm-up is wasted."""
+    from metatuner.sharding import check_settings
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise MetatunerError(
+            f"method={cfg.method}: the joint phase runs on DDP or FSDP, not DeepSpeed (ACCELERATE_USE_DEEPSPEED=true): "
+            "launch it with configs/accelerate/multi_gpu.yaml (one full copy per GPU) or "
+            "configs/accelerate/fsdp.yaml (G sharded); DeepSpeed trains the baselines (sft, dpo, bettertogether)")
+    check_settings(cfg)
 
 
 def prepare(cfg: Config, task: Task) -> tuple[MetaTunerSystem, JointLoop, dict]:
@@ -48,7 +48,7 @@ def prepare(cfg: Config, task: Task) -> tuple[MetaTunerSystem, JointLoop, dict]:
 
     if cfg.method not in METHODS:
         raise MetatunerError(f"method: expected one of {METHODS}, got {cfg.method!r}")
-    refuse_sharded_launch(cfg.method)
+    refuse_sharded_launch(cfg)
     if cfg.warmup.max_steps > cfg.train.max_steps:
         raise MetatunerError(f"warmup.max_steps={cfg.warmup.max_steps} exceeds train.max_steps={cfg.train.max_steps} "
                              "(train.max_steps counts the actor warm-up plus the joint steps)")
@@ -81,7 +81,9 @@ def prepare(cfg: Config, task: Task) -> tuple[MetaTunerSystem, JointLoop, dict]:
     gen_warm = out / "warmup" / "generator"
     if resume_ck is None:
         stats.update(warmup_generator(cfg, system, runner, log))
-        if state.is_main_process:
+        if runner.sharded:  # gathered by every process
+            system.save(gen_warm, write=state.is_main_process)
+        elif state.is_main_process:
             system.save(gen_warm)
     state.wait_for_everyone()
     loop = JointLoop(cfg, system, runner, log)
@@ -130,14 +132,15 @@ def write_final(cfg: Config, loop: JointLoop, stats: dict) -> Path:
     (G's LoRA in PEFT format), actor_adapter/, d2.jsonl; config.yaml and train_stats.json, with which a
     run killed during its test evaluation is evaluated again without training (`finished_final`)."""
     system, acc, task = loop.system, loop.acc, loop.task
-    final = Path(cfg.output_dir) / "final"
-    if acc.is_main_process:
-        with atomic_path(final, directory=True) as tmp:
-            system.save(tmp)
-            if cfg.generator.lora_rank > 0:
-                from .inference import save_generator_adapter
+    from .inference import save_generator_adapter
 
-                save_generator_adapter(system, tmp / "generator_adapter")
+    final, main = Path(cfg.output_dir) / "final", acc.is_main_process
+    with atomic_path(final, directory=True) if main else contextlib.nullcontext(final) as tmp:
+        if main or loop.sharded:  # with G sharded every process gathers its tensors; the main one writes
+            system.save(tmp, write=main)
+            if cfg.generator.lora_rank > 0:
+                save_generator_adapter(system, tmp / "generator_adapter", write=main)
+        if main:
             if system.actor_adapter is not None:
                 shutil.copytree(system.actor_adapter, tmp / "actor_adapter")
             if cfg.generator.prompt_space != "free":
@@ -227,4 +230,8 @@ def run(cfg: Config) -> dict:
         system.task = task  # with its splits (load_system rebuilds the task's rules only)
     else:
         system, stats = train(cfg, task)
+        if getattr(system, "sharded", False):  # G was sharded for training: evaluate a plain copy of final/
+            del system
+            system = load_system(cfg.output_dir)
+            system.task = task
     return evaluate_system(cfg, system, {**stats, "p_tilde": task.prompt})

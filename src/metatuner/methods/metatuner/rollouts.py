@@ -43,7 +43,8 @@ def sample_prompts(system, examples: list[Example], n: int, live: bool = False, 
         chunk = examples[s : s + bs]
         enc = system.gen_encode(chunk)
         kw = dict(max_new_tokens=cfg.generator.max_prompt_tokens, num_return_sequences=n,
-                  pad_token_id=system.gen_tok.pad_token_id, eos_token_id=system.gen_tok.eos_token_id)
+                  pad_token_id=system.gen_tok.pad_token_id, eos_token_id=system.gen_tok.eos_token_id,
+                  synced_gpus=getattr(system, "sharded", False))  # sharded G: step until every process is done
         if greedy:
             kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         else:
@@ -106,10 +107,16 @@ def pool_choice_loss(system, examples: list[Example], targets: list[list[int] | 
     query right; 0 when no query has one. The distribution trained is the one the test argmax reads, and the
     candidates that answered wrong are pushed down."""
     rows = [(ex, t) for ex, t in zip(examples, targets) if t]
-    if not rows:
-        return torch.zeros((), device=system.device)
     pool = list(system.pool)
-    scores = pool_scores(system, [ex for ex, _ in rows], [pool] * len(rows), frozen=False, grad=True)
+    if getattr(system, "sharded", False):  # every process runs G alike and its loss reaches G (FSDP's collectives)
+        every = pool_scores(system, examples, [pool] * len(examples), frozen=False, grad=True)
+        if not rows:
+            return every.sum() * 0.0
+        scores = every[[i for i, t in enumerate(targets) if t]]
+    elif not rows:
+        return torch.zeros((), device=system.device)
+    else:
+        scores = pool_scores(system, [ex for ex, _ in rows], [pool] * len(rows), frozen=False, grad=True)
     logp = torch.log_softmax(scores / system.cfg.generator.pool_temperature, dim=-1)
     right = torch.zeros_like(logp, dtype=torch.bool)
     for r, (_, t) in enumerate(rows):
@@ -192,9 +199,18 @@ def d2_rollout(system, examples: list[Example], live: bool = False) -> tuple[lis
     else:
         cands = [list(system.pool) + [p for p in f if p not in system.pool] for f in free]
         width = max(len(c) for c in cands)
+        if getattr(system, "sharded", False):  # sharded G: the same number of rows (passes) on every process
+            import torch.distributed as dist
+
+            w = torch.tensor([width], device=system.device)
+            dist.all_reduce(w, op=dist.ReduceOp.MAX)
+            width = int(w)
         padded = [c + [c[0]] * (width - len(c)) for c in cands]  # the same count per query for one batched pass
         task_prompts = choose(system, examples, padded, frozen=not live, sample=True)
-    outs = candidate_outcomes(system, examples, cands) if any(cands) else None
+    # F's input states once per query (not once per scoring batch): cheaper, and with G sharded the scoring
+    # (a different number of batches on each process) must not run G
+    with system.pooled_states(examples) if system.use_f else contextlib.nullcontext():
+        outs = candidate_outcomes(system, examples, cands) if any(cands) else None
     best = (best_candidates(system, outs) if outs is not None
             else [(system.p_tilde, False, 0.0, cfg.rollout.targets == "all")] * len(examples))
     stats = {"d2_correct": sum(b[1] for b in best) / max(1, len(best)),

@@ -58,6 +58,7 @@ class MetaTunerSystem:
         self.use_f = cfg.train.param_decoder
         self.use_p = cfg.train.prompt_rewrite
         self.actor_adapter = None  # the warm-up adapter merged into the actor (copied to final/)
+        self.pooled = None  # {id(example): pooled h_k} inside `pooled_states`
         self.counts = {"generation_calls": 0, "train_tokens": 0}  # costs, for the comparison report
         actor.requires_grad_(False)
 
@@ -82,10 +83,33 @@ class MetaTunerSystem:
         only, so h_i of a query is the same left-padded (here) or right-padded (in the joint pass)."""
         if not self.use_f:
             return None
+        if hidden_k is None and self.pooled is not None:  # computed once for a rollout (`pooled_states`)
+            return self.decoder(torch.stack([self.pooled[id(ex)] for ex in examples]))
         if hidden_k is None or not self.gen.share_encoder:
             enc = self.gen_encode(examples)
             hidden_k, mask = self.gen.param_encode(enc["input_ids"], enc["attention_mask"]), enc["attention_mask"]
         return self.decoder(pool(hidden_k, mask, self.cfg.hypernet.pooling))
+
+    @contextlib.contextmanager
+    def pooled_states(self, examples: list[Example]):
+        """Inside the block `factors` reads these queries' pooled meta-encoder states computed here, once,
+        in chunks of rollout.batch_size (D2's candidate scoring: the actor answers every candidate with its
+        query's LoRA, and G need not encode the query again for each batch). With G sharded every pass of G
+        is a collective, and the scoring takes a different number of batches on each process."""
+        bs = self.cfg.rollout.batch_size
+        pooled = {}
+        with torch.no_grad():
+            for s in range(0, len(examples), bs):
+                chunk = examples[s : s + bs]
+                enc = self.gen_encode(chunk)
+                h = pool(self.gen.param_encode(enc["input_ids"], enc["attention_mask"]), enc["attention_mask"],
+                         self.cfg.hypernet.pooling)
+                pooled.update({id(ex): row for ex, row in zip(chunk, h)})
+        self.pooled = pooled
+        try:
+            yield
+        finally:
+            self.pooled = None
 
     def with_factors(self, examples: list[Example]):
         """Context in which the actor runs with these queries' generated LoRA (nothing in w/o F)."""
@@ -154,10 +178,11 @@ class MetaTunerSystem:
             groups.append({"params": list(self.decoder.parameters()) + enc_copy, "lr": cfg.hypernet.lr})
         return groups
 
-    def save(self, out_dir) -> None:
+    def save(self, out_dir, write: bool = True) -> None:
+        """generator.safetensors + hypernet.json; with G sharded every process calls it and one writes."""
         from metatuner.generator import save_metatuner
 
-        save_metatuner(out_dir, self.gen, self.decoder)
+        save_metatuner(out_dir, self.gen, self.decoder, write=write)
 
     def load(self, out_dir) -> None:
         from metatuner.generator import load_metatuner

@@ -102,6 +102,8 @@ def warmup_generator(cfg: Config, system, trainer, log) -> dict:
     if cfg.warmup.generator_steps > 0 and system.use_p:
         rng = random.Random(cfg.seed + 1)
         queries = rng.sample(task.train, min(cfg.warmup.queries, len(task.train)))
+        if getattr(system, "sharded", False):  # every process rolls out as many queries (G's passes are collectives)
+            queries = queries[: len(queries) - len(queries) % state.num_processes]
         mine = queries[state.process_index :: state.num_processes]
         if not mine:
             raise MetatunerError(f"warmup.queries={cfg.warmup.queries} gives process {state.process_index} of "
@@ -115,9 +117,14 @@ def warmup_generator(cfg: Config, system, trainer, log) -> dict:
         bs = cfg.train.batch_size
         system.gen.model.train()
         targets = [i for i, b in enumerate(best) if b is not None]  # rollout.targets=decisive: only those
+        if getattr(system, "sharded", False):  # the same steps on every process: none unless all have a target
+            from accelerate.utils import gather_object
+
+            if not all(gather_object([bool(targets)])):
+                targets = []
         steps = cfg.warmup.generator_steps if targets else 0
         if not targets:
-            stats["warmup_generator_skipped"] = "no warm-up query has a D2 target (rollout.targets=decisive)"
+            stats["warmup_generator_skipped"] = "no warm-up query has a D2 target (rollout.targets=decisive; on some process, when sharded)"
         bar = tqdm(range(steps), desc="warm-up G", disable=not state.is_main_process)
         for step in bar:
             idx = [targets[(step * bs + j) % len(targets)] for j in range(bs)]
