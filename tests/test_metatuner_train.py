@@ -607,6 +607,24 @@ def test_a_sharded_joint_phase_trains_as_ddp_and_resumes_exactly(model_dir, tmp_
 # ----------------------------------------------------------------------------- 8: Gumbel vocabulary
 
 
+def test_a_warm_up_read_from_the_cache_trains_the_same_system(model_dir, tmp_path, monkeypatch):
+    """The actor's warm-up trains once and is then read from the cache; training consumes random numbers that
+    reading does not, so the random state is set again after it: F's first weights, G's samples and the joint
+    phase are the same whether the warm-up was trained or read."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("METATUNER_CACHE", str(tmp_path / "cache"))
+    outs = []
+    for name in ("trained", "cached"):
+        cfg = make_cfg(model_dir, tmp_path / name, "method=metatuner_j", "train.bf16=false", "warmup.max_steps=2")
+        M.train(cfg, start_run(cfg))
+        outs.append(load_file(tmp_path / name / "final" / "generator.safetensors"))
+    assert list((tmp_path / "cache" / "warmup").iterdir()), "the warm-up was not cached"
+    a, b = outs
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "trained" / "final" / "d2.jsonl").read_text() == (tmp_path / "cached" / "final" / "d2.jsonl").read_text()
+
+
 def test_deepspeed_launch_is_refused_before_any_training(model_dir, tmp_path, monkeypatch):
     """`accelerate launch` with a DeepSpeed config sets this; the joint phase runs on DDP or FSDP only."""
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
@@ -785,6 +803,29 @@ def test_h_i_at_training_equals_h_i_at_test(scoring_system):
                                position_ids=position_ids(gb["attention_mask"]), output_hidden_states=True)
         h_train = pool(out.hidden_states[system.gen.k], gb["prefix_mask"])
     torch.testing.assert_close(h_train, h_test, atol=1e-5, rtol=1e-4)
+
+
+def test_d2_scoring_encodes_each_query_once_and_gives_the_factors_of_a_fresh_encoding(scoring_system, monkeypatch):
+    """Inside `pooled_states` (D2's candidate scoring) F reads states computed once per chunk of queries: G's
+    meta encoder runs once per rollout.batch_size queries, not once per scoring batch, and each query's
+    factors equal those of encoding it alone; outside the block F encodes again."""
+    system = scoring_system
+    exs = system.task.train[:5]
+    calls = []
+    encode = system.gen.param_encode
+    monkeypatch.setattr(system.gen, "param_encode", lambda *a: calls.append(a[0].shape[0]) or encode(*a))
+    with torch.no_grad(), system.pooled_states(exs):
+        assert calls == [5]  # rollout.batch_size=8 > 5 queries: one chunk
+        cached = [system.factors([ex, exs[0]]) for ex in exs]  # any subset, any order, as the scoring asks
+        assert calls == [5]
+    assert system.pooled is None
+    with torch.no_grad():
+        for ex, f in zip(exs, cached):
+            alone = system.factors([ex])
+            for key, (a, b) in alone.items():
+                torch.testing.assert_close(f[key][0][:1], a, atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(f[key][1][:1], b, atol=1e-5, rtol=1e-4)
+    assert len(calls) == 1 + len(exs)
 
 
 def test_answer_criterion_inside_the_real_loop(model_dir, tmp_path, monkeypatch):

@@ -203,6 +203,7 @@ out = vb.write_weights(model, tok)
 complete = all((out / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer_config.json"))
 with open(os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.json"), "w") as f:
     json.dump({"out": str(out), "saves": len(saves), "complete": complete}, f)
+torch.distributed.barrier()  # the writer removes the folder at exit: not before the other process has looked
 """
 
 

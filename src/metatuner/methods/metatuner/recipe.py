@@ -15,6 +15,7 @@ from metatuner.checkpoints import (find_resume_checkpoint, read_config_dict, res
 from metatuner.config import Config, save_config
 from metatuner.errors import MetatunerError
 from metatuner.io import atomic_path, write_json, write_jsonl
+from metatuner.run import set_seed
 from metatuner.sapo import maybe_select
 from metatuner.tasks import Task
 from metatuner.training import TrainLog, list_checkpoints
@@ -72,9 +73,13 @@ def prepare(cfg: Config, task: Task) -> tuple[MetaTunerSystem, JointLoop, dict]:
             save_config(cfg, out / "config.yaml")
             write_json(out / "sapo.json", sel)
     actor, adapter = warmup_actor(cfg, actor, tok, task, out, state, lambda: load_actor(cfg)[0])
+    pool = prompt_pool(cfg, task, gen, gtok, out, state, resume_ck is not None)
+    # The same random state from here on whether the warm-up and the pool were computed or read from the
+    # cache (computing consumes random numbers): F's first weights, G's samples, the joint phase.
+    set_seed(cfg.seed)
     system = MetaTunerSystem(cfg, actor, tok, gen, gtok, task)
     system.actor_adapter = adapter
-    system.pool = prompt_pool(cfg, task, gen, gtok, out, state, resume_ck is not None)
+    system.pool = pool
     runner = Runner(system)
     log = TrainLog(out, cfg.train.report_to, enabled=state.is_main_process, append=resume_ck is not None)
     stats = {"warmup_actor_steps": cfg.warmup.max_steps}
