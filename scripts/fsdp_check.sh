@@ -4,8 +4,8 @@
 #   bash scripts/fsdp_check.sh [NPROC]        # NPROC processes under FSDP (default 1: one GPU is enough)
 # Checks: SFT under FSDP ends with the same adapter and the same test answers as SFT without it; an FSDP run
 # resumed from its checkpoint-4 ends with the same adapter as the uninterrupted one; DPO and BetterTogether
-# finish under FSDP; MetaTuner-J finishes under FSDP (with NPROC > 1 its joint phase shards G, metatuner.sharding;
-# with one process it trains unsharded; scripts/fsdp_joint_check.sh compares it with DDP on two processes).
+# finish under FSDP; MetaTuner-J finishes under FSDP with NPROC > 1 (its joint phase shards G, metatuner.sharding;
+# scripts/fsdp_joint_check.sh compares it with DDP) and refuses one process before any training (nothing to shard).
 # With NPROC > 1 each process sees a slice of every batch, so the FSDP adapter matches the plain one only up to
 # float rounding (same global batch, different summation order).
 set -u
@@ -50,7 +50,13 @@ run sft_fsdp_resume 0 accelerate launch $A -m metatuner.cli train $S method=sft 
 same_adapter "$W/sft_fsdp" "$W/sft_resume"
 run dpo_fsdp 0 accelerate launch $A -m metatuner.cli train $S method=dpo output_dir=$W/dpo_fsdp
 run bettertogether_fsdp 0 accelerate launch $A -m metatuner.cli train $S method=bettertogether output_dir=$W/bt_fsdp
-run metatuner_j_fsdp 0 accelerate launch $A -m metatuner.cli train $S method=metatuner_j output_dir=$W/mtj_fsdp
-[ -f "$W/mtj_fsdp/final/generator.safetensors" ] || { echo "FAIL metatuner_j wrote no final/"; fail=1; }
+if [ "$NPROC" = 1 ]; then
+  run metatuner_j_fsdp 1 accelerate launch $A -m metatuner.cli train $S method=metatuner_j output_dir=$W/mtj_fsdp
+  grep -q "with one process: nothing to shard" "$W/metatuner_j_fsdp.log" || { echo "FAIL metatuner_j: no refusal message"; fail=1; }
+  [ -e "$W/mtj_fsdp/warmup" ] && { echo "FAIL metatuner_j trained before refusing"; fail=1; }
+else
+  run metatuner_j_fsdp 0 accelerate launch $A -m metatuner.cli train $S method=metatuner_j output_dir=$W/mtj_fsdp
+  [ -f "$W/mtj_fsdp/final/generator.safetensors" ] || { echo "FAIL metatuner_j wrote no final/"; fail=1; }
+fi
 [ $fail = 0 ] && echo "all FSDP checks passed" || echo "some FSDP checks failed"
 exit $fail

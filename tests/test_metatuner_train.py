@@ -639,7 +639,8 @@ def test_deepspeed_launch_is_refused_before_any_training(model_dir, tmp_path, mo
 
 def test_fsdp_launch_refuses_what_the_sharded_joint_phase_does_not_do(model_dir, tmp_path, monkeypatch):
     """Under FSDP with several processes: one line naming every unsupported setting, before any training;
-    the supported settings pass, and one process is not sharded (nothing to refuse)."""
+    the supported settings pass. One process under FSDP is refused (nothing to shard, and on GPUs accelerate
+    would wrap the joint phase's module in FSDP itself); without FSDP nothing is refused."""
     from metatuner.sharding import check_settings, sharded_launch
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
@@ -655,6 +656,9 @@ def test_fsdp_launch_refuses_what_the_sharded_joint_phase_does_not_do(model_dir,
     assert all(s in msg for s in ("metatuner_gumbel", "share_encoder=false", "warmup.queries=5"))
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert not sharded_launch()
+    with pytest.raises(MetatunerError, match="with one process: nothing to shard; launch it without the FSDP config"):
+        check_settings(make_cfg(model_dir, tmp_path / "ok", "method=metatuner_j"))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     check_settings(bad)
 
 

@@ -74,3 +74,29 @@ def test_paper_scale_says_why_vllm_was_not_measured(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # as on a machine without the extra
     tps, note = runpy.run_path(str(SCRIPT))["vllm_throughput"](None, None, [], None, False, None)
     assert tps is None and "vLLM is not installed" in note and "pip install -e '.[vllm]'" in note
+
+
+def test_sharded_step_tiny_under_two_processes_reports_halved_generator_state():
+    """benchmarks/sharded_step.py at tiny shapes under torchrun (2 processes, gloo): the same first-step loss in
+    both layouts, and each process holds about half of G's weights, of what trains in G's gradients and of
+    its AdamW state when sharded (all of G trains here); F's stay whole."""
+    import os
+    import subprocess
+    import sys
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    script = SCRIPT.parent / "sharded_step.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), "--shapes", "tiny", "--batch",
+                        "2", "--query-tokens", "12", "--target-tokens", "6", "--reps", "1", "--full-g"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["processes"] == 2 and res["generator_lora_rank"] == 0
+    assert res["loss_rel_diff"] < 1e-5
+    for part in ("generator_params", "generator_grads", "generator_adam"):
+        assert 0.45 <= res[f"sharded_{part}_mb"] / res[f"ddp_{part}_mb"] <= 0.6, part
+    assert res["sharded_f_adam_mb"] == res["ddp_f_adam_mb"] > 0
+    assert res["step_ratio_sharded_vs_ddp"] == pytest.approx(res["sharded_step_ms"] / res["ddp_step_ms"], rel=0.01)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "launch with torchrun" in r.stderr

@@ -36,9 +36,14 @@ def sharded_launch() -> bool:
 
 def check_settings(cfg) -> None:
     """One-line errors, before any training, for what the sharded joint phase does not do."""
-    if not sharded_launch():
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if fsdp and world == 1:  # on GPUs accelerate would wrap the joint phase's module in FSDP itself
+        raise MetatunerError(f"method={cfg.method} under FSDP (ACCELERATE_USE_FSDP=true) with one process: nothing to "
+                             "shard; launch it without the FSDP config (python -m metatuner.cli train ...), or with "
+                             "two or more processes")
+    if not fsdp:
         return
-    world = int(os.environ["WORLD_SIZE"])
     bad = []
     if cfg.method == "metatuner_gumbel":
         bad.append("method=metatuner_gumbel (its prompts stop at a different token on each process)")
