@@ -127,16 +127,36 @@ def profile(fns: dict, cuda: bool, rows: int = 18) -> None:
         print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
 
 
-def run(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def shape_args(doc: str, batch: int, batch_help: str) -> argparse.ArgumentParser:
+    """The arguments every benchmark at these shapes takes (this one and sharded_step.py)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="small", help="paper | small | tiny")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--batch", type=int, default=8, help="training batch (queries)")
+    ap.add_argument("--batch", type=int, default=batch, help=batch_help)
     ap.add_argument("--query-tokens", type=int, default=200)
     ap.add_argument("--target-tokens", type=int, default=200)
+    ap.add_argument("--reps", type=int, default=3)
+    return ap
+
+
+def shape_batch(args, cuda: bool, overrides: list[str], tag: str = "") -> tuple:
+    """(config, task, character tokenizer, --batch queries of --query-tokens tokens with targets of
+    --target-tokens); `tag` starts every query (another process's batch)."""
+    from metatuner.config import load_config
+    from metatuner.tasks import Example, load_task
+    from metatuner.testing import char_tokenizer
+
+    cfg = load_config(None, ["task.name=chain_sum", "task.train_size=8", "task.val_size=0", "task.test_size=8",
+                             f"train.bf16={str(cuda).lower()}", *overrides])
+    q = max(1, args.query_tokens - 2 - len(tag))
+    exs = [Example(query=f"{tag}{i} " + "x" * q, answer="1", target="y" * args.target_tokens) for i in range(args.batch)]
+    return cfg, load_task(cfg.task, 0), char_tokenizer(), exs
+
+
+def run(argv: list[str] | None = None) -> dict:
+    ap = shape_args(__doc__, 8, "training batch (queries)")
     ap.add_argument("--gen-batch", type=int, default=64)
     ap.add_argument("--gen-tokens", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--peak-tflops", type=float, default=None, help="device bf16 dense peak (default: 989 on an H200)")
     ap.add_argument("--compile", action="store_true",
                     help="also time the actor's forward+backward under torch.compile (hooks included), side by side "
@@ -149,25 +169,17 @@ def run(argv: list[str] | None = None) -> dict:
                     help="vLLM's gpu_memory_utilization on CUDA (the benchmark's models stay resident beside it)")
     args = ap.parse_args(argv)
 
-    from metatuner.config import load_config
     from metatuner.generation import chat_text
     from metatuner.lora import static_lora
     from metatuner.methods.metatuner import MetaTunerSystem
     from metatuner.models import resolve_device
-    from metatuner.tasks import Example, load_task
-    from metatuner.testing import char_tokenizer
     from metatuner.training import actor_batch, autocast, forward_nll, logits_to_keep
 
     dev = resolve_device(args.device)
     cuda = dev.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32  # CPU: float32 throughout (bf16 matmuls are slow there)
     g_spec, m_spec, overrides = shapes(args.shapes)
-    cfg = load_config(None, ["task.name=chain_sum", "task.train_size=8", "task.val_size=0", "task.test_size=8",
-                             f"train.bf16={str(cuda).lower()}", *overrides])
-    task = load_task(cfg.task, 0)
-    tok = char_tokenizer()
-    exs = [Example(query=f"{i} " + "x" * max(1, args.query_tokens - 2), answer="1", target="y" * args.target_tokens)
-           for i in range(args.batch)]
+    cfg, task, tok, exs = shape_batch(args, cuda, overrides)
     mem: dict[str, int] = {}
 
     def phase_start():

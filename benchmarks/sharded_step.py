@@ -15,7 +15,6 @@ With generator.lora_rank=0 (`--full-g`) all of G trains: gradients and AdamW's s
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -30,7 +29,7 @@ import torch.distributed as dist
 warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from paper_scale import random_model, shapes  # noqa: E402
+from paper_scale import random_model, shape_args, shape_batch, shapes  # noqa: E402
 
 
 def mb(x: float) -> float:
@@ -49,22 +48,13 @@ def local_bytes(tensors) -> int:
 
 
 def run(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="small", help="paper | small | tiny")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--batch", type=int, default=4, help="queries per process")
-    ap.add_argument("--query-tokens", type=int, default=200)
-    ap.add_argument("--target-tokens", type=int, default=200)
-    ap.add_argument("--reps", type=int, default=3)
+    ap = shape_args(__doc__, 4, "queries per process")
     ap.add_argument("--full-g", action="store_true", help="generator.lora_rank=0: all of G trains")
     args = ap.parse_args(argv)
 
-    from metatuner.config import load_config
     from metatuner.methods.metatuner import MetaTunerSystem
     from metatuner.models import resolve_device
     from metatuner.sharding import average_gradients, clip_grad_norm, shard_generator
-    from metatuner.tasks import Example, load_task
-    from metatuner.testing import char_tokenizer
 
     if "WORLD_SIZE" not in os.environ:
         raise SystemExit("launch with torchrun --nproc_per_node N (N >= 2) benchmarks/sharded_step.py ...")
@@ -79,12 +69,7 @@ def run(argv: list[str] | None = None) -> dict:
     g_spec, m_spec, overrides = shapes(args.shapes)
     if args.full_g:
         overrides = [o for o in overrides if not o.startswith("generator.lora")] + ["generator.lora_rank=0"]
-    cfg = load_config(None, ["task.name=chain_sum", "task.train_size=8", "task.val_size=0", "task.test_size=8",
-                             f"train.bf16={str(cuda).lower()}", *overrides])
-    task = load_task(cfg.task, 0)
-    tok = char_tokenizer()
-    exs = [Example(query=f"{rank} {i} " + "x" * max(1, args.query_tokens - 4), answer="1", target="y" * args.target_tokens)
-           for i in range(args.batch)]
+    cfg, task, tok, exs = shape_batch(args, cuda, overrides, tag=f"{rank} ")
     prompts = [task.prompt] * len(exs)
 
     def build(sharded: bool):

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from metatuner.errors import MetatunerError
-from metatuner.generator import (SplitGenerator, load_metatuner, load_state, save_metatuner, save_state,
-                                 split_depth)
+from metatuner.generator import SplitGenerator, load_metatuner, save_metatuner, split_depth
 from metatuner.hypernet import ParameterDecoder, pool
 from metatuner.lora import PerQueryLoRA, find_targets
+from metatuner.state_file import load_state, save_state
 from metatuner.testing import tiny_llama
 
 GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
