@@ -59,6 +59,7 @@ class MetaTunerSystem:
         self.use_p = cfg.train.prompt_rewrite
         self.actor_adapter = None  # the warm-up adapter merged into the actor (copied to final/)
         self.pooled = None  # {id(example): pooled h_k} inside `pooled_states`
+        self.sharded = False  # G sharded with FSDP2 (set by the joint phase's Runner, `metatuner.sharding`)
         self.counts = {"generation_calls": 0, "train_tokens": 0}  # costs, for the comparison report
         actor.requires_grad_(False)
 
