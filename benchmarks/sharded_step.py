@@ -4,12 +4,13 @@ process (DDP, what `configs/accelerate/multi_gpu.yaml` runs), in one launch, ran
     torchrun --standalone --nproc_per_node 2 benchmarks/sharded_step.py                 # CPU, embedded model's shapes
     torchrun --nproc_per_node 8 benchmarks/sharded_step.py --shapes paper --device cuda  # GPUs: Qwen2.5-7B G, 3B M
 
-Per process, for each layout: the bytes of G's parameters it holds (whole, or its shards), and of the gradients
-and AdamW's state of what trains in G and of F (F stays whole in both layouts) after a step (`*_mb`), the step's median time over --reps interleaved repetitions
-(`*_step_ms`) and, on CUDA, the step's peak allocated memory (`*_peak_mb`, counter reset before each layout's
-first step). The two layouts train the same system from the same weights and batch; `loss_rel_diff` is the
-relative difference of their first-step losses. Rank 0 prints one JSON line last. The step is the joint phase's
-(the J loss over one batch, backward, gradient averaging, clipping, AdamW); D2's rollouts are not in it.
+Per process, for each layout: the bytes of G's parameters it holds (whole, or its shards), and of the
+gradients and AdamW's state of what trains in G and of F (F stays whole in both layouts) after a step
+(`*_mb`); the step's median time over --reps repetitions, one layout after the other (`*_step_ms`); on CUDA,
+the step's peak allocated memory (`*_peak_mb`, counter reset before each layout's first step).
+The two layouts train the same system from the same weights and batch; `loss_rel_diff` is the relative
+difference of their first-step losses. Rank 0 prints one JSON line last. The step is the joint phase's (the
+J loss over one batch, backward, gradient averaging, clipping, AdamW); D2's rollouts are not in it.
 With generator.lora_rank=0 (`--full-g`) all of G trains: gradients and AdamW's state then scale with G.
 """
 

@@ -32,9 +32,11 @@ declare -A V=(
   [listwise]="generator.prompt_space=pool rollout.n=0 rollout.criterion=answer generator.pool_loss=listwise"
   [mixed]="generator.prompt_space=mixed"
   [full_g]="generator.lora_rank=0"
+  [full_g_mixed]="generator.lora_rank=0 generator.prompt_space=mixed"
+  [full_g_wo_f]="generator.lora_rank=0 train.param_decoder=false"
 )
 NAMES=("$@")
-[ ${#NAMES[@]} = 0 ] && NAMES=(j i wo_f wo_p grad_accum answer decisive pool listwise mixed full_g)
+[ ${#NAMES[@]} = 0 ] && NAMES=(j i wo_f wo_p grad_accum answer decisive pool listwise mixed full_g full_g_mixed full_g_wo_f)
 fail=0
 train() {  # train OUT ENV... -- OVERRIDES...
   local out=$1; shift

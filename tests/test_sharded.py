@@ -133,6 +133,9 @@ def test_a_sharded_generator_samples_encodes_saves_and_loads_as_the_plain_one(on
     assert not torch.equal(live, before), "the step did not change G's answers"
     assert torch.equal(sharded.sample_prompts(ids, mask, **greedy), before)  # phi_p' still the old decoder
     assert torch.equal(sharded.generate_live(ids, mask, **greedy), live)  # and phi_p back in place after it
+    # no pass leaves a unit gathered (FSDP2 keeps a root gathered after forward by default): what the optimizer,
+    # phi_p' swaps and saves read must be the sharded parameters
+    assert all(is_dtensor(p) for p in sharded.model.parameters())
     with torch.no_grad():
         assert torch.allclose(sharded.encode(ids, mask), plain.encode(ids, mask), atol=1e-6)
     with pytest.raises(MetatunerError, match="without gradients when G is sharded"):

@@ -174,13 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _close_process_group() -> None:
+def _close_process_group(wait: bool = True) -> None:
     """Shut a launched run's process group down before exit (a sharded run's device mesh otherwise aborts
-    the interpreter's exit with 'terminate called without an active exception')."""
+    the interpreter's exit with 'terminate called without an active exception'); after an error, without
+    waiting for the other processes."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -231,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             run_export(cfg)
     except MetatunerError as e:
         print(f"error: {e}", file=sys.stderr)
+        _close_process_group(wait=False)
         return 2
     return 0
 

@@ -265,11 +265,14 @@ class SplitGenerator(nn.Module):
         from safetensors.torch import save_file
 
         meta = {"k": self.k, "num_layers": self.num_layers, "share_encoder": self.share_encoder, **(metadata or {})}
+        if not write:  # another process's share of a sharded save: take part in each gather, keep nothing
+            for v in self.trained_state().values():
+                if is_dtensor(v):
+                    whole(v)
+            return
         tensors = {k: whole(v).cpu().contiguous().clone() for k, v in self.trained_state().items()}
         for name, module in (extra or {}).items():
             tensors.update({f"{name}.{k}": whole(v).cpu().contiguous().clone() for k, v in module.state_dict().items()})
-        if not write:
-            return
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"user": json.dumps(meta), "aliases": "{}"})
 

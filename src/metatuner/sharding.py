@@ -51,6 +51,8 @@ def check_settings(cfg) -> None:
         bad.append("generator.share_encoder=false (F's own encoder copy is not sharded)")
     if cfg.generation.backend == "vllm":
         bad.append("generation.backend=vllm (the engine would need G's full weights on every step)")
+    if os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true":
+        bad.append("fsdp_cpu_ram_efficient_loading: true (only the first process would hold G's weights)")
     if cfg.warmup.generator_steps > 0 and cfg.train.prompt_rewrite and cfg.warmup.queries % world:
         bad.append(f"warmup.queries={cfg.warmup.queries} not a multiple of the {world} processes "
                    "(each must roll out as many queries)")
@@ -80,7 +82,13 @@ def shard_generator(gen) -> None:
     mesh = init_device_mesh(kind, (torch.distributed.get_world_size(),))
     for layer in decoder_layers(model)[1]:
         fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    # The root (embeddings, norm, head) reshards after every forward too (FSDP2 keeps a root gathered by
+    # default, for the backward that usually follows): G also runs without gradients (sampling, scoring),
+    # and its parameters must be the sharded ones whenever they are read (optimizer, phi_p' swaps, saves).
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+    plain = [n for n, p in model.named_parameters() if not is_dtensor(p)]
+    if plain:
+        raise MetatunerError(f"generator: sharding left {len(plain)} parameters whole (e.g. {plain[0]})")
     live = gen.live_decoder_state()
     with torch.no_grad():
         for n, buf in gen.frozen_state().items():
@@ -128,13 +136,22 @@ def average_gradients(params: list[nn.Parameter]) -> None:
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """torch's clip_grad_norm_ over a mix of sharded and plain parameters: the 2-norm of all gradients
-    together (the sharded ones' over all their shards), each scaled by max_norm / norm when above."""
+    together (the sharded ones' over all their shards: local sums of squares, one all-reduce), each scaled
+    by max_norm / norm when above. Every process calls it."""
+    import torch.distributed as dist
+
     grads = [p.grad for p in params if p.grad is not None]
-    sq = torch.zeros((), dtype=torch.float32)
+    sharded = [g.to_local() for g in grads if is_dtensor(g)]
+    dev = sharded[0].device if sharded else (grads[0].device if grads else torch.device("cpu"))
+    sq = torch.zeros((), dtype=torch.float32, device=dev)
+    for g in sharded:
+        sq = sq + g.float().pow(2).sum()
+    if dist.is_initialized():
+        dist.all_reduce(sq)
     for g in grads:
-        n = torch.linalg.vector_norm(g.float())
-        sq = sq + (n.full_tensor() if is_dtensor(n) else n).cpu() ** 2
-    total = sq.sqrt()
+        if not is_dtensor(g):  # whole on every process (F): counted once
+            sq = sq + g.float().pow(2).sum().to(dev)
+    total = sq.sqrt().cpu()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     with torch.no_grad():
         for g in grads:

@@ -29,7 +29,9 @@ def save_generator_adapter(system: MetaTunerSystem, out: Path, write: bool = Tru
     tensors = {}
     for n, p in system.gen.model.named_parameters():
         if "lora_" in n:
-            tensors["base_model.model." + n.replace(".default", "")] = whole(p).cpu().contiguous().clone()
+            t = whole(p)  # a gather when sharded: every process takes part, the writer keeps the copy
+            if write:
+                tensors["base_model.model." + n.replace(".default", "")] = t.cpu().contiguous().clone()
     if not write:
         return
     out.mkdir(parents=True, exist_ok=True)

@@ -236,7 +236,14 @@ def run(cfg: Config) -> dict:
     else:
         system, stats = train(cfg, task)
         if getattr(system, "sharded", False):  # G was sharded for training: evaluate a plain copy of final/
+            import gc
+
+            import torch
+
             del system
+            gc.collect()  # FSDP's hooks hold the sharded G in reference cycles
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             system = load_system(cfg.output_dir)
             system.task = task
     return evaluate_system(cfg, system, {**stats, "p_tilde": task.prompt})

@@ -124,12 +124,18 @@ def pool_choice_loss(system, examples: list[Example], targets: list[list[int] | 
     return -torch.logsumexp(logp.masked_fill(~right, float("-inf")), dim=-1).mean()
 
 
-def choose(system, examples: list[Example], candidates: list[list[str]], frozen: bool, sample: bool) -> list[str]:
+def choose(system, examples: list[Example], candidates: list[list[str]], frozen: bool, sample: bool,
+           counts: list[int] | None = None) -> list[str]:
     """One candidate per query from the decoder's distribution restricted to that query's candidates:
     phi_p' (frozen) or the live phi_p, scored by `pool_scores`; sampled at generator.pool_temperature, or
-    the argmax (the first candidate, p~, on ties)."""
+    the argmax (the first candidate, p~, on ties). `counts`: how many of a query's candidates are its own
+    (the rest pad the rows to one width for the batched pass and are never chosen)."""
     cfg = system.cfg
     scores = pool_scores(system, examples, candidates, frozen)
+    if counts is not None:
+        width = scores.shape[1]
+        pad = torch.arange(width).unsqueeze(0) >= torch.tensor(counts).unsqueeze(1)
+        scores = scores.masked_fill(pad.to(scores.device), float("-inf"))
     if sample:
         probs = torch.softmax(scores / cfg.generator.pool_temperature, dim=-1)
         pick = torch.multinomial(probs, 1).squeeze(1)
@@ -206,7 +212,7 @@ def d2_rollout(system, examples: list[Example], live: bool = False) -> tuple[lis
             dist.all_reduce(w, op=dist.ReduceOp.MAX)
             width = int(w)
         padded = [c + [c[0]] * (width - len(c)) for c in cands]  # the same count per query for one batched pass
-        task_prompts = choose(system, examples, padded, frozen=not live, sample=True)
+        task_prompts = choose(system, examples, padded, frozen=not live, sample=True, counts=[len(c) for c in cands])
     # F's input states once per query (not once per scoring batch): cheaper, and with G sharded the scoring
     # (a different number of batches on each process) must not run G
     with system.pooled_states(examples) if system.use_f else contextlib.nullcontext():

@@ -117,14 +117,14 @@ def warmup_generator(cfg: Config, system, trainer, log) -> dict:
         bs = cfg.train.batch_size
         system.gen.model.train()
         targets = [i for i, b in enumerate(best) if b is not None]  # rollout.targets=decisive: only those
-        if getattr(system, "sharded", False):  # the same steps on every process: none unless all have a target
+        if state.num_processes > 1:  # the same steps on every process (gradients are averaged): none unless all have a target
             from accelerate.utils import gather_object
 
             if not all(gather_object([bool(targets)])):
                 targets = []
         steps = cfg.warmup.generator_steps if targets else 0
         if not targets:
-            stats["warmup_generator_skipped"] = "no warm-up query has a D2 target (rollout.targets=decisive; on some process, when sharded)"
+            stats["warmup_generator_skipped"] = "no warm-up query has a D2 target (rollout.targets=decisive; on some process, with several)"
         bar = tqdm(range(steps), desc="warm-up G", disable=not state.is_main_process)
         for step in bar:
             idx = [targets[(step * bs + j) % len(targets)] for j in range(bs)]
