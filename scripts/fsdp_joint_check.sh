@@ -32,7 +32,7 @@ declare -A V=(
   [listwise]="generator.prompt_space=pool rollout.n=0 rollout.criterion=answer generator.pool_loss=listwise"
   [mixed]="generator.prompt_space=mixed"
   [full_g]="generator.lora_rank=0"
-  [full_g_mixed]="generator.lora_rank=0 generator.prompt_space=mixed"
+  [full_g_mixed]="generator.lora_rank=0 generator.prompt_space=mixed generator.pool_score=likelihood"
   [full_g_wo_f]="generator.lora_rank=0 train.param_decoder=false"
 )
 NAMES=("$@")

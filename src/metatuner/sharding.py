@@ -166,9 +166,13 @@ def optimizer_state(module: nn.Module, opt: torch.optim.Optimizer) -> dict:
     return get_optimizer_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_optimizer_state(module: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
-    """Load `optimizer_state` output (every process passes the whole state; each keeps its part)."""
+def load_optimizer_state(module: nn.Module, opt: torch.optim.Optimizer, path) -> None:
+    """Load an `optimizer_state` file saved by the main process: the main process reads it and sends each
+    process its part (the others never hold the whole state). Every process calls it."""
+    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    opt.zero_grad(set_to_none=True)
-    set_optimizer_state_dict(module, opt, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+    state = torch.load(path, map_location="cpu", weights_only=True) if dist.get_rank() == 0 else {}
+    opt.zero_grad(set_to_none=True)  # the optimizer's state is made first (a step at lr 0), which needs no gradients
+    set_optimizer_state_dict(module, opt, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

@@ -310,8 +310,7 @@ class JointLoop:
             if not (ck / "optimizer_full.pt").is_file():
                 raise MetatunerError(f"resume_from_checkpoint: {ck} lacks optimizer_full.pt (the optimizer of a "
                                      "sharded run); remove it to resume from an older one, or start afresh")
-            state = torch.load(ck / "optimizer_full.pt", map_location="cpu", weights_only=True)
-            load_optimizer_state(self.runner.module, self.opt, state)
+            load_optimizer_state(self.runner.module, self.opt, ck / "optimizer_full.pt")
         self.last_ckpt = str(ck)
         if self.acc.is_main_process:
             print(f"resuming from {ck} at step {self.state['step']}")
