@@ -126,6 +126,19 @@ def test_choose_takes_the_argmax_at_test_and_samples_in_training(model_dir, tmp_
     cands = [list(system.pool)] * 2
     assert R.choose(system, exs, cands, frozen=False, sample=False) == [cands[0][2], cands[1][0]]
     assert R.choose(system, exs, cands, frozen=True, sample=True) == [cands[0][2], cands[1][0]]  # T = 0.01
+    # rows padded to one width (mixed space: a query with fewer distinct candidates repeats its first): the
+    # padding is never chosen, however it scores; at T = 1 the padding would otherwise carry nearly all the mass
+    cfg.generator.pool_temperature = 1.0
+    pad = torch.tensor([[0.0, -1.0, 9.0], [0.0, 9.0, 9.0]])
+    monkeypatch.setattr(R, "candidate_logprobs", lambda *a, **k: pad)
+    padded = [cands[0][:2] + cands[0][:1], cands[1][:1] * 3]
+    torch.manual_seed(0)
+    picks = [R.choose(system, exs, padded, frozen=True, sample=True, counts=[2, 1]) for _ in range(100)]
+    assert all(p[1] == cands[1][0] and p[0] in cands[0][:2] for p in picks)
+    # softmax over the two real candidates: the second has probability 1 / (1 + e) = 0.27 (with the padding
+    # scored in, 5e-5)
+    assert 12 <= sum(p[0] == cands[0][1] for p in picks) <= 45
+    assert R.choose(system, exs, padded, frozen=False, sample=False, counts=[2, 1]) == [cands[0][0], cands[1][0]]
 
 
 def test_gain_scores_start_at_zero_and_move_with_the_regularizer(model_dir, tmp_path):
