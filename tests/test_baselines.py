@@ -611,6 +611,37 @@ def test_sft_resumes_through_find_resume_checkpoint(tiny_model_path, tmp_path, m
     assert state["global_step"] == 3 and len([h for h in state["log_history"] if "loss" in h]) == 3
 
 
+def test_trl_trainers_stop_at_the_first_non_finite_gradient(tiny_model_path, tmp_path):
+    """A NaN in the forward at step 3 stops the SFT run before its optimizer step with a one-line error naming
+    the phase, the step and the last checkpoint (the Trainer alone would step on with NaN weights and hide
+    the loss in its log); the checkpoints written before stay whole, no adapter is written."""
+    from metatuner.errors import MetatunerError
+    from metatuner.lora_sft import train_sft
+    from metatuner.models import load_model
+    from metatuner.tasks import load_task
+
+    cfg = load_config(None, ["method=sft", f"model.name={tiny_model_path}", f"output_dir={tmp_path}", *SMALL,
+                             "train.save_steps=1", "train.save_total_limit=5", "train.bf16=false"])
+    task = load_task(cfg.task, seed=0)
+    model, tok = load_model(str(tiny_model_path), dtype="float32", device="cpu")
+    calls = {"n": 0}
+
+    def poison(module, args, output):  # the third optimizer step's forward (batch 2, no accumulation)
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 3 else output
+
+    model.model.norm.register_forward_hook(poison)
+    with pytest.raises(MetatunerError, match=r"^sft: the gradient became nan at step 3: stopping; the last good "
+                                             r"checkpoint is .*checkpoint-2 "):
+        train_sft(cfg, model, tok, task, task.train, task.prompt, tmp_path, 4, 0.05)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert not (tmp_path / "adapter").exists()
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "checkpoint-2" / "adapter_model.safetensors")
+    assert saved and all(torch.isfinite(v).all() for v in saved.values())
+
+
 def test_trained_sft_model_evaluates_like_its_saved_adapter(tiny_model_path, tmp_path):
     """With train.bf16 the Trainer wraps forward in bf16 autocast; the model train_sft returns (the one
     every method then evaluates) must run in its own dtype, exactly as its saved adapter loaded again."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,6 +63,35 @@ def test_check_finite_names_step_and_checkpoint():
         check_finite(torch.tensor(float("nan")), 3, "/runs/x/step_2")
     with pytest.raises(MetatunerError, match=r"gradient norm became inf at step 1: .*no checkpoint was written yet"):
         check_finite(torch.tensor(float("inf")), 1, None, what="gradient norm")
+
+
+def _finite_on_two(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        value = torch.tensor(float("nan") if rank == 1 else 0.5)
+        try:
+            check_finite(value, 4, None, everywhere=True)
+            msg = "no error"
+        except MetatunerError as e:
+            msg = str(e)
+        dist.barrier()  # both came back from the check: nobody is left waiting in a collective
+        Path(out, f"rank{rank}.txt").write_text(msg)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_check_finite_everywhere_stops_every_process_together(tmp_path):
+    """A loss that went NaN on one process of two stops both (one all-reduce of a flag), so the healthy
+    process raises too instead of waiting in the next collective; each names what it saw."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_finite_on_two, args=(f"file://{tmp_path / 'pg'}", str(tmp_path)), nprocs=2,
+                       start_method="spawn", join=True)
+    msgs = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert msgs[1].startswith("loss became nan at step 4: stopping; no checkpoint")
+    assert msgs[0].startswith("loss became non-finite on another process at step 4: stopping")
 
 
 def test_train_log_append_and_keep(tmp_path):

@@ -118,12 +118,43 @@ def trainer_resume_path(cfg: Config, trainer_dir: str | Path) -> str | None:
     return str(found) if found else None
 
 
+def finite_grads_callback(phase: str):
+    """A TrainerCallback that stops training with a MetatunerError naming the phase, the step and the last
+    checkpoint-N/ when a trained parameter's gradient is NaN/inf before the optimizer step (the Trainer would
+    step on, hide the NaN loss in its logs and save broken weights). Checked on every process at once
+    (training.check_finite with everywhere=True), so under DDP/FSDP all of them stop together."""
+    from transformers import TrainerCallback
+
+    from metatuner.training import check_finite
+
+    class FiniteGrads(TrainerCallback):
+        def __init__(self):
+            self.model = None
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.model = model
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+            grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: this process's shard
+            ok = all(bool(torch.isfinite(g).all()) for g in grads)
+            flag = torch.tensor(0.0 if ok else float("nan"), device=grads[0].device if grads else None)
+            ckpts = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
+                           if p.name.split("-")[-1].isdigit() else -1)
+            check_finite(flag, state.global_step + 1, str(ckpts[-1]) if ckpts else None,
+                         what=f"{phase}: the gradient", everywhere=True)
+
+    return FiniteGrads()
+
+
 def add_callbacks(trainer, cfg: Config, log: TrainLog, phase: str):
-    """Progress bar + train_log.jsonl lines (train_log.attach) and, where checkpoints are saved, the run's
-    settings inside every checkpoint-N/ (checkpoints.config_saver, so resume=auto compares them)."""
+    """Progress bar + train_log.jsonl lines (train_log.attach), a stop at the first non-finite gradient
+    (finite_grads_callback) and, where checkpoints are saved, the run's settings inside every checkpoint-N/
+    (checkpoints.config_saver, so resume=auto compares them)."""
     attach(trainer, log, phase)
     from metatuner.checkpoints import config_saver
 
+    trainer.add_callback(finite_grads_callback(phase))
     trainer.add_callback(config_saver(cfg))
     return trainer
 

@@ -144,13 +144,34 @@ def use_bf16(tc, device: torch.device) -> bool:
     return bool(tc.bf16) and (bool(tc.bf16_emulated) or bf16_native(device))
 
 
-def check_finite(value: torch.Tensor, step: int, last_ckpt: str | None, what: str = "loss") -> None:
+def finite_everywhere(value: torch.Tensor) -> bool:
+    """True when `value` is finite on this process and, under torch.distributed with several processes, on
+    every other one too (one all-reduce of a flag): every process then takes the same branch, so a value that
+    went NaN on one process stops them all instead of leaving the others waiting in the next collective."""
+    ok = bool(torch.isfinite(value).all())
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([1.0 if ok else 0.0], device=value.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+    return ok
+
+
+def check_finite(value: torch.Tensor, step: int, last_ckpt: str | None, what: str = "loss",
+                 everywhere: bool = False) -> None:
     """Stop with a MetatunerError naming the step and the last good checkpoint when `value` is NaN/inf.
-    `step` is the 1-based number of the step being computed (checkpoint step_N holds N finished steps)."""
-    if not torch.isfinite(value).all():
+    `step` is the 1-based number of the step being computed (checkpoint step_N holds N finished steps).
+    `everywhere`: a per-process value (a loss) checked on every process at once (finite_everywhere), so
+    they all stop together; every process must then call this at the same point."""
+    ok = finite_everywhere(value) if everywhere else bool(torch.isfinite(value).all())
+    if not ok:
         where = (f"; the last good checkpoint is {last_ckpt} (continue from it with resume_from_checkpoint=true "
                  "after changing the settings)") if last_ckpt else "; no checkpoint was written yet"
-        v = value.item() if value.numel() == 1 else "non-finite"
+        if bool(torch.isfinite(value).all()):
+            v = "non-finite on another process"
+        else:
+            v = value.item() if value.numel() == 1 else "non-finite"
         raise MetatunerError(f"{what} became {v} at step {step}: stopping{where}; "
                              "try a lower train.lr / train.generator_lr or train.bf16=false")
 

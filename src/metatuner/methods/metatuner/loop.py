@@ -209,7 +209,7 @@ class JointLoop:
             sync = contextlib.nullcontext() if last or self.sharded else acc.no_sync(self.runner.module)
             with sync:
                 loss, task_loss, reg = self.runner.forward(lambda: self.losses(step, part, parts))
-                check_finite(loss, step + 1, self.last_ckpt)
+                check_finite(loss, step + 1, self.last_ckpt, everywhere=True)
                 acc.backward(loss / parts)
             for k, v in (("loss", loss), ("task_loss", task_loss), ("reg", reg)):
                 totals[k] += v.item() / parts

@@ -137,7 +137,7 @@ def warmup_generator(cfg: Config, system, trainer, log) -> dict:
 
             opt.zero_grad(set_to_none=True)
             reg = trainer.forward(reg_loss)
-            check_finite(reg, step + 1, None, what="generator warm-up loss")
+            check_finite(reg, step + 1, None, what="generator warm-up loss", everywhere=True)
             trainer.acc.backward(reg)
             if cfg.train.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
