@@ -313,6 +313,30 @@ def test_listwise_loss_is_minus_log_pool_mass_on_right_candidates_and_trains_the
     assert all(torch.equal(v, frozen_before[k]) for k, v in system.gen.frozen_state().items())
 
 
+def test_the_listwise_decoder_learns_a_different_candidate_per_query(model_dir, tmp_path):
+    """The choice is per query, not one prompt for all: with targets that differ by query (two queries want
+    candidate 1, two want candidate 2), listwise steps make each query's own target its argmax (the gain score
+    starts uniform, so the query is all that separates them). Before that they all share one argmax."""
+    from metatuner.methods.metatuner.rollouts import choose
+
+    cfg = make_cfg(model_dir, tmp_path / "pq", "method=metatuner_j", "generator.prompt_space=pool",
+                   "generator.pool_loss=listwise", "rollout.criterion=answer", "train.bf16=false",
+                   "generator.pool_temperature=0.5", "warmup.generator_steps=0")
+    system, loop, _ = M.prepare(cfg, start_run(cfg))
+    exs = system.task.train[:4]
+    pool = list(system.pool)
+    want = [1, 1, 2, 2]
+    opt = torch.optim.Adam(system.generator_parameters(), lr=3e-2)
+    for step in range(60):
+        _, reg = system.joint_losses(exs, [system.p_tilde] * 4, [[i] for i in want], need_task=False)
+        opt.zero_grad()
+        reg.backward()
+        opt.step()
+        if step == 0:
+            assert len(set(choose(system, exs, [pool] * 4, frozen=False, sample=False))) == 1
+    assert choose(system, exs, [pool] * 4, frozen=False, sample=False) == [pool[i] for i in want]
+
+
 def test_listwise_d2_holds_the_right_pool_indices_of_decisive_queries(model_dir, tmp_path, monkeypatch):
     import metatuner.prompts as P
     from metatuner.methods.metatuner.rollouts import d2_rollout
