@@ -138,7 +138,7 @@ def finite_grads_callback(phase: str):
             grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
             grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: this process's shard
             ok = all(bool(torch.isfinite(g).all()) for g in grads)
-            flag = torch.tensor(0.0 if ok else float("nan"), device=grads[0].device if grads else None)
+            flag = torch.tensor(0.0 if ok else float("nan"), device=grads[0].device if grads else args.device)
             ckpts = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
                            if p.name.split("-")[-1].isdigit() else -1)
             check_finite(flag, state.global_step + 1, str(ckpts[-1]) if ckpts else None,
