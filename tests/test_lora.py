@@ -1,6 +1,7 @@
 """Batched per-query LoRA against row-by-row merged weights; static PEFT LoRA; PEFT export."""
 
 import copy
+import re
 import json
 
 import pytest
@@ -192,6 +193,39 @@ def test_shared_prompt_sampling_keeps_each_querys_factors(setup):
     assert got[True][0] == got[False][0] and got[True][1] == got[False][1]
     for a, b in zip(got[True][2], got[False][2]):
         assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_finished_rows_leave_the_batch_with_their_factors(setup):
+    """Greedy decoding whose finished rows leave the batch (drop_finished, with keep_rows narrowing the factors
+    to the rows that stay) gives each row what the whole batch kept to the end gives, and what the row alone
+    under its own merged weights gives; when decoding ends every row's factors are back."""
+    from metatuner.generation import greedy_texts
+    from metatuner.testing import char_tokenizer
+
+    base, actor, targets, lora, ids, mask = setup
+    tok = char_tokenizer()
+    texts = ["abc", "hello there", "xyz uvw rst", "q", "twelve 12"]
+    factors = random_factors(targets, len(texts))
+    # a row ends at the first character most rows produce after a few steps: rows finish at different steps
+    with lora.use_factors(factors):
+        free, _ = greedy_texts(actor, tok, texts, 12, share_prefix=False, drop_finished=False)
+    chars = [c for g in free for c in g[0][2:]]
+    end = re.escape(max(set(chars), key=chars.count))
+    seen = []
+    hook = actor.model.layers[0].register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+    with lora.use_factors(factors):
+        whole, whole_n = greedy_texts(actor, tok, texts, 12, answer_end=end, share_prefix=False, drop_finished=False)
+        whole_rows, seen[:] = list(seen), []
+        left, left_n = greedy_texts(actor, tok, texts, 12, answer_end=end, share_prefix=False, drop_finished=True,
+                                    keep_rows=lora.keep_rows)
+        assert all(lora._factors[k][0].shape[0] == len(texts) for k in lora._factors)  # whole again
+    hook.remove()
+    assert left == whole and left_n == whole_n
+    assert len({n[0] for n in whole_n}) > 1  # rows finished at different steps
+    assert min(seen) < len(texts) == max(whole_rows)  # and left the batch
+    for r in (0, 3):
+        alone, _ = greedy_texts(merged_model(base, targets, factors, r), tok, [texts[r]], 12, answer_end=end)
+        assert alone[0] == left[r]
 
 
 def test_gradients_reach_non_leaf_factors_and_not_base_weights(setup):

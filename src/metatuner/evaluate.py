@@ -117,12 +117,14 @@ def evaluate(
                                                  return_logprobs=(strategy in SCORED and verifier is None),
                                                  answer_end=answer_end, keys=idx)
         else:
-            with batch_context(idx) if batch_context else contextlib.nullcontext():
+            with batch_context(idx) if batch_context else contextlib.nullcontext() as lora:
                 if not sample and (fast_greedy or answer_end):
-                    per_row = batch_context is not None  # weights may differ per row: keep the batch whole
+                    per_row = batch_context is not None  # weights may differ per row: no shared prefix
+                    keep = getattr(lora, "keep_rows", None)  # a per-query LoRA follows the rows that stay
                     gens, ntoks = greedy_texts(model, tokenizer, batch, max_new, answer_end=answer_end,
                                                share_prefix=fast_greedy and not per_row,
-                                               drop_finished=fast_greedy and not per_row)
+                                               drop_finished=fast_greedy and (not per_row or keep is not None),
+                                               keep_rows=keep)
                     logps = None
                 else:
                     gens, ntoks, logps = generate_texts(model, tokenizer, batch, max_new, do_sample=sample,

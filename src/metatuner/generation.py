@@ -51,12 +51,15 @@ def greedy_texts(
     answer_end: str = "",
     share_prefix: bool = True,
     drop_finished: bool = True,
+    keep_rows=None,
 ) -> tuple[list[list[str]], list[list[int]]]:
     """Greedy decoding of one batch, with the same outputs as `generate_texts` (up to float rounding) but
     less work: the token prefix all rows share (chat header, task prompt) is run once and its cache copied;
     a row stops at an end token, at max_new_tokens, or as soon as its decoded text matches the regex
     `answer_end`; finished rows leave the batch (drop_finished), so later steps cost only the live rows.
-    Keep share_prefix and drop_finished off when the model's weights differ per row (per-query LoRA).
+    Keep share_prefix off when the model's weights differ per row (per-query LoRA), and drop_finished too
+    unless `keep_rows(indices)` narrows those per-row weights to the rows that stay (PerQueryLoRA.keep_rows;
+    called with None at the end to put them back).
     Returns (generations[b][1], n_tokens[b][1]); an end token counts as generated, as in generate_texts."""
     from transformers import DynamicCache
 
@@ -89,27 +92,33 @@ def greedy_texts(
     new: list[list[int]] = [[] for _ in range(b)]
     fin = [False] * b
     last = pos[:, -1:]
-    for _ in range(max_new_tokens):
-        nxt = out.logits[:, -1, :].argmax(-1).tolist()
-        keep = []
-        for j, r in enumerate(rows):
-            if not fin[r]:
-                new[r].append(nxt[j])
-                fin[r] = (nxt[j] in stop or len(new[r]) >= max_new_tokens or bool(
-                    end_re and end_re.search(tokenizer.decode(new[r], skip_special_tokens=True))))
-            if not (fin[r] and drop_finished):
-                keep.append(j)
-        if all(fin):
-            break
-        step = torch.tensor(nxt, device=dev)
-        if len(keep) < len(rows):
-            sel = torch.tensor(keep, device=dev)
-            cache.batch_select_indices(sel)
-            step, mask, last = step[sel], mask[sel], last[sel]
-            rows = [rows[j] for j in keep]
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-        last = last + 1
-        out = _forward(model, input_ids=step[:, None], attention_mask=mask, position_ids=last, cache=cache)
+    try:
+        for _ in range(max_new_tokens):
+            nxt = out.logits[:, -1, :].argmax(-1).tolist()
+            keep = []
+            for j, r in enumerate(rows):
+                if not fin[r]:
+                    new[r].append(nxt[j])
+                    fin[r] = (nxt[j] in stop or len(new[r]) >= max_new_tokens or bool(
+                        end_re and end_re.search(tokenizer.decode(new[r], skip_special_tokens=True))))
+                if not (fin[r] and drop_finished):
+                    keep.append(j)
+            if all(fin):
+                break
+            step = torch.tensor(nxt, device=dev)
+            if len(keep) < len(rows):
+                sel = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(sel)
+                if keep_rows is not None:
+                    keep_rows(sel)
+                step, mask, last = step[sel], mask[sel], last[sel]
+                rows = [rows[j] for j in keep]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            last = last + 1
+            out = _forward(model, input_ids=step[:, None], attention_mask=mask, position_ids=last, cache=cache)
+    finally:
+        if keep_rows is not None:
+            keep_rows(None)  # the caller's per-row weights whole again
     gens = [[tokenizer.decode(x, skip_special_tokens=True)] for x in new]  # end tokens are special: not decoded
     return gens, [[len(x)] for x in new]
 

@@ -162,6 +162,7 @@ class PerQueryLoRA:
         self.alpha = float(alpha)
         self.scale = self.alpha / self.rank
         self._factors: Factors | None = None
+        self._unnarrowed: Factors | None = None  # the factors before keep_rows narrowed them
         modules = dict(model.named_modules())
         self._hooks = []
         for t in self.targets:
@@ -212,6 +213,21 @@ class PerQueryLoRA:
     def clear_factors(self) -> None:
         """Back to the base model exactly."""
         self._factors = None
+
+    def keep_rows(self, rows: torch.Tensor | None) -> None:
+        """Keep only these rows of the current factors (a decoding loop whose finished rows leave the batch:
+        the rows still decoding keep their own factors); `None` puts back the factors as they were before
+        the first narrowing (the loop calls it when it ends, however it ends)."""
+        if rows is None:
+            if self._unnarrowed is not None:
+                self._factors, self._unnarrowed = self._unnarrowed, None
+            return
+        if self._factors is None:
+            return
+        if self._unnarrowed is None:
+            self._unnarrowed = self._factors
+        rows = rows.to(next(iter(self._factors.values()))[0].device)
+        self._factors = {k: (A.index_select(0, rows), B.index_select(0, rows)) for k, (A, B) in self._factors.items()}
 
     @contextlib.contextmanager
     def use_factors(self, factors: Factors):

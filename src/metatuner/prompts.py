@@ -55,19 +55,20 @@ def prompt_outcomes(model, tok, task: Task, examples: list[Example], candidates:
     for s in range(0, len(flat_ex), batch_size):
         exs, ps = flat_ex[s : s + batch_size], flat_p[s : s + batch_size]
         ctx = factors_ctx(exs) if factors_ctx else contextlib.nullcontext()
-        with ctx:
+        with ctx as lora:
             with autocast(bf16, model.device):
                 batch = actor_batch(tok, task, ps, exs, max_length, model.device)
                 nll += forward_nll(model, batch)[0].float().tolist()
             if criterion == "answer":
                 texts = [chat_text(tok, task.render(p, ex.query)) for p, ex in zip(ps, exs)]
-                per_row = factors_ctx is not None  # weights may differ per row: keep the batch whole
+                per_row = factors_ctx is not None  # weights may differ per row: no shared prefix
+                keep = getattr(lora, "keep_rows", None)  # a per-query LoRA follows the rows that stay
                 if engine is not None:
                     gens = engine.generate(texts, task.max_new_tokens, answer_end=getattr(task, "answer_end", ""))[0]
                 else:
                     gens, _ = greedy_texts(model, tok, texts, task.max_new_tokens,
-                                           answer_end=getattr(task, "answer_end", ""),
-                                           share_prefix=not per_row, drop_finished=not per_row)
+                                           answer_end=getattr(task, "answer_end", ""), share_prefix=not per_row,
+                                           drop_finished=not per_row or keep is not None, keep_rows=keep)
                 correct += [bool(task.score(task.extract_for(g[0], ex), ex)["correct"]) for g, ex in zip(gens, exs)]
             else:
                 correct += [False] * len(exs)

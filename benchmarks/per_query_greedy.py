@@ -1,0 +1,90 @@
+"""Greedy decoding under a per-query LoRA: the batch kept whole to the end vs finished rows leaving it.
+
+MetaTuner's actor answers with a LoRA generated per query (metatuner.lora.PerQueryLoRA), in D2's rollouts
+(every query x every candidate prompt) and in its test evaluation. Before, the greedy loop kept every row
+of such a batch to the end, since the rows' weights differ (off); now a finished row leaves the batch and
+takes its factors with it (PerQueryLoRA.keep_rows; on). Both run `prompts.prompt_outcomes` (what a D2
+rollout runs: the reference NLL and the greedy answer of every (query, candidate)) on the same trained
+system, queries and candidates; the answers should be the same up to float rounding, and the script
+counts those that differ.
+
+The queries are cut into chunks; each chunk runs both ways in the order off-on, on-off, ... (ABBA), so
+changing load from other processes falls on both alike. On a shared machine use --threads 1.
+
+    .venv/bin/python benchmarks/per_query_greedy.py RUN [--n 40] [--batch 16] [--candidates 6]
+
+RUN: a finished MetaTuner run (final/), e.g. runs/quickstart/metatuner_j/seed_0 after `make demo`, or a
+pool run (its candidates are the pool; otherwise p~ alone). The last line printed is JSON:
+off_rows_per_s, on_rows_per_s, speedup, same_answers, rows, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", help="a finished MetaTuner run folder (with final/)")
+    ap.add_argument("--n", type=int, default=40, help="training queries (a D2 window's size in pool.yaml)")
+    ap.add_argument("--candidates", type=int, default=6, help="pool candidates per query (at most the pool)")
+    ap.add_argument("--batch", type=int, default=16, help="rows per batch (rollout.batch_size)")
+    ap.add_argument("--chunk", type=int, default=8, help="queries per off/on alternation")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not (Path(args.run_dir) / "final" / "generator.safetensors").is_file():
+        raise SystemExit(f"error: {args.run_dir}: no final/generator.safetensors (expected a finished MetaTuner run)")
+
+    import metatuner.prompts as P
+    from metatuner.methods.metatuner.inference import load_system
+    from metatuner.tasks import load_task
+    from metatuner.training import use_bf16
+
+    system = load_system(args.run_dir)
+    cfg = system.cfg
+    task = load_task(cfg.task, cfg.seed)
+    examples = task.train[: args.n]
+    pool = list(system.pool or [system.p_tilde])[: max(1, args.candidates)]
+    real = P.greedy_texts
+
+    def whole(*a, **kw):  # the loop before: per-row weights keep the batch whole to the end
+        return real(*a, **{**kw, "drop_finished": False, "keep_rows": None})
+
+    secs = {False: 0.0, True: 0.0}
+    outs: dict[bool, list] = {False: [], True: []}
+    rows = 0
+    for c, start in enumerate(range(0, len(examples), args.chunk)):
+        part = examples[start : start + args.chunk]
+        for on in ((False, True) if c % 2 == 0 else (True, False)):
+            P.greedy_texts = real if on else whole
+            t = time.perf_counter()
+            res = P.prompt_outcomes(system.actor, system.tok, task, part, [pool] * len(part), "answer", args.batch,
+                                    cfg.train.max_length, use_bf16(cfg.train, system.device), system.with_factors)
+            secs[on] += time.perf_counter() - t
+            outs[on] += [(p, ok) for q in res for p, ok, _ in q]
+        rows += len(part) * len(pool)
+        print(f"{start + len(part)}/{len(examples)} queries: off {secs[False]:.1f} s, on {secs[True]:.1f} s", flush=True)
+    P.greedy_texts = real
+    same = sum(a == b for a, b in zip(outs[False], outs[True]))
+    print(f"{'':8}{'rows/s':>8}{'seconds':>9}")
+    for on, name in ((False, "off"), (True, "on")):
+        print(f"{name:8}{rows / secs[on]:8.2f}{secs[on]:9.1f}")
+    print(json.dumps({"run": str(args.run_dir), "task": cfg.task.name, "queries": len(examples),
+                      "candidates": len(pool), "rows": rows, "batch": args.batch, "threads": torch.get_num_threads(),
+                      "max_new_tokens": task.max_new_tokens, "off_rows_per_s": round(rows / secs[False], 3),
+                      "on_rows_per_s": round(rows / secs[True], 3), "speedup": round(secs[False] / secs[True], 2),
+                      "same_answers": same, "answers": len(outs[True])}))
+
+
+if __name__ == "__main__":
+    main()
