@@ -323,11 +323,13 @@ def test_rank_prompts_correct_first_then_nll(monkeypatch, make_task):
     from metatuner import prompts as P
 
     nll = {"wrong low": 0.1, "RIGHT high": 2.0, "wrong a": 1.0, "wrong b": 0.5, "RIGHT c": 0.3, "RIGHT d": 0.9}
-    monkeypatch.setattr(P, "actor_batch", lambda tok, task, ps, exs, max_length, device: {"prompts": list(ps)})
+    # the prompt text stands for the (prompt, query) prefix; the answer and the NLL come from one pass
+    monkeypatch.setattr(P, "completion_text", lambda tok, msgs, target: (msgs[0]["content"].split("\n\n")[0], target))
+    monkeypatch.setattr(P, "fits", lambda tok, pairs, max_length: True)
+    monkeypatch.setattr(P, "greedy_with_nll", lambda model, tok, prefixes, comps, n, *a: (
+        [["7" if "RIGHT" in t else "?"] for t in prefixes], None, torch.tensor([nll[p] for p in prefixes])))
+    monkeypatch.setattr(P, "lm_batch", lambda tok, prefixes, comps, max_length, device: {"prompts": list(prefixes)})
     monkeypatch.setattr(P, "forward_nll", lambda model, batch: (torch.tensor([nll[p] for p in batch["prompts"]]), None))
-    monkeypatch.setattr(P, "chat_text", lambda tok, msgs: msgs[0]["content"])
-    monkeypatch.setattr(P, "greedy_texts", lambda model, tok, texts, n, **kw: (
-        [["7" if "RIGHT" in t else "?"] for t in texts], None))
 
     class Dev:
         device = torch.device("cpu")
@@ -342,6 +344,7 @@ def test_rank_prompts_correct_first_then_nll(monkeypatch, make_task):
     assert [g[3] for g in got] == [True, False, False] and [g[0] for g in got] == ["RIGHT high", "wrong b", "RIGHT c"]
     # criterion=nll: no generation, the lowest NLL wins
     monkeypatch.setattr(P, "greedy_texts", lambda *a, **k: pytest.fail("nll criterion must not generate"))
+    monkeypatch.setattr(P, "greedy_with_nll", lambda *a, **k: pytest.fail("nll criterion must not generate"))
     got = P.rank_prompts(Dev(), None, task, task.test, cands, "nll", batch_size=4, bf16=False)
     assert [g[0] for g in got] == ["wrong low", "wrong b", "RIGHT c"]
 

@@ -1,8 +1,9 @@
 """Batched per-query LoRA against row-by-row merged weights; static PEFT LoRA; PEFT export."""
 
+import contextlib
 import copy
-import re
 import json
+import re
 
 import pytest
 import torch
@@ -226,6 +227,32 @@ def test_finished_rows_leave_the_batch_with_their_factors(setup):
     for r in (0, 3):
         alone, _ = greedy_texts(merged_model(base, targets, factors, r), tok, [texts[r]], 12, answer_end=end)
         assert alone[0] == left[r]
+
+
+def test_one_prompt_pass_gives_the_greedy_answer_and_the_reference_nll(setup):
+    """greedy_with_nll (a D2 rollout's scoring: the prompts run once, their cache serving both) gives the
+    answers greedy_texts gives and the NLL a teacher-forced pass over prompt + reference gives, for the plain
+    model and under per-query factors (finished rows leaving with theirs), with completions of different
+    lengths; the cache cut back to the prompts leaves the answers untouched."""
+    from metatuner.generation import greedy_texts, greedy_with_nll
+    from metatuner.testing import char_tokenizer
+    from metatuner.training import forward_nll, lm_batch
+
+    base, actor, targets, lora, ids, mask = setup
+    tok = char_tokenizer()
+    prefixes = ["abc", "hello there", "xyz uvw rst", "q", "twelve 12"]
+    comps = ["7", "no, 42", "", "x y z w", "12!"]
+    factors = random_factors(targets, len(prefixes))
+    for per_row in (False, True):
+        with lora.use_factors(factors) if per_row else contextlib.nullcontext():
+            keep = lora.keep_rows if per_row else None
+            want, want_n = greedy_texts(actor, tok, prefixes, 10, answer_end="e", share_prefix=False,
+                                        drop_finished=not per_row)
+            want_nll = forward_nll(actor, lm_batch(tok, prefixes, comps, 512))[0]
+            got, got_n, got_nll = greedy_with_nll(actor, tok, prefixes, comps, 10, "e", True, keep)
+        assert got == want and got_n == want_n
+        torch.testing.assert_close(got_nll, want_nll, atol=1e-5, rtol=1e-5)
+        assert got_nll[2] == 0.0 and (got_nll[[0, 1, 3, 4]] > 0).all()  # an empty completion scores 0
 
 
 def test_gradients_reach_non_leaf_factors_and_not_base_weights(setup):

@@ -309,7 +309,14 @@ def test_d2_ranks_correct_answers_before_nll(scoring_system, monkeypatch):
 
     import metatuner.prompts
 
+    real = metatuner.prompts.greedy_with_nll
+
+    def fake_with_nll(model, tok, prefixes, comps, n, *a, **k):  # the real NLL, the fake answers
+        _, ntok, nll = real(model, tok, prefixes, comps, n, *a, **k)
+        return fake_generate(model, tok, prefixes, n)[0], ntok, nll
+
     monkeypatch.setattr(metatuner.prompts, "greedy_texts", fake_generate)  # D2 scoring goes through prompt_outcomes
+    monkeypatch.setattr(metatuner.prompts, "greedy_with_nll", fake_with_nll)
     monkeypatch.setattr(system.cfg.rollout, "criterion", "answer")
     monkeypatch.setattr(system.task, "extract", lambda g: g)
     monkeypatch.setattr(system.task, "score_fn", lambda pred, e: {"correct": pred == "RIGHT"})

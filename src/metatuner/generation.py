@@ -1,5 +1,6 @@
 """Batched generation for every method: chat rendering, greedy decoding with a shared prefix and rows
-that leave the batch when done (`greedy_texts`), sampling through Hugging Face `generate` with each
+that leave the batch when done (`greedy_texts`; with the NLL of a reference from the same prompt pass:
+`greedy_with_nll`), sampling through Hugging Face `generate` with each
 prompt run once for its n samples (`generate_texts`, `PromptCache`), and one stopping rule for both: an
 end token, max_new_tokens, or the task's answer line (`answer_end`)."""
 
@@ -30,11 +31,12 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return list(dict.fromkeys(t for t in stop if t is not None))
 
 
-def _forward(model, cache, **kw):
-    """One forward pass that extends `cache`, returning only the last position's logits where the model allows."""
+def _forward(model, cache, keep: int = 1, **kw):
+    """One forward pass that extends `cache`, returning only the last `keep` positions' logits where the model
+    allows (0: all)."""
     before = cache.get_seq_length()
     try:
-        out = model(**kw, cache=cache, use_cache=True, logits_to_keep=1)
+        out = model(**kw, cache=cache, use_cache=True, logits_to_keep=keep)
     except TypeError:  # an older forward signature (past_key_values, no logits_to_keep)
         out = None
     if out is None or cache.get_seq_length() == before:  # the model ignored `cache` (took it as **kwargs)
@@ -42,56 +44,33 @@ def _forward(model, cache, **kw):
     return out
 
 
-@torch.no_grad()
-def greedy_texts(
-    model,
-    tokenizer,
-    texts: list[str],
-    max_new_tokens: int,
-    answer_end: str = "",
-    share_prefix: bool = True,
-    drop_finished: bool = True,
-    keep_rows=None,
-) -> tuple[list[list[str]], list[list[int]]]:
-    """Greedy decoding of one batch, with the same outputs as `generate_texts` (up to float rounding) but
-    less work: the token prefix all rows share (chat header, task prompt) is run once and its cache copied;
-    a row stops at an end token, at max_new_tokens, or as soon as its decoded text matches the regex
-    `answer_end`; finished rows leave the batch (drop_finished), so later steps cost only the live rows.
-    Keep share_prefix off when the model's weights differ per row (per-query LoRA), and drop_finished too
-    unless `keep_rows(indices)` narrows those per-row weights to the rows that stay (PerQueryLoRA.keep_rows;
-    called with None at the end to put them back).
-    Returns (generations[b][1], n_tokens[b][1]); an end token counts as generated, as in generate_texts."""
-    from transformers import DynamicCache
-
-    stop = set(stop_token_ids(model, tokenizer))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stop), 0)
-    end_re = re.compile(answer_end) if answer_end else None
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    b, dev = len(ids), model.device
-    shared = 0
-    if share_prefix and b > 1:
-        shortest = min(len(x) for x in ids)
-        while shared < shortest - 1 and all(x[shared] == ids[0][shared] for x in ids):
-            shared += 1
-    cache = DynamicCache()
-    if shared:
-        _forward(model, input_ids=torch.tensor([ids[0][:shared]], device=dev), cache=cache)
-        cache.batch_repeat_interleave(b)
-    width = max(len(x) for x in ids) - shared
+def _left_padded(token_ids: list[list[int]], pad: int, shared: int, dev):
+    """(input_ids, attention_mask, position_ids) of the rows' tokens after their first `shared` ones, left
+    padded to one width; the mask and positions also cover the shared tokens (positions count real tokens)."""
+    b = len(token_ids)
+    width = max(len(x) for x in token_ids) - shared
     inp = torch.full((b, width), pad, dtype=torch.long)
     mask = torch.zeros((b, shared + width), dtype=torch.long)
     mask[:, :shared] = 1
-    for i, x in enumerate(ids):
+    for i, x in enumerate(token_ids):
         suffix = x[shared:]
         inp[i, width - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
         mask[i, shared + width - len(suffix):] = 1
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    inp, mask, pos = inp.to(dev), mask.to(dev), pos.to(dev)
-    out = _forward(model, input_ids=inp, attention_mask=mask, position_ids=pos[:, shared:], cache=cache)
+    return inp.to(dev), mask.to(dev), pos.to(dev)
+
+
+def _greedy_steps(model, tokenizer, out, cache, mask, last, max_new_tokens: int, answer_end: str,
+                  drop_finished: bool, keep_rows) -> tuple[list[list[str]], list[list[int]]]:
+    """The greedy loop after the prompts' pass: `out`'s last logits give every row's first token; `cache`,
+    `mask` and `last` (each row's last position) are the prompts'. See greedy_texts."""
+    stop = set(stop_token_ids(model, tokenizer))
+    end_re = re.compile(answer_end) if answer_end else None
+    dev = model.device
+    b = mask.shape[0]
     rows = list(range(b))  # the batch row of each sequence still in the batch
     new: list[list[int]] = [[] for _ in range(b)]
     fin = [False] * b
-    last = pos[:, -1:]
     try:
         for _ in range(max_new_tokens):
             nxt = out.logits[:, -1, :].argmax(-1).tolist()
@@ -121,6 +100,103 @@ def greedy_texts(
             keep_rows(None)  # the caller's per-row weights whole again
     gens = [[tokenizer.decode(x, skip_special_tokens=True)] for x in new]  # end tokens are special: not decoded
     return gens, [[len(x)] for x in new]
+
+
+def _pad_id(model, tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        next(iter(stop_token_ids(model, tokenizer)), 0)
+
+
+@torch.no_grad()
+def greedy_texts(
+    model,
+    tokenizer,
+    texts: list[str],
+    max_new_tokens: int,
+    answer_end: str = "",
+    share_prefix: bool = True,
+    drop_finished: bool = True,
+    keep_rows=None,
+) -> tuple[list[list[str]], list[list[int]]]:
+    """Greedy decoding of one batch, with the same outputs as `generate_texts` (up to float rounding) but
+    less work: the token prefix all rows share (chat header, task prompt) is run once and its cache copied;
+    a row stops at an end token, at max_new_tokens, or as soon as its decoded text matches the regex
+    `answer_end`; finished rows leave the batch (drop_finished), so later steps cost only the live rows.
+    Keep share_prefix off when the model's weights differ per row (per-query LoRA), and drop_finished too
+    unless `keep_rows(indices)` narrows those per-row weights to the rows that stay (PerQueryLoRA.keep_rows;
+    called with None at the end to put them back).
+    Returns (generations[b][1], n_tokens[b][1]); an end token counts as generated, as in generate_texts."""
+    from transformers import DynamicCache
+
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    b, dev = len(ids), model.device
+    shared = 0
+    if share_prefix and b > 1:
+        shortest = min(len(x) for x in ids)
+        while shared < shortest - 1 and all(x[shared] == ids[0][shared] for x in ids):
+            shared += 1
+    cache = DynamicCache()
+    if shared:
+        _forward(model, input_ids=torch.tensor([ids[0][:shared]], device=dev), cache=cache)
+        cache.batch_repeat_interleave(b)
+    inp, mask, pos = _left_padded(ids, _pad_id(model, tokenizer), shared, dev)
+    out = _forward(model, input_ids=inp, attention_mask=mask, position_ids=pos[:, shared:], cache=cache)
+    return _greedy_steps(model, tokenizer, out, cache, mask, pos[:, -1:], max_new_tokens, answer_end,
+                         drop_finished, keep_rows)
+
+
+@torch.no_grad()
+def greedy_with_nll(model, tokenizer, prefixes: list[str], completions: list[str], max_new_tokens: int,
+                    answer_end: str = "", drop_finished: bool = True, keep_rows=None):
+    """Each row's greedy answer to `prefixes[i]` and the mean NLL of `completions[i]` (teacher-forced) after
+    it, from ONE pass over the prefixes: their cache and last logits serve the completion's scoring (the
+    completion tokens run on top of the cache, which is then cut back to the prefixes) and the greedy loop
+    (greedy_texts without a shared prefix: right under per-row weights; drop_finished and keep_rows as
+    there). A D2 rollout needs both for every (query, candidate); running the prompts once instead of twice
+    is most of its cost. -> (generations[b][1], n_tokens[b][1], nll [b] on the CPU, as training.sequence_nll
+    computes it)."""
+    import torch.nn.functional as F
+
+    from transformers import DynamicCache
+
+    dev = model.device
+    pad = _pad_id(model, tokenizer)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prefixes]
+    cids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
+    cache = DynamicCache()
+    inp, mask, pos = _left_padded(ids, pad, 0, dev)
+    out = _forward(model, input_ids=inp, attention_mask=mask, position_ids=pos, cache=cache)
+    first = out.logits[:, -1, :]
+    width = inp.shape[1]
+    C = max(len(c) for c in cids)
+    cin = torch.full((len(cids), C), pad, dtype=torch.long)
+    cmask = torch.zeros((len(cids), C), dtype=torch.long)
+    for i, c in enumerate(cids):
+        cin[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        cmask[i, : len(c)] = 1
+    cin, cmask = cin.to(dev), cmask.to(dev)
+    cpos = pos[:, -1:] + 1 + torch.arange(C, device=dev)[None, :]
+    nll = torch.zeros(len(cids))
+    if C > 0:
+        logits = first[:, None, :]
+        if C > 1:  # positions 0..C-2 of the completion predict its tokens 1..C-1
+            rest = _forward(model, cache, keep=0, input_ids=cin[:, :-1], position_ids=cpos[:, :-1],
+                            attention_mask=torch.cat([mask, cmask[:, :-1]], dim=1)).logits
+            logits = torch.cat([logits, rest[:, -(C - 1):]], dim=1)
+            try:  # back to the prompts alone (a negative crop removes tokens, in old and new transformers)
+                cache.crop(-(C - 1))
+                if cache.get_seq_length() != width:
+                    raise ValueError("crop")
+            except (ValueError, RuntimeError):  # a cache that cannot crop (e.g. past a sliding window): run again
+                cache = DynamicCache()
+                out = _forward(model, input_ids=inp, attention_mask=mask, position_ids=pos, cache=cache)
+        labels = cin.masked_fill(cmask == 0, -100)
+        tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                              reduction="none").view(labels.shape)
+        nll = (tok.sum(1) / cmask.sum(1).clamp(min=1)).cpu()
+    gens, ntoks = _greedy_steps(model, tokenizer, out, cache, mask, pos[:, -1:], max_new_tokens, answer_end,
+                                drop_finished, keep_rows)
+    return gens, ntoks, nll
 
 
 class PromptCache:

@@ -16,9 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from metatuner.evaluate import evaluate
-from metatuner.generation import chat_text, greedy_texts
+from metatuner.generation import greedy_texts, greedy_with_nll
 from metatuner.tasks import Example, Task
-from metatuner.training import actor_batch, autocast, forward_nll
+from metatuner.training import autocast, completion_text, forward_nll, lm_batch
 
 
 def accuracy_of(model, tok, task: Task, examples: list[Example], prompt: str, batch_size: int = 16,
@@ -28,6 +28,12 @@ def accuracy_of(model, tok, task: Task, examples: list[Example], prompt: str, ba
     return m["accuracy"]
 
 
+def fits(tok, pairs: list[tuple[str, str]], max_length: int) -> bool:
+    """Whether every (prefix, completion) pair is at most max_length tokens (lm_batch would cut none)."""
+    return all(len(tok(a, add_special_tokens=False)["input_ids"]) + len(tok(b, add_special_tokens=False)["input_ids"])
+               <= max_length for a, b in pairs)
+
+
 @torch.no_grad()
 def prompt_outcomes(model, tok, task: Task, examples: list[Example], candidates: list[list[str]], criterion: str = "answer",
                     batch_size: int = 16, max_length: int = 512, bf16: bool = True,
@@ -35,8 +41,12 @@ def prompt_outcomes(model, tok, task: Task, examples: list[Example], candidates:
     """Per query, (prompt, correct, nll) for each of its distinct candidates in order: whether the actor's
     greedy answer with that prompt is right (always False with criterion=nll) and the NLL of the reference.
     `factors_ctx(examples)` may return a context that changes the actor per row; `desc` labels a
-    progress bar over the (query, candidate) rows (main process only). `engine` (generation.backend=vllm,
-    an actor with fixed weights): vLLM gives the greedy answers; the NLL stays a forward pass of `model`."""
+    progress bar over the (query, candidate) rows (main process only). With criterion=answer the prompts run
+    once for both the NLL and the greedy answer (generation.greedy_with_nll; under a per-query LoRA finished
+    rows leave the batch with their factors), unless a row is longer than max_length (then the NLL pass cuts
+    its prompt from the left, as training does, and the answer is generated apart). `engine`
+    (generation.backend=vllm, an actor with fixed weights): vLLM gives the greedy answers; the NLL stays a
+    forward pass of `model`."""
     if engine is not None and factors_ctx is not None:
         raise ValueError("prompt_outcomes: a vLLM engine generates for fixed weights, not per-row factors")
     if criterion not in ("answer", "nll"):
@@ -56,19 +66,29 @@ def prompt_outcomes(model, tok, task: Task, examples: list[Example], candidates:
         exs, ps = flat_ex[s : s + batch_size], flat_p[s : s + batch_size]
         ctx = factors_ctx(exs) if factors_ctx else contextlib.nullcontext()
         with ctx as lora:
-            with autocast(bf16, model.device):
-                batch = actor_batch(tok, task, ps, exs, max_length, model.device)
-                nll += forward_nll(model, batch)[0].float().tolist()
-            if criterion == "answer":
-                texts = [chat_text(tok, task.render(p, ex.query)) for p, ex in zip(ps, exs)]
-                per_row = factors_ctx is not None  # weights may differ per row: no shared prefix
-                keep = getattr(lora, "keep_rows", None)  # a per-query LoRA follows the rows that stay
-                if engine is not None:
-                    gens = engine.generate(texts, task.max_new_tokens, answer_end=getattr(task, "answer_end", ""))[0]
-                else:
-                    gens, _ = greedy_texts(model, tok, texts, task.max_new_tokens,
-                                           answer_end=getattr(task, "answer_end", ""), share_prefix=not per_row,
-                                           drop_finished=not per_row or keep is not None, keep_rows=keep)
+            per_row = factors_ctx is not None  # weights may differ per row: no shared prefix
+            keep = getattr(lora, "keep_rows", None)  # a per-query LoRA follows the rows that stay
+            drop = not per_row or keep is not None
+            pairs = [completion_text(tok, task.render(p, ex.query), ex.target) for p, ex in zip(ps, exs)]
+            if criterion == "answer" and engine is None and fits(tok, pairs, max_length):
+                # one pass over the prompts gives the reference's NLL and the greedy answer
+                gens, _, row_nll = greedy_with_nll(model, tok, [a for a, _ in pairs], [b for _, b in pairs],
+                                                   task.max_new_tokens, getattr(task, "answer_end", ""), drop, keep)
+                nll += row_nll.tolist()
+            else:
+                with autocast(bf16, model.device):
+                    batch = lm_batch(tok, [a for a, _ in pairs], [b for _, b in pairs], max_length, model.device)
+                    nll += forward_nll(model, batch)[0].float().tolist()
+                gens = None
+                if criterion == "answer":
+                    texts = [a for a, _ in pairs]  # chat_text(prompt, query): the prefix of the NLL's pair
+                    if engine is not None:
+                        gens = engine.generate(texts, task.max_new_tokens, answer_end=getattr(task, "answer_end", ""))[0]
+                    else:
+                        gens, _ = greedy_texts(model, tok, texts, task.max_new_tokens,
+                                               answer_end=getattr(task, "answer_end", ""), share_prefix=not per_row,
+                                               drop_finished=drop, keep_rows=keep)
+            if gens is not None:
                 correct += [bool(task.score(task.extract_for(g[0], ex), ex)["correct"]) for g, ex in zip(gens, exs)]
             else:
                 correct += [False] * len(exs)

@@ -1,21 +1,22 @@
-"""Greedy decoding under a per-query LoRA: the batch kept whole to the end vs finished rows leaving it.
+"""D2's candidate scoring (prompts.prompt_outcomes) before and after it ran the prompts once.
 
-MetaTuner's actor answers with a LoRA generated per query (metatuner.lora.PerQueryLoRA), in D2's rollouts
-(every query x every candidate prompt) and in its test evaluation. Before, the greedy loop kept every row
-of such a batch to the end, since the rows' weights differ (off); now a finished row leaves the batch and
-takes its factors with it (PerQueryLoRA.keep_rows; on). Both run `prompts.prompt_outcomes` (what a D2
-rollout runs: the reference NLL and the greedy answer of every (query, candidate)) on the same trained
-system, queries and candidates; the answers should be the same up to float rounding, and the script
-counts those that differ.
+A MetaTuner rollout answers every (query, candidate prompt) with the actor under the query's generated LoRA
+(metatuner.lora.PerQueryLoRA) and needs two things from each: the greedy answer and the NLL of the
+reference. Before (off), a teacher-forced pass over prompt + reference gave the NLL and a second pass over
+the prompt started the greedy loop, which kept every row of the batch to the end because the rows' weights
+differ. Now (on) one pass over the prompts serves both (generation.greedy_with_nll: the reference runs on
+top of the prompts' cache, which is then cut back) and finished rows leave the batch with their factors
+(PerQueryLoRA.keep_rows). Both run on the same trained system, queries and candidates; the answers and the
+D2 choice should be the same up to float rounding, and the script counts those that differ.
 
 The queries are cut into chunks; each chunk runs both ways in the order off-on, on-off, ... (ABBA), so
 changing load from other processes falls on both alike. On a shared machine use --threads 1.
 
-    .venv/bin/python benchmarks/per_query_greedy.py RUN [--n 40] [--batch 16] [--candidates 6]
+    .venv/bin/python benchmarks/d2_scoring.py RUN [--n 40] [--batch 16] [--candidates 6]
 
 RUN: a finished MetaTuner run (final/), e.g. runs/quickstart/metatuner_j/seed_0 after `make demo`, or a
 pool run (its candidates are the pool; otherwise p~ alone). The last line printed is JSON:
-off_rows_per_s, on_rows_per_s, speedup, same_answers, rows, ...
+off_rows_per_s, on_rows_per_s, speedup, same_answers, same_best, max_nll_diff, rows, ...
 """
 
 from __future__ import annotations
@@ -55,10 +56,14 @@ def main() -> None:
     task = load_task(cfg.task, cfg.seed)
     examples = task.train[: args.n]
     pool = list(system.pool or [system.p_tilde])[: max(1, args.candidates)]
-    real = P.greedy_texts
+    real_greedy, real_fits = P.greedy_texts, P.fits
 
-    def whole(*a, **kw):  # the loop before: per-row weights keep the batch whole to the end
-        return real(*a, **{**kw, "drop_finished": False, "keep_rows": None})
+    def whole(*a, **kw):  # the loop before: per-row weights kept the batch whole to the end
+        return real_greedy(*a, **{**kw, "drop_finished": False, "keep_rows": None})
+
+    def use(on: bool) -> None:  # off: the NLL pass and the greedy loop apart (the path for over-long rows)
+        P.greedy_texts = real_greedy if on else whole
+        P.fits = real_fits if on else (lambda *a: False)
 
     secs = {False: 0.0, True: 0.0}
     outs: dict[bool, list] = {False: [], True: []}
@@ -66,16 +71,19 @@ def main() -> None:
     for c, start in enumerate(range(0, len(examples), args.chunk)):
         part = examples[start : start + args.chunk]
         for on in ((False, True) if c % 2 == 0 else (True, False)):
-            P.greedy_texts = real if on else whole
+            use(on)
             t = time.perf_counter()
             res = P.prompt_outcomes(system.actor, system.tok, task, part, [pool] * len(part), "answer", args.batch,
                                     cfg.train.max_length, use_bf16(cfg.train, system.device), system.with_factors)
             secs[on] += time.perf_counter() - t
-            outs[on] += [(p, ok) for q in res for p, ok, _ in q]
+            outs[on] += res
         rows += len(part) * len(pool)
         print(f"{start + len(part)}/{len(examples)} queries: off {secs[False]:.1f} s, on {secs[True]:.1f} s", flush=True)
-    P.greedy_texts = real
-    same = sum(a == b for a, b in zip(outs[False], outs[True]))
+    use(True)
+    flat = {on: [o for q in outs[on] for o in q] for on in outs}
+    same = sum(a[:2] == b[:2] for a, b in zip(flat[False], flat[True]))
+    same_best = sum(P.best_outcome(a)[0] == P.best_outcome(b)[0] for a, b in zip(outs[False], outs[True]))
+    nll_diff = max(abs(a[2] - b[2]) for a, b in zip(flat[False], flat[True]))
     print(f"{'':8}{'rows/s':>8}{'seconds':>9}")
     for on, name in ((False, "off"), (True, "on")):
         print(f"{name:8}{rows / secs[on]:8.2f}{secs[on]:9.1f}")
@@ -83,7 +91,8 @@ def main() -> None:
                       "candidates": len(pool), "rows": rows, "batch": args.batch, "threads": torch.get_num_threads(),
                       "max_new_tokens": task.max_new_tokens, "off_rows_per_s": round(rows / secs[False], 3),
                       "on_rows_per_s": round(rows / secs[True], 3), "speedup": round(secs[False] / secs[True], 2),
-                      "same_answers": same, "answers": len(outs[True])}))
+                      "same_answers": same, "answers": len(flat[True]), "same_best": same_best,
+                      "queries_scored": len(outs[True]), "max_nll_diff": round(nll_diff, 6)}))
 
 
 if __name__ == "__main__":
