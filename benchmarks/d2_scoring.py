@@ -22,6 +22,7 @@ off_rows_per_s, on_rows_per_s, speedup, same_answers, same_best, max_nll_diff, r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 import warnings
@@ -73,8 +74,10 @@ def main() -> None:
         for on in ((False, True) if c % 2 == 0 else (True, False)):
             use(on)
             t = time.perf_counter()
-            res = P.prompt_outcomes(system.actor, system.tok, task, part, [pool] * len(part), "answer", args.batch,
-                                    cfg.train.max_length, use_bf16(cfg.train, system.device), system.with_factors)
+            with system.pooled_states(part) if system.use_f else contextlib.nullcontext():  # as d2_rollout does
+                res = P.prompt_outcomes(system.actor, system.tok, task, part, [pool] * len(part), "answer",
+                                        args.batch, cfg.train.max_length, use_bf16(cfg.train, system.device),
+                                        system.with_factors)
             secs[on] += time.perf_counter() - t
             outs[on] += res
         rows += len(part) * len(pool)
