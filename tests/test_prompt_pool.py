@@ -58,6 +58,23 @@ def test_candidate_logprobs_equal_a_row_by_row_reference():
                 logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
             want = torch.stack([logp[len(pre) - 1 + j, t] for j, t in enumerate(com)]).mean()
             assert got[i, c].item() == pytest.approx(want.item(), abs=1e-4)
+    # the graph-keeping path (a row per candidate) gives the same scores; without a graph each query's prefix
+    # runs once: the first pass holds one row per query, the next one row per candidate
+    with torch.enable_grad():
+        rows = candidate_logprobs(model, tok, msgs, cands, batch_size=4, bf16=False, grad=True)
+    torch.testing.assert_close(rows.detach(), got, atol=1e-5, rtol=1e-5)
+    seen = []
+    hook = model.model.layers[0].register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+    candidate_logprobs(model, tok, msgs, cands, batch_size=6, bf16=False)
+    hook.remove()
+    assert seen == [2, 6]
+    # an over-long query is cut from the left once, to fit with its longest candidate (as lm_batch cuts that row)
+    from metatuner.training import forward_nll, lm_batch
+
+    short = candidate_logprobs(model, tok, msgs[:1], [["abc", "a longer one", "x"]], bf16=False, max_length=20)
+    pre = chat_text(tok, msgs[0])
+    want = -forward_nll(model, lm_batch(tok, [pre], [completion_text(tok, msgs[0], "a longer one")[1]], 20))[0]
+    assert short[0, 1].item() == pytest.approx(want.item(), abs=1e-4)
 
 
 def test_pool_is_p_tilde_first_deduplicated_and_capped(model_dir, tmp_path):

@@ -145,6 +145,35 @@ def greedy_texts(
                          drop_finished, keep_rows)
 
 
+def _completion_nll(model, cache, first: torch.Tensor, mask, last, cids: list[list[int]], pad: int):
+    """Mean NLL [b] (on the CPU, as training.sequence_nll computes it) of each row's completion tokens `cids`
+    teacher-forced on top of `cache` (the prefixes, left padded: `mask`, each row's last position `last`),
+    whose last logits `first` predict the completions' first tokens. Extends the cache by the longest
+    completion minus one. -> (nll, tokens added to the cache)."""
+    import torch.nn.functional as F
+
+    dev = first.device
+    C = max((len(c) for c in cids), default=0)
+    if C == 0:
+        return torch.zeros(len(cids)), 0
+    cin = torch.full((len(cids), C), pad, dtype=torch.long)
+    cmask = torch.zeros((len(cids), C), dtype=torch.long)
+    for i, c in enumerate(cids):
+        cin[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+        cmask[i, : len(c)] = 1
+    cin, cmask = cin.to(dev), cmask.to(dev)
+    logits = first[:, None, :]
+    if C > 1:  # positions 0..C-2 of the completion predict its tokens 1..C-1
+        cpos = last + 1 + torch.arange(C - 1, device=dev)[None, :]
+        rest = _forward(model, cache, keep=0, input_ids=cin[:, :-1], position_ids=cpos,
+                        attention_mask=torch.cat([mask, cmask[:, :-1]], dim=1)).logits
+        logits = torch.cat([logits, rest[:, -(C - 1):]], dim=1)
+    labels = cin.masked_fill(cmask == 0, -100)
+    tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                          reduction="none").view(labels.shape)
+    return (tok.sum(1) / cmask.sum(1).clamp(min=1)).cpu(), C - 1
+
+
 @torch.no_grad()
 def greedy_with_nll(model, tokenizer, prefixes: list[str], completions: list[str], max_new_tokens: int,
                     answer_end: str = "", drop_finished: bool = True, keep_rows=None):
@@ -155,8 +184,6 @@ def greedy_with_nll(model, tokenizer, prefixes: list[str], completions: list[str
     there). A D2 rollout needs both for every (query, candidate); running the prompts once instead of twice
     is most of its cost. -> (generations[b][1], n_tokens[b][1], nll [b] on the CPU, as training.sequence_nll
     computes it)."""
-    import torch.nn.functional as F
-
     from transformers import DynamicCache
 
     dev = model.device
@@ -166,37 +193,45 @@ def greedy_with_nll(model, tokenizer, prefixes: list[str], completions: list[str
     cache = DynamicCache()
     inp, mask, pos = _left_padded(ids, pad, 0, dev)
     out = _forward(model, input_ids=inp, attention_mask=mask, position_ids=pos, cache=cache)
-    first = out.logits[:, -1, :]
-    width = inp.shape[1]
-    C = max(len(c) for c in cids)
-    cin = torch.full((len(cids), C), pad, dtype=torch.long)
-    cmask = torch.zeros((len(cids), C), dtype=torch.long)
-    for i, c in enumerate(cids):
-        cin[i, : len(c)] = torch.tensor(c, dtype=torch.long)
-        cmask[i, : len(c)] = 1
-    cin, cmask = cin.to(dev), cmask.to(dev)
-    cpos = pos[:, -1:] + 1 + torch.arange(C, device=dev)[None, :]
-    nll = torch.zeros(len(cids))
-    if C > 0:
-        logits = first[:, None, :]
-        if C > 1:  # positions 0..C-2 of the completion predict its tokens 1..C-1
-            rest = _forward(model, cache, keep=0, input_ids=cin[:, :-1], position_ids=cpos[:, :-1],
-                            attention_mask=torch.cat([mask, cmask[:, :-1]], dim=1)).logits
-            logits = torch.cat([logits, rest[:, -(C - 1):]], dim=1)
-            try:  # back to the prompts alone (a negative crop removes tokens, in old and new transformers)
-                cache.crop(-(C - 1))
-                if cache.get_seq_length() != width:
-                    raise ValueError("crop")
-            except (ValueError, RuntimeError):  # a cache that cannot crop (e.g. past a sliding window): run again
-                cache = DynamicCache()
-                out = _forward(model, input_ids=inp, attention_mask=mask, position_ids=pos, cache=cache)
-        labels = cin.masked_fill(cmask == 0, -100)
-        tok = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                              reduction="none").view(labels.shape)
-        nll = (tok.sum(1) / cmask.sum(1).clamp(min=1)).cpu()
+    nll, added = _completion_nll(model, cache, out.logits[:, -1, :], mask, pos[:, -1:], cids, pad)
+    if added:
+        try:  # back to the prompts alone (a negative crop removes tokens, in old and new transformers)
+            cache.crop(-added)
+            if cache.get_seq_length() != inp.shape[1]:
+                raise ValueError("crop")
+        except (ValueError, RuntimeError):  # a cache that cannot crop (e.g. past a sliding window): run again
+            cache = DynamicCache()
+            out = _forward(model, input_ids=inp, attention_mask=mask, position_ids=pos, cache=cache)
     gens, ntoks = _greedy_steps(model, tokenizer, out, cache, mask, pos[:, -1:], max_new_tokens, answer_end,
                                 drop_finished, keep_rows)
     return gens, ntoks, nll
+
+
+@torch.no_grad()
+def prefix_nll(model, tokenizer, prefixes: list[str], completions: list[list[str]], max_length: int = 512) -> torch.Tensor:
+    """[len(prefixes), C] mean NLL of each prefix's C completions, with every prefix run ONCE and its cache
+    copied to its C completions (the same weights for every row). What scoring a candidate pool per query
+    needs: the (p~, x) prefix is shared by the query's candidates. As training.lm_batch, a completion keeps
+    at most max_length - 1 tokens and a prefix loses tokens from the left until it fits with its longest
+    completion (one cut per prefix, so its shorter completions see the same prefix)."""
+    from transformers import DynamicCache
+
+    dev = model.device
+    pad = _pad_id(model, tokenizer)
+    C = len(completions[0]) if completions else 0
+    cids = [tokenizer(c, add_special_tokens=False)["input_ids"][: max_length - 1] for row in completions for c in row]
+    ids = []
+    for i, t in enumerate(prefixes):
+        x = tokenizer(t, add_special_tokens=False)["input_ids"]
+        longest = max((len(c) for c in cids[i * C : (i + 1) * C]), default=0)
+        ids.append(x[max(0, len(x) + longest - max_length):])
+    cache = DynamicCache()
+    inp, mask, pos = _left_padded(ids, pad, 0, dev)
+    out = _forward(model, input_ids=inp, attention_mask=mask, position_ids=pos, cache=cache)
+    cache.batch_repeat_interleave(C)
+    rep = lambda t: t.repeat_interleave(C, dim=0)  # noqa: E731
+    nll, _ = _completion_nll(model, cache, rep(out.logits[:, -1, :]), rep(mask), rep(pos[:, -1:]), cids, pad)
+    return nll.view(len(prefixes), C)
 
 
 class PromptCache:

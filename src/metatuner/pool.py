@@ -178,21 +178,33 @@ def candidate_logprobs(model, tok, messages: list[list[dict]], candidates: list[
                        max_length: int = 512, bf16: bool = True, grad: bool = False) -> torch.Tensor:
     """[queries, C] mean token log-probability of each query's C candidates as the model's reply to that
     query's chat `messages`, teacher-forced in batches of `batch_size` rows (no generation). grad=True keeps
-    the graph (for a loss on the scores; the result stays on the model's device), else no_grad, on the CPU."""
+    the graph (for a loss on the scores; the result stays on the model's device), else no_grad, on the CPU,
+    with each query's prefix run once for all its candidates (generation.prefix_nll)."""
     from metatuner.generation import chat_text
 
     C = len(candidates[0]) if candidates else 0
     if any(len(c) != C for c in candidates):
         raise MetatunerError("candidate_logprobs: every query needs the same number of candidates")
     prefixes = [chat_text(tok, m) for m in messages]
-    rows = [(i, c) for i in range(len(messages)) for c in range(C)]
     dev = model.device
+    comps = [[completion_text(tok, messages[i], candidates[i][c])[1] for c in range(C)] for i in range(len(messages))]
+    if C and not (grad and torch.is_grad_enabled()):
+        # no graph to keep: each query's (p~, x) prefix runs once for its C candidates (about half the work
+        # of a row per candidate; over-long rows are cut once per query, see prefix_nll)
+        from metatuner.generation import prefix_nll
+
+        step = max(1, batch_size // C)
+        with torch.no_grad(), autocast(bf16, dev):
+            nll = [prefix_nll(model, tok, prefixes[s : s + step], comps[s : s + step], max_length)
+                   for s in range(0, len(prefixes), step)]
+        return -torch.cat(nll) if nll else torch.empty(0, C)
+    rows = [(i, c) for i in range(len(messages)) for c in range(C)]
     parts = []
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         for s in range(0, len(rows), batch_size):
             chunk = rows[s : s + batch_size]
             pre = [prefixes[i] for i, _ in chunk]
-            com = [completion_text(tok, messages[i], candidates[i][c])[1] for i, c in chunk]
+            com = [comps[i][c] for i, c in chunk]
             with autocast(bf16, dev):
                 batch = lm_batch(tok, pre, com, max_length, dev)
                 nll = forward_nll(model, batch)[0].float()
