@@ -15,8 +15,11 @@ changing load from other processes falls on both alike. On a shared machine use 
     .venv/bin/python benchmarks/d2_scoring.py RUN [--n 40] [--batch 16] [--candidates 6]
 
 RUN: a finished MetaTuner run (final/), e.g. runs/quickstart/metatuner_j/seed_0 after `make demo`, or a
-pool run (its candidates are the pool; otherwise p~ alone). The last line printed is JSON:
-off_rows_per_s, on_rows_per_s, speedup, same_answers, same_best, max_nll_diff, rows, ...
+pool run (its candidates are the pool; otherwise p~ alone). Then the prompt decoder's pool scores for the
+same queries (the test-time choice and the rollouts' task-prompt sampling), a row per (query, candidate)
+as before (off) or each query's (p~, x) prefix run once for all its candidates (on). The last line printed
+is JSON: off_rows_per_s, on_rows_per_s, speedup, same_answers, same_best, max_nll_diff, pool_speedup,
+pool_same_argmax, pool_max_score_diff, ...
 """
 
 from __future__ import annotations
@@ -90,12 +93,50 @@ def main() -> None:
     print(f"{'':8}{'rows/s':>8}{'seconds':>9}")
     for on, name in ((False, "off"), (True, "on")):
         print(f"{name:8}{rows / secs[on]:8.2f}{secs[on]:9.1f}")
+    # the prompt decoder's pool scores (the test-time choice; the rollouts' task-prompt sampling): a row per
+    # (query, candidate) as before, or each query's (p~, x) prefix once for all its candidates (now)
+    from metatuner.pool import candidate_logprobs
+    from metatuner.rewrite import rewrite_messages
+    from metatuner.training import autocast, completion_text, forward_nll, lm_batch
+
+    def rows_apart(msgs):  # candidate_logprobs before: one row per candidate, its prefix included
+        from metatuner.generation import chat_text
+
+        pre = [chat_text(system.gen_tok, m) for m in msgs]
+        rows = [(i, c) for i in range(len(msgs)) for c in range(len(pool))]
+        out = []
+        with torch.no_grad(), autocast(bf16, system.device):
+            for b in range(0, len(rows), args.batch):
+                chunk = rows[b : b + args.batch]
+                batch = lm_batch(system.gen_tok, [pre[i] for i, _ in chunk],
+                                 [completion_text(system.gen_tok, msgs[i], pool[c])[1] for i, c in chunk],
+                                 cfg.train.max_length, system.device)
+                out.append(-forward_nll(system.gen.model, batch)[0].float().cpu())
+        return torch.cat(out).view(len(msgs), len(pool))
+
+    bf16 = use_bf16(cfg.train, system.device)
+    psecs = {False: 0.0, True: 0.0}
+    scores: dict[bool, list] = {False: [], True: []}
+    for c, start in enumerate(range(0, len(examples), args.chunk)):
+        msgs = [rewrite_messages(system.p_tilde, ex.query) for ex in examples[start : start + args.chunk]]
+        for on in ((False, True) if c % 2 == 0 else (True, False)):
+            t = time.perf_counter()
+            scores[on].append(candidate_logprobs(system.gen.model, system.gen_tok, msgs, [pool] * len(msgs), args.batch,
+                                                 cfg.train.max_length, bf16) if on else rows_apart(msgs))
+            psecs[on] += time.perf_counter() - t
+    a, b = torch.cat(scores[False]), torch.cat(scores[True])
+    print(f"pool scores: off {psecs[False]:.1f} s, on {psecs[True]:.1f} s")
+    pool_rep = {"pool_off_queries_per_s": round(len(examples) / psecs[False], 3),
+                "pool_on_queries_per_s": round(len(examples) / psecs[True], 3),
+                "pool_speedup": round(psecs[False] / psecs[True], 2),
+                "pool_same_argmax": int((a.argmax(-1) == b.argmax(-1)).sum()),
+                "pool_max_score_diff": round(float((a - b).abs().max()), 6)}
     print(json.dumps({"run": str(args.run_dir), "task": cfg.task.name, "queries": len(examples),
                       "candidates": len(pool), "rows": rows, "batch": args.batch, "threads": torch.get_num_threads(),
                       "max_new_tokens": task.max_new_tokens, "off_rows_per_s": round(rows / secs[False], 3),
                       "on_rows_per_s": round(rows / secs[True], 3), "speedup": round(secs[False] / secs[True], 2),
                       "same_answers": same, "answers": len(flat[True]), "same_best": same_best,
-                      "queries_scored": len(outs[True]), "max_nll_diff": round(nll_diff, 6)}))
+                      "queries_scored": len(outs[True]), "max_nll_diff": round(nll_diff, 6), **pool_rep}))
 
 
 if __name__ == "__main__":
