@@ -137,8 +137,10 @@ def finite_grads_callback(phase: str):
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
             grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: this process's shard
-            ok = all(bool(torch.isfinite(g).all()) for g in grads)
-            flag = torch.tensor(0.0 if ok else float("nan"), device=grads[0].device if grads else args.device)
+            # one flag for all of them (one device sync, not one per tensor): 0 when finite, NaN otherwise
+            ok = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else \
+                torch.ones((), dtype=torch.bool, device=args.device)
+            flag = torch.where(ok, 0.0, float("nan"))
             ckpts = sorted(Path(args.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
                            if p.name.split("-")[-1].isdigit() else -1)
             check_finite(flag, state.global_step + 1, str(ckpts[-1]) if ckpts else None,
