@@ -3,11 +3,11 @@
     .venv/bin/python scripts/pool_oracle.py runs/pool/sft_sapo/seed_0
     .venv/bin/python scripts/pool_oracle.py runs/pool/metatuner_j_pool/seed_0
 
-For a finished SFT-with-SAPO run (its sapo.json candidates are the pool; any run with `adapter/` and a
-candidate list works, e.g. `--pool runs/pool/metatuner_j_pool/seed_0/pool.json`), answers every validation
-and test query greedily with every pool candidate (the run's model, adapter merged; the run's task and
-splits) and reports per candidate its accuracy, the best single candidate on validation and its test
-accuracy, and the per-query oracle (a query counts as right if any candidate answers it right): the most a
+For a finished SFT-with-SAPO run (its sapo.json candidates are the pool; any run with a candidate list
+works, e.g. `--pool runs/pool/metatuner_j_pool/seed_0/pool.json`), answers every validation and test query
+greedily with every pool candidate (the run's model, adapter merged; a run without `adapter/`, e.g. a
+zero-shot `metatuner eval`, answers with its base model; the run's task and splits) and reports per
+candidate its accuracy, the best single candidate on validation and its test accuracy, and the per-query oracle (a query counts as right if any candidate answers it right): the most a
 per-query prompt choice (MetaTuner's pool decoder) could add over one prompt for everyone, for this
 model (an SFT-SAPO model was trained with one of the candidates, which favours that one). Also: the share
 of test queries where the validation-best candidate is wrong and another is right, and how often all
@@ -46,6 +46,14 @@ binary operators they contain (' + ', ' - ', ' * ', ' / '; e.g. basic_arithmetic
 per group the candidate best on validation (ties: the candidate best on all of validation) and scores that
 choice on test: a chooser that reads one obvious feature of the query, fitted on validation only (and, as
 its ceiling, the same choice fitted on test itself).
+
+--grouped-demos K: a pool built so that a per-query choice has something systematic to find, in place of the
+run's own: p~, p~ with K training demonstrations (what prompts.demos adds), and, for every operator group of
+the training queries (as --groups operators reads them; '+', '-', '*' on basic_arithmetic with two terms), p~
+with K demonstrations of that group. With --groups operators: does showing the query's own operator help,
+per group, more than one prompt for everyone? E.g. with the base model (a zero-shot `metatuner eval` run):
+
+    .venv/bin/python scripts/pool_oracle.py runs/ops_base/seed_0 --grouped-demos 3 --groups operators
 """
 
 from __future__ import annotations
@@ -116,6 +124,22 @@ def operators(query: str) -> str:
     return "".join(re.findall(r"\s([+\-*/])\s", query)) or "none"
 
 
+def grouped_demos_pool(task, k: int) -> list[str]:
+    """p~; p~ with the first k training examples as demonstrations (prompts.demos' candidate); then, per
+    operator group of the training queries with at least k of them (in sorted order), p~ with that group's
+    first k: candidates that differ systematically by query. Deduplicated."""
+    import dataclasses
+
+    from metatuner.pool import demo_prompt
+
+    groups: dict[str, list] = {}
+    for ex in task.train:
+        groups.setdefault(operators(ex.query), []).append(ex)
+    pool = [task.prompt, demo_prompt(task, k)]
+    pool += [demo_prompt(dataclasses.replace(task, train=groups[g]), k) for g in sorted(groups) if len(groups[g]) >= k]
+    return list(dict.fromkeys(pool))
+
+
 def group_chooser(correct: dict[str, list[list[bool]]], keys: dict[str, list[str]]) -> dict:
     """Per group (keys[split][i]), the candidate best on the group's validation queries (ties and groups
     validation lacks: the candidate best on all of validation), scored on test (pure)."""
@@ -136,6 +160,9 @@ def group_chooser(correct: dict[str, list[list[bool]]], keys: dict[str, list[str
         rows, ks = correct[split], keys[split]
         out[split] = {"accuracy": sum(r[choice[k]] for r, k in zip(rows, ks)) / max(1, len(rows)),
                       "queries": {g: ks.count(g) for g in groups}}
+    # every candidate's accuracy on each group's test queries (which candidate helps which kind of query)
+    out["test_by_group"] = {g: [sum(r[j] for r in test_rows(g)) / len(test_rows(g)) for j in range(C)]
+                            for g in groups if test_rows(g)}
     return out
 
 
@@ -221,6 +248,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pool", default="", help="a pool.json ({'pool': [...]}) instead of the run's sapo.json candidates")
     ap.add_argument("--groups", choices=["operators"], default=None,
                     help="also score a per-group choice fitted on validation (groups: the query's binary operators)")
+    ap.add_argument("--grouped-demos", type=int, default=0, metavar="K",
+                    help="instead of the run's pool: p~, p~ with K training demonstrations, and p~ with K "
+                         "demonstrations of each operator group (see above)")
     ap.add_argument("--learned", type=int, default=0, metavar="N",
                     help="MetaTuner runs: also answer the first N training queries with every candidate and score a "
                          "linear chooser over the pool fitted on them (see above)")
@@ -232,6 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="MetaTuner runs: another run folder on the same test queries (its predictions.jsonl); the "
                          "decoder's choice against it, paired: difference, 95%% bootstrap interval, exact McNemar p")
     args = ap.parse_args(argv)
+    if args.grouped_demos < 0:
+        raise SystemExit(f"error: --grouped-demos needs K >= 1 (got {args.grouped_demos})")
     if args.resample < 0 or (args.resample and args.temperature <= 0):
         raise SystemExit(f"error: --resample needs K >= 1 (got {args.resample}) and --temperature > 0 "
                          f"(got {args.temperature:g})")
@@ -247,15 +279,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     d = Path(args.run_dir)
     metatuner = (d / "final" / "generator.safetensors").is_file()
+    if args.grouped_demos and (args.pool or metatuner):
+        raise SystemExit("error: --grouped-demos builds the pool itself: not with --pool, nor on a MetaTuner run "
+                         "(its decoder chooses among its own pool)")
     src = Path(args.pool) if args.pool else d / ("final/pool.json" if metatuner else "sapo.json")
-    for p in (d / "config.yaml", src) + (() if metatuner else (d / "adapter",)):
+    for p in (d / "config.yaml",) + (() if args.grouped_demos else (src,)):
         if not p.exists():
-            raise SystemExit(f"error: {p}: not found (expected a finished run with adapter/ and a candidate pool, "
+            raise SystemExit(f"error: {p}: not found (expected a finished run with a candidate pool (or --pool), "
                              "or a MetaTuner run with final/pool.json)")
-    data = json.loads(src.read_text())
-    pool = data.get("pool") or data.get("candidates")
-    if not pool or not all(isinstance(p, str) for p in pool):
-        raise SystemExit(f"error: {src}: expected 'pool' or 'candidates', a list of prompt strings")
+    if args.grouped_demos:
+        cfg = load_saved_config(d / "config.yaml")
+        pool = grouped_demos_pool(load_task(cfg.task, cfg.seed), args.grouped_demos)
+    else:
+        data = json.loads(src.read_text())
+        pool = data.get("pool") or data.get("candidates")
+        if not pool or not all(isinstance(p, str) for p in pool):
+            raise SystemExit(f"error: {src}: expected 'pool' or 'candidates', a list of prompt strings")
     if args.learned and not metatuner:
         raise SystemExit("error: --learned needs a MetaTuner run with a pool (the chooser reads its meta encoder)")
     cached = d / "pool_oracle.json"
@@ -367,6 +406,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"{k} -> #{j} ({g['test']['queries'][k]} test)" for k, j in g["choice"].items())
             + f"; validation {100 * g['validation']['accuracy']:.1f}%, test {100 * g['test']['accuracy']:.1f}% "
             f"(fitted on test itself, the most a per-operator choice could get: {100 * g['test_fitted_accuracy']:.1f}%)")
+        print("\n| test queries with | n | " + " | ".join(f"#{j} %" for j in range(len(pool))) + " |\n|---|---|"
+              + "---|" * len(pool))
+        for k, accs in g["test_by_group"].items():
+            print(f"| {k} | {g['test']['queries'][k]} | " + " | ".join(f"{100 * a:.1f}" for a in accs) + " |")
     if "chooser" in rep:
         for split in ("validation", "test"):
             c = rep["chooser"][split]
@@ -404,7 +447,8 @@ def main(argv: list[str] | None = None) -> dict:
 def run_model(d: Path, cfg, metatuner: bool):
     """(model, tokenizer, system or None, context): a MetaTuner run's own system (the actor with the per-query
     LoRA its parameter decoder generates: context(examples) gives evaluate's batch_context), else the run's
-    model with its adapter merged (context gives None)."""
+    model with its adapter merged, or the run's base model when it has no adapter/ (a zero-shot run: context
+    gives None)."""
     if metatuner:
         from metatuner.methods.metatuner.inference import load_system
 
@@ -412,7 +456,8 @@ def run_model(d: Path, cfg, metatuner: bool):
         return system.actor, system.tok, system, (lambda exs: lambda idx: system.with_factors([exs[i] for i in idx]))
     from metatuner.models import load_from_config
 
-    cfg.model.adapter = str(d / "adapter")
+    if (d / "adapter").is_dir():
+        cfg.model.adapter = str(d / "adapter")
     model, tok = load_from_config(cfg.model)
     return model, tok, None, (lambda exs: None)
 

@@ -54,6 +54,7 @@ def test_group_chooser_by_hand():
     assert g["validation"]["accuracy"] == 1.0
     assert g["test"]["accuracy"] == 0.75 and g["test"]["queries"] == {"*": 1, "+": 1, "-": 1, "/": 1}
     assert g["test_fitted_accuracy"] == 1.0  # '/' -> 1 on test
+    assert g["test_by_group"] == {"+": [1.0, 0.0], "*": [0.0, 1.0], "/": [0.0, 1.0], "-": [1.0, 1.0]}
 
 def test_pool_oracle_on_a_tiny_sft_sapo_run(tiny_model_path, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -224,3 +225,45 @@ def test_sampling_headroom_on_a_tiny_model(tiny_model_path, monkeypatch, capsys)
     assert torch.is_grad_enabled()  # the script leaves the caller's grad mode alone
     with pytest.raises(SystemExit, match="unknown arguments"):
         hr["main"](["train.max_steps=3"])
+
+
+def test_grouped_demos_pool_by_hand():
+    from metatuner.pool import demo_prompt
+    from metatuner.tasks.core import Example, Task
+
+    qs = ["Calculate 1 + 2.", "Calculate 3 * 4.", "Calculate 5 + 6.", "Calculate 7 - 8.", "Calculate 9 * 2.",
+          "Calculate 4 + 4."]
+    train = [Example(q, str(i), str(i)) for i, q in enumerate(qs)]
+    task = Task("t", "Solve.", train, [], [], 8, lambda s: s, lambda a, ex: {})
+    pool = NS["grouped_demos_pool"](task, 2)
+    # p~, the mixed demonstrations (prompts.demos' candidate), then '*' and '+' (sorted); '-' has 1 < 2 queries
+    assert pool[0] == "Solve." and pool[1] == demo_prompt(task, 2) and len(pool) == 4
+    assert "3 * 4" in pool[2] and "9 * 2" in pool[2] and "+" not in pool[2].split("Examples:")[1]
+    assert "1 + 2" in pool[3] and "5 + 6" in pool[3] and "4 + 4" not in pool[3] and "*" not in pool[3]
+    # k=1: every group qualifies; the '+' group's candidate equals the mixed one (first training query) and is dropped
+    pool1 = NS["grouped_demos_pool"](task, 1)
+    assert len(pool1) == 4 and len(set(pool1)) == 4 and any("7 - 8" in p for p in pool1)
+
+
+def test_pool_oracle_grouped_demos_on_a_base_model_run(tiny_model_path, tmp_path, monkeypatch):
+    """A run without adapter/ (a zero-shot eval) answers with its base model: p~'s column reproduces the
+    run's own predictions; --grouped-demos builds the pool from the run's task."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    out = tmp_path / "base"
+    assert main(["eval", f"model.name={tiny_model_path}", f"output_dir={out}", "task.name=basic_arithmetic",
+                 "task.params.min_terms=2", "task.params.max_terms=2", "task.params.max_digits=1",
+                 'task.params.operators=["+","*"]', "task.train_size=12", "task.val_size=3", "task.test_size=4",
+                 "eval.batch_size=4", "task.max_new_tokens=4"]) == 0
+    rep = NS["main"]([str(out), "--grouped-demos", "2", "--groups", "operators"])
+    pool = rep["pool"]
+    assert 3 <= len(pool) <= 4 and all(c.startswith(pool[0] + "\n\nExamples:") for c in pool[1:])
+    demo_ops = [{NS["operators"](ln) for ln in c.splitlines() if ln.startswith("Question:")} for c in pool[1:]]
+    assert {"*"} in demo_ops and {"+"} in demo_ops  # one candidate shows only '*', one only '+'
+    preds = sorted((json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()), key=lambda r: r["index"])
+    assert [r[0] for r in rep["correct"]["test"]] == [bool(r["correct"]) for r in preds]
+    assert set(rep["group_chooser"]["choice"]) <= {"+", "*"}
+    with pytest.raises(SystemExit, match="--grouped-demos builds the pool itself"):
+        NS["main"]([str(out), "--grouped-demos", "2", "--pool", str(out / "x.json")])
+    with pytest.raises(SystemExit, match="--grouped-demos needs K >= 1"):
+        NS["main"]([str(out), "--grouped-demos", "-1"])
