@@ -5,9 +5,10 @@
 
 For a finished SFT-with-SAPO run (its sapo.json candidates are the pool; any run with a candidate list
 works, e.g. `--pool runs/pool/metatuner_j_pool/seed_0/pool.json`), answers every validation and test query
-greedily with every pool candidate (the run's model, adapter merged; a run without `adapter/`, e.g. a
+greedily with every pool candidate (the run's model, adapter merged; a run that trained no weights, e.g. a
 zero-shot `metatuner eval`, answers with its base model; the run's task and splits) and reports per
-candidate its accuracy, the best single candidate on validation and its test accuracy, and the per-query oracle (a query counts as right if any candidate answers it right): the most a
+candidate its accuracy, the best single candidate on validation and its test accuracy, and the per-query
+oracle (a query counts as right if any candidate answers it right): the most a
 per-query prompt choice (MetaTuner's pool decoder) could add over one prompt for everyone, for this
 model (an SFT-SAPO model was trained with one of the candidates, which favours that one). Also: the share
 of test queries where the validation-best candidate is wrong and another is right, and how often all
@@ -444,11 +445,15 @@ def main(argv: list[str] | None = None) -> dict:
     return rep
 
 
+# methods that train no actor weights: their runs have no adapter/ and answer with the base model
+BASE_MODEL_METHODS = ("zero_shot", "opro", "bpo", "inference_select")
+
+
 def run_model(d: Path, cfg, metatuner: bool):
     """(model, tokenizer, system or None, context): a MetaTuner run's own system (the actor with the per-query
     LoRA its parameter decoder generates: context(examples) gives evaluate's batch_context), else the run's
-    model with its adapter merged, or the run's base model when it has no adapter/ (a zero-shot run: context
-    gives None)."""
+    model with its adapter merged, or the base model for a run of a method in BASE_MODEL_METHODS without
+    adapter/ (context gives None)."""
     if metatuner:
         from metatuner.methods.metatuner.inference import load_system
 
@@ -458,6 +463,9 @@ def run_model(d: Path, cfg, metatuner: bool):
 
     if (d / "adapter").is_dir():
         cfg.model.adapter = str(d / "adapter")
+    elif cfg.method not in BASE_MODEL_METHODS:  # a lost adapter must not silently score the base model
+        raise SystemExit(f"error: {d / 'adapter'}: not found (a {cfg.method} run answers with its adapter; only "
+                         f"{', '.join(BASE_MODEL_METHODS)} runs answer with the base model)")
     model, tok = load_from_config(cfg.model)
     return model, tok, None, (lambda exs: None)
 

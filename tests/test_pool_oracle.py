@@ -267,3 +267,10 @@ def test_pool_oracle_grouped_demos_on_a_base_model_run(tiny_model_path, tmp_path
         NS["main"]([str(out), "--grouped-demos", "2", "--pool", str(out / "x.json")])
     with pytest.raises(SystemExit, match="--grouped-demos needs K >= 1"):
         NS["main"]([str(out), "--grouped-demos", "-1"])
+    # a weight-training run whose adapter/ is missing is refused, not scored with the base model
+    cfg = (out / "config.yaml").read_text()
+    assert "method: zero_shot" in cfg
+    (out / "config.yaml").write_text(cfg.replace("method: zero_shot", "method: sft"))
+    (out / "pool_oracle.json").unlink()
+    with pytest.raises(SystemExit, match="adapter: not found"):
+        NS["main"]([str(out), "--grouped-demos", "2"])
