@@ -64,10 +64,25 @@ def test_candidate_logprobs_equal_a_row_by_row_reference():
         rows = candidate_logprobs(model, tok, msgs, cands, batch_size=4, bf16=False, grad=True)
     torch.testing.assert_close(rows.detach(), got, atol=1e-5, rtol=1e-5)
     seen = []
-    hook = model.model.layers[0].register_forward_hook(lambda m, a, o: seen.append(a[0].shape[0]))
+    hook = model.model.layers[0].register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape[:2])))
     candidate_logprobs(model, tok, msgs, cands, batch_size=6, bf16=False)
+    # the candidates then run in groups of similar length on copies of their prefixes' cache: the long
+    # 'a longer one' row alone, the five short ones padded to the longest of them, not to it
+    from metatuner.generation import length_groups, prefix_nll
+
+    lens = [len(tok(completion_text(tok, msgs[i], c)[1], add_special_tokens=False)["input_ids"])
+            for i in range(2) for c in cands[i]]
+    assert [len(g) for g in length_groups(lens)] == [5, 1]
+    assert [b for b, _ in seen] == [2, 5, 1]
+    assert seen[1][1] == sorted(lens)[-2] - 1 and seen[2][1] == max(lens) - 1
+    seen.clear()
+    pre = [chat_text(tok, m) for m in msgs]
+    comps = [[completion_text(tok, msgs[i], c)[1] for c in cands[i]] for i in range(2)]
+    with torch.no_grad():
+        whole = prefix_nll(model, tok, pre, comps, group=False)
     hook.remove()
-    assert seen == [2, 6]
+    assert seen == [(2, seen[0][1]), (6, max(lens) - 1)]  # before: every row padded to the longest
+    torch.testing.assert_close(-whole, got, atol=1e-5, rtol=1e-5)
     # an over-long query is cut from the left once, to fit with its longest candidate (as lm_batch cuts that row)
     from metatuner.training import forward_nll, lm_batch
 
@@ -75,6 +90,15 @@ def test_candidate_logprobs_equal_a_row_by_row_reference():
     pre = chat_text(tok, msgs[0])
     want = -forward_nll(model, lm_batch(tok, [pre], [completion_text(tok, msgs[0], "a longer one")[1]], 20))[0]
     assert short[0, 1].item() == pytest.approx(want.item(), abs=1e-4)
+
+
+def test_length_groups():
+    from metatuner.generation import length_groups
+
+    assert length_groups([23, 16, 22, 18, 128, 31]) == [[1, 3, 2, 0], [5], [4]]  # a real pool's token lengths
+    assert length_groups([5, 5, 5]) == [[0, 1, 2]]
+    assert length_groups([]) == []
+    assert sorted(k for g in length_groups([9, 1, 40, 3, 100, 2]) for k in g) == list(range(6))
 
 
 def test_pool_is_p_tilde_first_deduplicated_and_capped(model_dir, tmp_path):

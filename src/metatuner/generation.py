@@ -208,12 +208,29 @@ def greedy_with_nll(model, tokenizer, prefixes: list[str], completions: list[str
 
 
 @torch.no_grad()
-def prefix_nll(model, tokenizer, prefixes: list[str], completions: list[list[str]], max_length: int = 512) -> torch.Tensor:
+def length_groups(lengths: list[int], slack: float = 1.5, extra: int = 4) -> list[list[int]]:
+    """Indices of `lengths` in groups of similar length (shortest first): a group takes the next length while
+    it is at most slack x its shortest + extra, so padding every row of a group to its longest wastes little
+    (a pool whose one demonstration candidate is 5x the others' length no longer pads them all to it)."""
+    groups: list[list[int]] = []
+    for k in sorted(range(len(lengths)), key=lambda k: lengths[k]):
+        if groups and lengths[k] <= slack * lengths[groups[-1][0]] + extra:
+            groups[-1].append(k)
+        else:
+            groups.append([k])
+    return groups
+
+
+def prefix_nll(model, tokenizer, prefixes: list[str], completions: list[list[str]], max_length: int = 512,
+               group: bool = True) -> torch.Tensor:
     """[len(prefixes), C] mean NLL of each prefix's C completions, with every prefix run ONCE and its cache
     copied to its C completions (the same weights for every row). What scoring a candidate pool per query
     needs: the (p~, x) prefix is shared by the query's candidates. As training.lm_batch, a completion keeps
     at most max_length - 1 tokens and a prefix loses tokens from the left until it fits with its longest
-    completion (one cut per prefix, so its shorter completions see the same prefix)."""
+    completion (one cut per prefix, so its shorter completions see the same prefix). group=True: the
+    (prefix, completion) rows run in groups of similar completion length (`length_groups`), each on its own
+    copy of the rows' prefix cache, instead of all padded to the longest completion (the same NLLs up to
+    float rounding; benchmarks/d2_scoring.py measures both)."""
     from transformers import DynamicCache
 
     dev = model.device
@@ -228,9 +245,15 @@ def prefix_nll(model, tokenizer, prefixes: list[str], completions: list[list[str
     cache = DynamicCache()
     inp, mask, pos = _left_padded(ids, pad, 0, dev)
     out = _forward(model, input_ids=inp, attention_mask=mask, position_ids=pos, cache=cache)
-    cache.batch_repeat_interleave(C)
-    rep = lambda t: t.repeat_interleave(C, dim=0)  # noqa: E731
-    nll, _ = _completion_nll(model, cache, rep(out.logits[:, -1, :]), rep(mask), rep(pos[:, -1:]), cids, pad)
+    first, last = out.logits[:, -1, :], pos[:, -1:]
+    groups = length_groups([len(c) for c in cids]) if group and C > 1 else [list(range(len(cids)))]
+    nll = torch.zeros(len(cids))
+    for g, rows in enumerate(groups):
+        sel = torch.tensor([k // C for k in rows], device=dev)
+        # the last group may take the prefix cache itself (reorder_cache replaces its tensors by index_select)
+        part = cache if g == len(groups) - 1 else copy.deepcopy(cache)
+        part.reorder_cache(sel)
+        nll[rows], _ = _completion_nll(model, part, first[sel], mask[sel], last[sel], [cids[k] for k in rows], pad)
     return nll.view(len(prefixes), C)
 
 
