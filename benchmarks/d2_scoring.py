@@ -9,10 +9,16 @@ top of the prompts' cache, which is then cut back) and finished rows leave the b
 (PerQueryLoRA.keep_rows). Both run on the same trained system, queries and candidates; the answers and the
 D2 choice should be the same up to float rounding, and the script counts those that differ.
 
+--baseline unsorted: instead, "off" is today's one-pass path with the (query, candidate) rows batched in
+their (query, candidate) order, "on" the same rows batched by prompt length (prompts.prompt_outcomes's
+by_length, the default since 2026-12-07): a pool's long demonstrations candidate no longer pads every batch
+it falls in. (The pool-score part below is the same in both modes; benchmarks/pool_scoring.py times its
+grouping by candidate length.)
+
 The queries are cut into chunks; each chunk runs both ways in the order off-on, on-off, ... (ABBA), so
 changing load from other processes falls on both alike. On a shared machine use --threads 1.
 
-    .venv/bin/python benchmarks/d2_scoring.py RUN [--n 40] [--batch 16] [--candidates 6]
+    .venv/bin/python benchmarks/d2_scoring.py RUN [--n 40] [--batch 16] [--candidates 6] [--baseline unsorted]
 
 RUN: a finished MetaTuner run (final/), e.g. runs/quickstart/metatuner_j/seed_0 after `make demo`, or a
 pool run (its candidates are the pool; otherwise p~ alone). Then the prompt decoder's pool scores for the
@@ -44,6 +50,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="rows per batch (rollout.batch_size)")
     ap.add_argument("--chunk", type=int, default=8, help="queries per off/on alternation")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--baseline", choices=["separate", "unsorted"], default="separate",
+                    help="'off' is: separate (the NLL pass and the greedy loop apart, rows in query order) or "
+                         "unsorted (one pass, rows in query order, not by length)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,8 +75,9 @@ def main() -> None:
         return real_greedy(*a, **{**kw, "drop_finished": False, "keep_rows": None})
 
     def use(on: bool) -> None:  # off: the NLL pass and the greedy loop apart (the path for over-long rows)
-        P.greedy_texts = real_greedy if on else whole
-        P.fits = real_fits if on else (lambda *a: False)
+        if args.baseline == "separate":
+            P.greedy_texts = real_greedy if on else whole
+            P.fits = real_fits if on else (lambda *a: False)
 
     secs = {False: 0.0, True: 0.0}
     outs: dict[bool, list] = {False: [], True: []}
@@ -80,7 +90,7 @@ def main() -> None:
             with system.pooled_states(part) if system.use_f else contextlib.nullcontext():  # as d2_rollout does
                 res = P.prompt_outcomes(system.actor, system.tok, task, part, [pool] * len(part), "answer",
                                         args.batch, cfg.train.max_length, use_bf16(cfg.train, system.device),
-                                        system.with_factors)
+                                        system.with_factors, by_length=on)
             secs[on] += time.perf_counter() - t
             outs[on] += res
         rows += len(part) * len(pool)
@@ -131,7 +141,7 @@ def main() -> None:
                 "pool_speedup": round(psecs[False] / psecs[True], 2),
                 "pool_same_argmax": int((a.argmax(-1) == b.argmax(-1)).sum()),
                 "pool_max_score_diff": round(float((a - b).abs().max()), 6)}
-    print(json.dumps({"run": str(args.run_dir), "task": cfg.task.name, "queries": len(examples),
+    print(json.dumps({"run": str(args.run_dir), "baseline": args.baseline, "task": cfg.task.name, "queries": len(examples),
                       "candidates": len(pool), "rows": rows, "batch": args.batch, "threads": torch.get_num_threads(),
                       "max_new_tokens": task.max_new_tokens, "off_rows_per_s": round(rows / secs[False], 3),
                       "on_rows_per_s": round(rows / secs[True], 3), "speedup": round(secs[False] / secs[True], 2),

@@ -326,8 +326,13 @@ def test_rank_prompts_correct_first_then_nll(monkeypatch, make_task):
     # the prompt text stands for the (prompt, query) prefix; the answer and the NLL come from one pass
     monkeypatch.setattr(P, "completion_text", lambda tok, msgs, target: (msgs[0]["content"].split("\n\n")[0], target))
     monkeypatch.setattr(P, "fits", lambda tok, pairs, max_length: True)
-    monkeypatch.setattr(P, "greedy_with_nll", lambda model, tok, prefixes, comps, n, *a: (
-        [["7" if "RIGHT" in t else "?"] for t in prefixes], None, torch.tensor([nll[p] for p in prefixes])))
+    batches = []
+
+    def one_pass(model, tok, prefixes, comps, n, *a):
+        batches.append(list(prefixes))
+        return [["7" if "RIGHT" in t else "?"] for t in prefixes], None, torch.tensor([nll[p] for p in prefixes])
+
+    monkeypatch.setattr(P, "greedy_with_nll", one_pass)
     monkeypatch.setattr(P, "lm_batch", lambda tok, prefixes, comps, max_length, device: {"prompts": list(prefixes)})
     monkeypatch.setattr(P, "forward_nll", lambda model, batch: (torch.tensor([nll[p] for p in batch["prompts"]]), None))
 
@@ -336,16 +341,26 @@ def test_rank_prompts_correct_first_then_nll(monkeypatch, make_task):
 
     task = make_task([("q1", "7"), ("q2", "7"), ("q3", "7")])
     cands = [["wrong low", "RIGHT high", "wrong low"], ["wrong a", "wrong b"], ["RIGHT d", "RIGHT c"]]
-    got = P.rank_prompts(Dev(), None, task, task.test, cands, "answer", batch_size=2, bf16=False)
+    def chars(text, add_special_tokens=False):  # a tokenizer stand-in: one token per character
+        return {"input_ids": list(text)}
+
+    got = P.rank_prompts(Dev(), chars, task, task.test, cands, "answer", batch_size=2, bf16=False)
     assert got == [("RIGHT high", True, pytest.approx(2.0)), ("wrong b", False, pytest.approx(0.5)),
                    ("RIGHT c", True, pytest.approx(0.3))]
+    # the rows ran shortest prompt first (batches of similar length), and came back in the caller's order
+    assert batches == [["wrong a", "wrong b"], ["RIGHT d", "RIGHT c"], ["wrong low", "RIGHT high"]]
+    batches.clear()
+    unsorted = P.prompt_outcomes(Dev(), chars, task, task.test, cands, "answer", batch_size=2, bf16=False,
+                                 by_length=False)
+    assert batches == [["wrong low", "RIGHT high"], ["wrong a", "wrong b"], ["RIGHT d", "RIGHT c"]]
+    assert unsorted == P.prompt_outcomes(Dev(), chars, task, task.test, cands, "answer", batch_size=2, bf16=False)
     # decisive: whether the candidates disagree on correctness (q2 all wrong, q3 all right: no)
-    got = P.rank_prompts(Dev(), None, task, task.test, cands, "answer", batch_size=2, bf16=False, decisive=True)
+    got = P.rank_prompts(Dev(), chars, task, task.test, cands, "answer", batch_size=2, bf16=False, decisive=True)
     assert [g[3] for g in got] == [True, False, False] and [g[0] for g in got] == ["RIGHT high", "wrong b", "RIGHT c"]
     # criterion=nll: no generation, the lowest NLL wins
     monkeypatch.setattr(P, "greedy_texts", lambda *a, **k: pytest.fail("nll criterion must not generate"))
     monkeypatch.setattr(P, "greedy_with_nll", lambda *a, **k: pytest.fail("nll criterion must not generate"))
-    got = P.rank_prompts(Dev(), None, task, task.test, cands, "nll", batch_size=4, bf16=False)
+    got = P.rank_prompts(Dev(), chars, task, task.test, cands, "nll", batch_size=4, bf16=False)
     assert [g[0] for g in got] == ["wrong low", "wrong b", "RIGHT c"]
 
 

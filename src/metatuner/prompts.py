@@ -37,7 +37,8 @@ def fits(tok, pairs: list[tuple[str, str]], max_length: int) -> bool:
 @torch.no_grad()
 def prompt_outcomes(model, tok, task: Task, examples: list[Example], candidates: list[list[str]], criterion: str = "answer",
                     batch_size: int = 16, max_length: int = 512, bf16: bool = True,
-                    factors_ctx=None, desc: str | None = None, engine=None) -> list[list[tuple[str, bool, float]]]:
+                    factors_ctx=None, desc: str | None = None, engine=None,
+                    by_length: bool = True) -> list[list[tuple[str, bool, float]]]:
     """Per query, (prompt, correct, nll) for each of its distinct candidates in order: whether the actor's
     greedy answer with that prompt is right (always False with criterion=nll) and the NLL of the reference.
     `factors_ctx(examples)` may return a context that changes the actor per row; `desc` labels a
@@ -46,7 +47,9 @@ def prompt_outcomes(model, tok, task: Task, examples: list[Example], candidates:
     rows leave the batch with their factors), unless a row is longer than max_length (then the NLL pass cuts
     its prompt from the left, as training does, and the answer is generated apart). `engine`
     (generation.backend=vllm, an actor with fixed weights): vLLM gives the greedy answers; the NLL stays a
-    forward pass of `model`."""
+    forward pass of `model`. by_length: the (query, candidate) rows run in batches of similar prompt length
+    (sorted by token count; the results come back in the caller's order), so a long candidate (a
+    demonstrations prompt) does not pad every batch it falls in; False: in (query, candidate) order."""
     if engine is not None and factors_ctx is not None:
         raise ValueError("prompt_outcomes: a vLLM engine generates for fixed weights, not per-row factors")
     if criterion not in ("answer", "nll"):
@@ -59,17 +62,22 @@ def prompt_outcomes(model, tok, task: Task, examples: list[Example], candidates:
         flat_ex += [ex] * len(uniq)
         flat_p += uniq
         owner += [i] * len(uniq)
+    all_pairs = [completion_text(tok, task.render(p, ex.query), ex.target) for p, ex in zip(flat_p, flat_ex)]
+    order = list(range(len(flat_ex)))
+    if by_length:  # stable: rows of one length keep their order
+        size = [len(tok(a, add_special_tokens=False)["input_ids"]) for a, _ in all_pairs]
+        order.sort(key=lambda j: size[j])
     correct, nll = [], []
     bar = tqdm(total=len(flat_ex), desc=desc, leave=False, dynamic_ncols=True,
                disable=desc is None or int(os.environ.get("RANK", "0")) != 0)
     for s in range(0, len(flat_ex), batch_size):
-        exs, ps = flat_ex[s : s + batch_size], flat_p[s : s + batch_size]
+        exs = [flat_ex[j] for j in order[s : s + batch_size]]
         ctx = factors_ctx(exs) if factors_ctx else contextlib.nullcontext()
         with ctx as lora:
             per_row = factors_ctx is not None  # weights may differ per row: no shared prefix
             keep = getattr(lora, "keep_rows", None)  # a per-query LoRA follows the rows that stay
             drop = not per_row or keep is not None
-            pairs = [completion_text(tok, task.render(p, ex.query), ex.target) for p, ex in zip(ps, exs)]
+            pairs = [all_pairs[j] for j in order[s : s + batch_size]]
             if criterion == "answer" and engine is None and fits(tok, pairs, max_length):
                 # one pass over the prompts gives the reference's NLL and the greedy answer
                 gens, _, row_nll = greedy_with_nll(model, tok, [a for a, _ in pairs], [b for _, b in pairs],
@@ -94,9 +102,10 @@ def prompt_outcomes(model, tok, task: Task, examples: list[Example], candidates:
                 correct += [False] * len(exs)
         bar.update(len(exs))
     bar.close()
+    got = {j: (correct[k], nll[k]) for k, j in enumerate(order)}
     out: list[list[tuple[str, bool, float]]] = [[] for _ in examples]
     for j, i in enumerate(owner):
-        out[i].append((flat_p[j], correct[j], nll[j]))
+        out[i].append((flat_p[j], *got[j]))
     return out
 
 
