@@ -180,6 +180,15 @@ def test_choose_takes_the_argmax_at_test_and_samples_in_training(model_dir, tmp_
     # scored in, 5e-5)
     assert 12 <= sum(p[0] == cands[0][1] for p in picks) <= 45
     assert R.choose(system, exs, padded, frozen=False, sample=False, counts=[2, 1]) == [cands[0][0], cands[1][0]]
+    # a sharded G (FSDP: every pass a collective) scores without length groups, so every process makes the
+    # same number of passes; unsharded, the candidates run in length groups
+    seen = []
+    monkeypatch.setattr(R, "candidate_logprobs", lambda *a, **k: seen.append(k["group"]) or scores)
+    R.choose(system, exs, cands, frozen=False, sample=False)
+    system.sharded = True
+    R.choose(system, exs, cands, frozen=False, sample=False)
+    system.sharded = False
+    assert seen == [True, False]  # pool_score=likelihood here: one pass each way
 
 
 def test_gain_scores_start_at_zero_and_move_with_the_regularizer(model_dir, tmp_path):

@@ -175,11 +175,13 @@ def opro_members(cfg: Config, task: Task, seeds: list[str], gen=None, gtok=None,
 
 
 def candidate_logprobs(model, tok, messages: list[list[dict]], candidates: list[list[str]], batch_size: int = 16,
-                       max_length: int = 512, bf16: bool = True, grad: bool = False) -> torch.Tensor:
+                       max_length: int = 512, bf16: bool = True, grad: bool = False, group: bool = True) -> torch.Tensor:
     """[queries, C] mean token log-probability of each query's C candidates as the model's reply to that
     query's chat `messages`, teacher-forced in batches of `batch_size` rows (no generation). grad=True keeps
     the graph (for a loss on the scores; the result stays on the model's device), else no_grad, on the CPU,
-    with each query's prefix run once for all its candidates (generation.prefix_nll)."""
+    with each query's prefix run once for all its candidates (generation.prefix_nll), the candidates in groups
+    of similar length unless group=False (a fixed number of passes per batch: what a sharded G needs, whose
+    every pass is a collective that all processes must join)."""
     from metatuner.generation import chat_text
 
     C = len(candidates[0]) if candidates else 0
@@ -195,7 +197,7 @@ def candidate_logprobs(model, tok, messages: list[list[dict]], candidates: list[
 
         step = max(1, batch_size // C)
         with torch.no_grad(), autocast(bf16, dev):
-            nll = [prefix_nll(model, tok, prefixes[s : s + step], comps[s : s + step], max_length)
+            nll = [prefix_nll(model, tok, prefixes[s : s + step], comps[s : s + step], max_length, group=group)
                    for s in range(0, len(prefixes), step)]
         return -torch.cat(nll) if nll else torch.empty(0, C)
     rows = [(i, c) for i in range(len(messages)) for c in range(C)]

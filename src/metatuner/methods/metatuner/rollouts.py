@@ -92,11 +92,13 @@ def pool_scores(system, examples: list[Example], candidates: list[list[str]], fr
     cfg = system.cfg
     msgs = [rewrite_messages(system.p_tilde, ex.query) for ex in examples]
     args = (cfg.rollout.batch_size, cfg.train.max_length, use_bf16(cfg.train, system.device))
+    # sharded G: as many passes on every process (length groups differ where the candidates do: mixed mode)
+    group = not getattr(system, "sharded", False)
     with system.gen.frozen_decoder() if frozen else contextlib.nullcontext():
-        scores = candidate_logprobs(system.gen.model, system.gen_tok, msgs, candidates, *args, grad=grad)
+        scores = candidate_logprobs(system.gen.model, system.gen_tok, msgs, candidates, *args, grad=grad, group=group)
     if cfg.generator.pool_score == "gain":
         with generator_lora_disabled(system.gen.model):
-            base = candidate_logprobs(system.gen.model, system.gen_tok, msgs, candidates, *args)
+            base = candidate_logprobs(system.gen.model, system.gen_tok, msgs, candidates, *args, group=group)
         scores = scores - base.to(scores.device)
     return scores
 
