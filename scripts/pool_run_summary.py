@@ -79,13 +79,18 @@ def plot(runs: list[Path], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for i, run in enumerate(runs):
-        joint = [x for x in jsonl(run / "train_log.jsonl") if x.get("stage") == "joint" and "task_loss" in x]
+        log = jsonl(run / "train_log.jsonl")
+        joint = [x for x in log if x.get("stage") == "joint" and "task_loss" in x]
         for ax, key in zip(axes, ("task_loss", "reg")):
-            ax.plot([x["step"] for x in joint], [x[key] for x in joint], color=f"C{i}", label=str(run)[-40:])
-    for ax, title in zip(axes, ("task loss (actor, sampled pool prompt)", "regulariser (NLL of D2's best prompt)")):
+            ax.plot([x["step"] for x in joint], [x[key] for x in joint], color=f"C{i}", label="/".join(run.parts[-3:]))
+            for x in log:  # a new D2 window (rollout) starts after this step: the regulariser's targets change
+                if x.get("stage") == "rollout" and x["step"] > 0:
+                    ax.axvline(x["step"] + 0.5, color=f"C{i}", alpha=0.3, linestyle=":", linewidth=1)
+    for ax, title in zip(axes, ("task loss (actor, sampled pool prompt)",
+                                "regulariser (NLL of D2's best prompt; dotted: new D2)")):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("joint step")
-    axes[0].legend(fontsize=6)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, dpi=110, format="png")
