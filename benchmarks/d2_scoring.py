@@ -12,7 +12,8 @@ D2 choice should be the same up to float rounding, and the script counts those t
 --baseline unsorted: instead, "off" is today's one-pass path with the (query, candidate) rows batched in
 their (query, candidate) order, "on" the same rows batched by prompt length (prompts.prompt_outcomes's
 by_length, the default since 2026-12-07): a pool's long demonstrations candidate no longer pads every batch
-it falls in. (The pool-score part below is the same in both modes; benchmarks/pool_scoring.py times its
+it falls in. (In the default mode both sides batch by length, so the ratio is the one-pass change alone.
+The pool-score part below is the same in both modes; benchmarks/pool_scoring.py times its
 grouping by candidate length.)
 
 The queries are cut into chunks; each chunk runs both ways in the order off-on, on-off, ... (ABBA), so
@@ -90,7 +91,7 @@ def main() -> None:
             with system.pooled_states(part) if system.use_f else contextlib.nullcontext():  # as d2_rollout does
                 res = P.prompt_outcomes(system.actor, system.tok, task, part, [pool] * len(part), "answer",
                                         args.batch, cfg.train.max_length, use_bf16(cfg.train, system.device),
-                                        system.with_factors, by_length=on)
+                                        system.with_factors, by_length=on or args.baseline == "separate")
             secs[on] += time.perf_counter() - t
             outs[on] += res
         rows += len(part) * len(pool)

@@ -4,7 +4,7 @@ of similar length, against all padded to the longest candidate.
 pool|mixed mode scores every candidate of the pool for every test query under the live decoder and, with
 generator.pool_score=gain, under G without its LoRA: two teacher-forced passes per query (pool.candidate_
 logprobs -> generation.prefix_nll, each query's (p~, x) prefix run once). A pool with one long candidate
-(the demonstrations prompt: 128 tokens against 16-31 for the others on products) padded every candidate of
+(the demonstrations prompt: 126 tokens against 14-29 for the others on products) padded every candidate of
 the batch to that length. Now (on) the (query, candidate) rows run in groups of similar length
 (generation.length_groups); before (off) all in one padded batch. Both score the same queries of the run's
 test split with the run's trained system; the script prints the seconds of each, the speedup, how many
@@ -59,7 +59,7 @@ def main() -> None:
     real = G.prefix_nll
 
     def use(on: bool) -> None:
-        G.prefix_nll = (lambda *a, **k: real(*a, **k, group=on))
+        G.prefix_nll = (lambda *a, **k: real(*a, **{**k, "group": on}))
 
     secs = {False: 0.0, True: 0.0}
     scores: dict[bool, list] = {False: [], True: []}

@@ -364,6 +364,48 @@ def test_rank_prompts_correct_first_then_nll(monkeypatch, make_task):
     assert [g[0] for g in got] == ["wrong low", "wrong b", "RIGHT c"]
 
 
+def test_prompt_outcomes_by_length_keeps_each_row_with_its_query(monkeypatch, make_task):
+    """D2's rows run sorted by prompt length: each row's answer, NLL and per-query weights (factors_ctx gets
+    the examples in the same sorted order) stay with its own query; results as in (query, candidate) order."""
+    import contextlib
+
+    from metatuner import prompts as P
+
+    monkeypatch.setattr(P, "completion_text", lambda tok, msgs, target: (msgs[0]["content"], target))
+    monkeypatch.setattr(P, "fits", lambda tok, pairs, max_length: True)
+    active = []  # the examples whose per-query weights the current batch runs under
+
+    @contextlib.contextmanager
+    def factors(exs):
+        active[:] = list(exs)
+        yield None
+
+    def one_pass(model, tok, prefixes, comps, n, *a):
+        prompts_, queries = zip(*(t.split("\n\n") for t in prefixes))
+        assert [ex.query for ex in active] == list(queries)  # weights of the row's own query
+        # the answer is the query's own digit when the prompt says RIGHT; the NLL names prompt and query
+        gens = [[q[-1] if "RIGHT" in p else "?"] for p, q in zip(prompts_, queries)]
+        return gens, None, torch.tensor([len(p) + int(q[-1]) / 10 for p, q in zip(prompts_, queries)])
+
+    monkeypatch.setattr(P, "greedy_with_nll", one_pass)
+
+    class Dev:
+        device = torch.device("cpu")
+
+    def chars(text, add_special_tokens=False):
+        return {"input_ids": list(text)}
+
+    task = make_task([("q1", "1"), ("q2", "2"), ("q3", "3"), ("q4", "4")])
+    cands = [["RIGHT, a long prompt here", "w"], ["RIGHT", "a wrong and long one"], ["RIGHT x", "wr"],
+             ["RIGHT but longest of all of them", "RIGHT"]]
+    got = P.prompt_outcomes(Dev(), chars, task, task.test, cands, "answer", batch_size=3, bf16=False,
+                            factors_ctx=factors)
+    want = [[(p, "RIGHT" in p, pytest.approx(len(p) + (i + 1) / 10)) for p in c] for i, c in enumerate(cands)]
+    assert got == want
+    assert got == P.prompt_outcomes(Dev(), chars, task, task.test, cands, "answer", batch_size=3, bf16=False,
+                                    factors_ctx=factors, by_length=False)
+
+
 # ----------------------------------------------------------------------------- BetterTogether
 
 

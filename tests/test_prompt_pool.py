@@ -43,7 +43,8 @@ def make_cfg(model_dir, out, *overrides):
 def test_candidate_logprobs_equal_a_row_by_row_reference():
     tok = char_tokenizer()
     model = tiny_llama(seed=1).eval()
-    msgs = [[{"role": "user", "content": "what is 1+2"}], [{"role": "user", "content": "and 30 + 4?"}]]
+    # prefixes of different lengths (different left padding in one batch)
+    msgs = [[{"role": "user", "content": "what is 1+2"}], [{"role": "user", "content": "and then 30 + 4, what?"}]]
     cands = [["abc", "a longer one", "x"], ["abc", "q", "zz top"]]
     got = candidate_logprobs(model, tok, msgs, cands, batch_size=4, bf16=False)
     from metatuner.evaluate import chat_text
@@ -65,7 +66,8 @@ def test_candidate_logprobs_equal_a_row_by_row_reference():
     torch.testing.assert_close(rows.detach(), got, atol=1e-5, rtol=1e-5)
     seen = []
     hook = model.model.layers[0].register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape[:2])))
-    candidate_logprobs(model, tok, msgs, cands, batch_size=6, bf16=False)
+    both = candidate_logprobs(model, tok, msgs, cands, batch_size=6, bf16=False)
+    torch.testing.assert_close(both, got, atol=1e-5, rtol=1e-5)  # both queries' rows mixed in the groups
     # the candidates then run in groups of similar length on copies of their prefixes' cache: the long
     # 'a longer one' row alone, the five short ones padded to the longest of them, not to it
     from metatuner.generation import length_groups, prefix_nll
@@ -83,6 +85,11 @@ def test_candidate_logprobs_equal_a_row_by_row_reference():
     hook.remove()
     assert seen == [(2, seen[0][1]), (6, max(lens) - 1)]  # before: every row padded to the longest
     torch.testing.assert_close(-whole, got, atol=1e-5, rtol=1e-5)
+    with torch.enable_grad():  # no graph kept whatever the caller's mode (the cache copies need none)
+        grouped = prefix_nll(model, tok, pre, comps)
+    assert not grouped.requires_grad
+    torch.testing.assert_close(-grouped, got, atol=1e-5, rtol=1e-5)
+    assert prefix_nll(model, tok, pre, [[], []]).shape == (2, 0)
     # an over-long query is cut from the left once, to fit with its longest candidate (as lm_batch cuts that row)
     from metatuner.training import forward_nll, lm_batch
 

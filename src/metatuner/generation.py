@@ -207,7 +207,6 @@ def greedy_with_nll(model, tokenizer, prefixes: list[str], completions: list[str
     return gens, ntoks, nll
 
 
-@torch.no_grad()
 def length_groups(lengths: list[int], slack: float = 1.5, extra: int = 4) -> list[list[int]]:
     """Indices of `lengths` in groups of similar length (shortest first): a group takes the next length while
     it is at most slack x its shortest + extra, so padding every row of a group to its longest wastes little
@@ -221,6 +220,7 @@ def length_groups(lengths: list[int], slack: float = 1.5, extra: int = 4) -> lis
     return groups
 
 
+@torch.no_grad()
 def prefix_nll(model, tokenizer, prefixes: list[str], completions: list[list[str]], max_length: int = 512,
                group: bool = True) -> torch.Tensor:
     """[len(prefixes), C] mean NLL of each prefix's C completions, with every prefix run ONCE and its cache
@@ -230,12 +230,14 @@ def prefix_nll(model, tokenizer, prefixes: list[str], completions: list[list[str
     completion (one cut per prefix, so its shorter completions see the same prefix). group=True: the
     (prefix, completion) rows run in groups of similar completion length (`length_groups`), each on its own
     copy of the rows' prefix cache, instead of all padded to the longest completion (the same NLLs up to
-    float rounding; benchmarks/d2_scoring.py measures both)."""
+    float rounding; benchmarks/pool_scoring.py times both)."""
     from transformers import DynamicCache
 
     dev = model.device
     pad = _pad_id(model, tokenizer)
     C = len(completions[0]) if completions else 0
+    if C == 0:
+        return torch.zeros(len(prefixes), 0)
     cids = [tokenizer(c, add_special_tokens=False)["input_ids"][: max_length - 1] for row in completions for c in row]
     ids = []
     for i, t in enumerate(prefixes):
@@ -249,7 +251,7 @@ def prefix_nll(model, tokenizer, prefixes: list[str], completions: list[list[str
     groups = length_groups([len(c) for c in cids]) if group and C > 1 else [list(range(len(cids)))]
     nll = torch.zeros(len(cids))
     for g, rows in enumerate(groups):
-        sel = torch.tensor([k // C for k in rows], device=dev)
+        sel = torch.tensor([k // C for k in rows], dtype=torch.long, device=dev)
         # the last group may take the prefix cache itself (reorder_cache replaces its tensors by index_select)
         part = cache if g == len(groups) - 1 else copy.deepcopy(cache)
         part.reorder_cache(sel)
