@@ -114,6 +114,18 @@ def test_pool_oracle_on_a_tiny_metatuner_pool_run(tiny_model_path, tmp_path, mon
     assert ch["accuracy"] == sum(r[j] for r, j in zip(rep["correct"]["test"], picks["test"])) / 5
     assert ch["accuracy"] == rep["run_test_accuracy"]
     assert "the prompt decoder's choice on test" in capsys.readouterr().out
+    # scripts/pool_distribution.py on the same run: the decoder's scores, argmax and sampling distribution
+    dist = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "pool_distribution.py"))["main"]
+    d = dist([str(out), "--split", "test", "--n", "5", "--temperatures", "1,0.001"])
+    assert d["queries"] == 5 and sum(d["argmax_counts"]) == 5
+    assert d["argmax_counts"] == [picks["test"].count(j) for j in range(3)]  # the test-time choice
+    for probs in d["mean_probability"].values():
+        assert sum(probs) == pytest.approx(1.0, abs=1e-3)
+    assert d["mean_probability"]["0.001"] == pytest.approx([c / 5 for c in d["argmax_counts"]], abs=1e-3)
+    for bad in (["--n", "0"], ["--temperatures", "1,0"], ["--temperatures", "x"]):
+        with pytest.raises(SystemExit, match="error"):
+            dist([str(out), *bad])
+    capsys.readouterr()
     # interrupted after the pool was scored: the saved picks are used, the decoder is not run again
     (out / "pool_oracle.json").unlink()
     marker = {"validation": [1] * 3, "test": [2] * 5}
