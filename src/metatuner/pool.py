@@ -7,8 +7,9 @@ duplicates dropped, at most prompts.pool_size. MetaTuner's prompt decoder in
 generator.prompt_space=pool|mixed chooses among them per query; the baselines that can choose among
 prompts get the same pool, so a win is not just "more prompts".
 
-`candidate_logprobs` scores every (query, candidate) pair in one batched teacher-forced pass of the
-generator: the mean log-probability of the candidate's tokens (length-normalised) given the
+`candidate_logprobs` scores every (query, candidate) pair in batched teacher-forced passes of the
+generator (no generation; each query's prefix once, its candidates in groups of similar length): the mean
+log-probability of the candidate's tokens (length-normalised) given the
 generator's input for the query.
 """
 
