@@ -68,3 +68,14 @@ def test_a_folder_without_adapter_config_is_one_line(tiny_model_path, tmp_path):
         with pytest.raises(MetatunerError, match=r"^model\.adapter = .*adapter_config\.json$") as e:
             call()
         assert "\n" not in str(e.value)
+
+
+def test_a_missing_gguf_file_is_one_line(tmp_path):
+    from metatuner.models import model_config, model_fingerprint, resolve_path
+
+    missing = str(tmp_path / "nope.gguf")
+    for call in (lambda: resolve_path(missing), lambda: model_config(missing), lambda: load_model(missing)):
+        with pytest.raises(MetatunerError, match=r"model\.name=.*nope\.gguf.*no such GGUF file"):
+            call()
+    assert model_fingerprint(missing) == {"name": missing}
+    assert not (tmp_path / "cache").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +91,38 @@ def test_conversion_reload_and_save_pretrained(tmp_path, monkeypatch):
 
     text = [chat_text(tok, [{"role": "user", "content": "What is 2 + 3?"}])]
     assert generate_texts(model, tok, text, 12)[0] == generate_texts(again, tok2, text, 12)[0]
+
+
+def test_a_local_gguf_file_converts_once_to_the_embedded_weights(tmp_path, monkeypatch):
+    """model.name=/path/to/file.gguf: the same dequantization as the embedded model, cached by path, size and
+    mtime (a touched file is converted afresh), and loadable by load_model."""
+    import importlib.util
+    import shutil
+
+    from metatuner.models import EMBEDDED, embedded_model_dir, load_model, model_config, model_fingerprint, resolve_path
+
+    package, filename = EMBEDDED["smollm2-135m-instruct"]
+    src = Path(list(importlib.util.find_spec(package).submodule_search_locations)[0]) / filename
+    gguf = tmp_path / "copy" / "my-model.gguf"
+    gguf.parent.mkdir()
+    shutil.copyfile(src, gguf)
+    monkeypatch.setenv("METATUNER_CACHE", str(tmp_path / "cache"))
+
+    assert model_config(str(gguf)).num_hidden_layers == 30  # read from the file's metadata, nothing converted yet
+    assert not (tmp_path / "cache").exists()
+    conv = Path(resolve_path(str(gguf)))
+    assert conv.parent == tmp_path / "cache" / "models" and conv.name.startswith("gguf-my-model-")
+    assert not [p for p in conv.parent.iterdir() if p.name.startswith(".")]
+    mtime = os.path.getmtime(conv / "model.safetensors")
+    assert Path(resolve_path(str(gguf))) == conv and os.path.getmtime(conv / "model.safetensors") == mtime
+    fp = model_fingerprint(str(gguf))
+    assert fp["name"] == str(gguf.resolve()) and fp["files"][0][:2] == ("my-model.gguf", gguf.stat().st_size)
+
+    model, tok = load_model(str(gguf), device="cpu")
+    ref, _ = load_model(str(embedded_model_dir()), device="cpu")
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), ref.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    assert tok.chat_template and tok.padding_side == "left"
+
+    os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 10**9))  # a changed file: a new key
+    assert Path(resolve_path(str(gguf))) != conv

@@ -4,11 +4,14 @@
   Loaded from GGUF, transformers marks the model as quantized, so `save_pretrained` and Trainer-
   based code refuse it; we convert it once into a plain safetensors directory in a cache
   (`$METATUNER_CACHE`, default `~/.cache/metatuner`) and load from there afterwards.
+- A local `.gguf` file (`model.name=/path/to/model.gguf`) is dequantized the same way, once, into
+  `$METATUNER_CACHE/models/gguf-<stem>-<key>`, keyed by the file's path, size and mtime.
 - Anything else is a Hugging Face id or a local directory, loaded with transformers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -32,8 +35,11 @@ def cache_dir() -> Path:
 
 def model_fingerprint(name: str) -> dict:
     """What identifies a model's weights for a cache key: a local directory's resolved path and its weight and
-    config files (name, size, mtime); a hub id as is."""
+    config files (name, size, mtime); a local GGUF file's resolved path, size and mtime; a hub id as is."""
     p = Path(name)
+    if is_gguf_file(name) and p.is_file():
+        st = p.stat()
+        return {"name": str(p.resolve()), "files": [(p.name, st.st_size, st.st_mtime_ns)]}
     if not p.is_dir():
         return {"name": name}
     files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".json", ".gguf"))
@@ -79,6 +85,28 @@ def embedded_model_dir(name: str = DEFAULT_MODEL) -> Path:
     return out
 
 
+def is_gguf_file(name: str) -> bool:
+    """Whether `name` names a local GGUF file (by its suffix; an existing file or not)."""
+    return name.lower().endswith(".gguf") and name not in EMBEDDED
+
+
+def gguf_file_dir(name: str, key: str = "model.name") -> Path:
+    """Path of the converted safetensors directory of a local GGUF file (converting once). The directory
+    is keyed by the file's resolved path, size and mtime, so a changed file is converted afresh."""
+    p = Path(name).expanduser()
+    if not p.is_file():
+        raise MetatunerError(f"{key}={name!r}: no such GGUF file")
+    st = p.stat()
+    digest = hashlib.sha256(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / "models" / f"gguf-{p.stem}-{digest}"
+    if not ((out / "config.json").is_file() and (out / "model.safetensors").is_file()):
+        try:
+            _convert_gguf(p.parent, p.name, out)
+        except (OSError, ValueError, KeyError) as e:
+            raise MetatunerError(f"{key}={name!r}: cannot convert this GGUF file ({str(e).splitlines()[0]})") from None
+    return out
+
+
 def _convert_gguf(gguf_dir: Path, filename: str, out: Path) -> None:
     """Dequantize a GGUF checkpoint into a plain fp32 safetensors directory (atomic)."""
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
@@ -106,9 +134,11 @@ def _convert_gguf(gguf_dir: Path, filename: str, out: Path) -> None:
 
 
 def resolve_path(name: str) -> str:
-    """Embedded name -> converted directory; anything else is passed to transformers as is."""
+    """Embedded name or local GGUF file -> converted directory; anything else is passed to transformers as is."""
     if name in EMBEDDED:
         return str(embedded_model_dir(name))
+    if is_gguf_file(name):
+        return str(gguf_file_dir(name))
     return name
 
 
@@ -125,6 +155,11 @@ def model_config(name: str, trust_remote_code: bool = False, key: str = "model.n
                 if spec is None or not spec.submodule_search_locations:
                     raise MetatunerError(f"{key}={name!r} needs the PyPI package '{package.replace('_', '-')}'")
                 return AutoConfig.from_pretrained(list(spec.submodule_search_locations)[0], gguf_file=filename)
+        if is_gguf_file(name):
+            p = Path(name).expanduser()
+            if not p.is_file():
+                raise MetatunerError(f"{key}={name!r}: no such GGUF file")
+            return AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise MetatunerError(f"{key}={name!r}: cannot read its config ({str(e).splitlines()[0]})") from None
