@@ -36,7 +36,7 @@ def cache_dir() -> Path:
 def model_fingerprint(name: str) -> dict:
     """What identifies a model's weights for a cache key: a local directory's resolved path and its weight and
     config files (name, size, mtime); a local GGUF file's resolved path, size and mtime; a hub id as is."""
-    p = Path(name)
+    p = Path(name).expanduser() if is_gguf_file(name) else Path(name)
     if is_gguf_file(name) and p.is_file():
         st = p.stat()
         return {"name": str(p.resolve()), "files": [(p.name, st.st_size, st.st_mtime_ns)]}
