@@ -79,3 +79,15 @@ def test_a_missing_gguf_file_is_one_line(tmp_path):
             call()
     assert model_fingerprint(missing) == {"name": missing}
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_gguf_file_under_home_is_the_same_file_with_or_without_tilde(tmp_path, monkeypatch):
+    from metatuner.models import model_fingerprint
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + bytes(60))
+    fp = model_fingerprint("~/m.gguf")
+    assert fp == model_fingerprint(str(f)) and fp["files"][0][:2] == ("m.gguf", 64)
+    f.write_bytes(b"GGUF" + bytes(61))  # a changed file is a different model
+    assert model_fingerprint("~/m.gguf") != fp
