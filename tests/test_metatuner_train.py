@@ -875,3 +875,55 @@ def test_decisive_targets_inside_the_real_loop(model_dir, tmp_path):
     assert joint and all(r["reg"] == 0.0 for r in joint)
     assert [r["d2_targets"] for r in rows if r.get("stage") == "rollout"] == [0.0] * sum(r.get("stage") == "rollout" for r in rows)
     assert any(not torch.equal(a, b) for a, b in zip(before, system.decoder.parameters()))
+
+
+def test_warm_up_and_joint_phase_train_on_the_examples_of_sft_step_by_step(model_dir, tmp_path, monkeypatch):
+    """W warm-up + J joint steps of MetaTuner consume exactly the examples of W + J SFT steps, in the same
+    steps (training.step_indices): the joint phase continues where the warm-up stopped instead of drawing
+    from its own permutation (which made it repeat warm-up examples and see fewer distinct ones than SFT)."""
+    from transformers import Trainer
+
+    from metatuner.lora_sft import train_sft
+    from metatuner.models import load_model
+
+    cfg = make_cfg(model_dir, tmp_path / "mt", "method=metatuner_j", "warmup.max_steps=3", "train.max_steps=7",
+                   "warmup.cache=false", "task.train_size=12")
+    task = start_run(cfg)
+    queries = sorted({ex.query for ex in task.train}, key=len, reverse=True)
+
+    def query_in(text: str) -> str:
+        return next(q for q in queries if q in text)  # the longest query the text holds
+
+    trainer_steps: list[list[str]] = []
+    real_step = Trainer.training_step
+
+    def record_step(self, model, inputs, *args, **kwargs):
+        tok = self.processing_class
+        trainer_steps.append(sorted(query_in(tok.decode(row, skip_special_tokens=True)) for row in inputs["input_ids"]))
+        return real_step(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", record_step)
+    model, tok = load_model(str(model_dir))
+    train_sft(cfg, model, tok, task, task.train, task.prompt, tmp_path / "sft", cfg.train.max_steps, 1e-3)
+    sft_steps, trainer_steps[:] = list(trainer_steps), []
+    # a later stage of one run (SAPO's re-selection stages, sapo.staged_sft) continues the same stream
+    model, tok = load_model(str(model_dir))
+    train_sft(cfg, model, tok, task, task.train, task.prompt, tmp_path / "stage", 2, 1e-3, first_step=4)
+    assert trainer_steps == sft_steps[4:6]
+    trainer_steps[:] = []
+
+    joint_steps: list[list[str]] = []
+    real_losses = M.MetaTunerSystem.joint_losses
+
+    def record_losses(self, examples, *args, need_task=True, **kwargs):
+        if need_task:  # the joint phase's task term (the generator warm-up runs the regulariser only)
+            joint_steps.append(sorted(ex.query for ex in examples))
+        return real_losses(self, examples, *args, need_task=need_task, **kwargs)
+
+    monkeypatch.setattr(M.MetaTunerSystem, "joint_losses", record_losses)
+    system, loop, _ = M.prepare(cfg, task)
+    loop.run()
+    assert len(sft_steps) == 7 and len(trainer_steps) == 3 and len(joint_steps) == 4
+    assert trainer_steps + joint_steps == sft_steps
+    # 7 steps of 2 over 12 examples: the first epoch's 12 distinct examples, then a new permutation
+    assert len({q for s in sft_steps[:6] for q in s}) == len({ex.query for ex in task.train})

@@ -161,12 +161,24 @@ def add_callbacks(trainer, cfg: Config, log: TrainLog, phase: str):
     return trainer
 
 
+def step_ordered(cfg: Config, examples: list[Example], prompts: list[str] | str, first_step: int, steps: int):
+    """(examples, prompts) in the order optimizer steps first_step .. first_step+steps-1 consume them
+    (training.step_indices: the stream MetaTuner's joint phase continues), for a sequential sampler."""
+    from metatuner.training import step_indices
+
+    per_step = examples_per_step(cfg)
+    idx = [i for s in range(first_step, first_step + steps) for i in step_indices(len(examples), cfg.seed, s, per_step)]
+    return [examples[i] for i in idx], (prompts if isinstance(prompts, str) else [prompts[i] for i in idx])
+
+
 def train_sft(cfg: Config, model, tokenizer, task: Task, examples: list[Example], prompts: list[str] | str,
               output_dir: str | Path, max_steps: int, lr: float, resume_from: str | None = None,
-              log: TrainLog | None = None, phase: str = "sft"):
+              log: TrainLog | None = None, phase: str = "sft", first_step: int = 0):
     """LoRA SFT with TRL for exactly `max_steps` optimizer steps; returns the trained PeftModel (adapter
     saved to output_dir/adapter) with `.train_metrics`. `resume_from`: a checkpoint-N/ to continue from
-    (see trainer_resume_path); `log`: the run's train_log.jsonl (default: one in output_dir)."""
+    (see trainer_resume_path); `log`: the run's train_log.jsonl (default: one in output_dir).
+    The examples are taken in the order of `step_ordered` from step `first_step` of the run's data stream
+    (a later stage of one run continues where the earlier stopped), not in TRL's own random order."""
     from trl import SFTConfig, SFTTrainer
 
     if max_steps <= 0:  # no training (the HF Trainer would treat max_steps=0 as "use epochs"): an identity LoRA
@@ -181,9 +193,11 @@ def train_sft(cfg: Config, model, tokenizer, task: Task, examples: list[Example]
                                     "train_tokens": 0, "train_seconds": 0.0}
         return peft_model
     args = SFTConfig(**trl_common_args(cfg, output_dir, max_steps, lr, model.device),
-                     max_length=cfg.train.max_length, completion_only_loss=True, packing=False)
+                     max_length=cfg.train.max_length, completion_only_loss=True, packing=False,
+                     train_sampling_strategy="sequential")
     model.train()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=sft_dataset(task, examples, prompts),
+    ordered, ordered_prompts = step_ordered(cfg, examples, prompts, first_step, max_steps)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=sft_dataset(task, ordered, ordered_prompts),
                          processing_class=tokenizer, peft_config=peft_lora_config(model, cfg.lora, cfg.model.name))
     add_callbacks(trainer, cfg, log if log is not None else open_train_log(output_dir, append=resume_from is not None),
                   phase)

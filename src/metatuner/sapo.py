@@ -93,7 +93,7 @@ def staged_sft(cfg: Config, model, tok, task: Task, steps: int, out_dir: Path, g
             candidates = sel["candidates"]  # one candidate pool per task, re-scored by the model as it is now
             selections.append({"at_step": done, **sel})
         peft_model = lora_sft.train_sft(cfg, model, tok, task, task.train, task.prompt, Path(out_dir) / f"stage_step{done}",
-                                        n, cfg.train.lr, log=log, phase=f"{phase}@{done}")
+                                        n, cfg.train.lr, log=log, phase=f"{phase}@{done}", first_step=done)
         tokens += peft_model.train_metrics.get("train_tokens", 0)
         taken += peft_model.train_metrics.get("train_steps", 0)
         model = peft_model.merge_and_unload()

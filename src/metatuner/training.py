@@ -26,6 +26,22 @@ from metatuner.tasks import Example, Task
 # ----------------------------------------------------------------------------- batches
 
 
+def step_indices(n: int, seed: int, step: int, global_batch: int) -> list[int]:
+    """The training examples (indices into a train set of n) that optimizer step `step` consumes, counted
+    from the first step of training: one seeded permutation per epoch, walked `global_batch` at a time.
+    Every recipe that trains the actor on the task draws from this one stream: SFT and the actor warm-up
+    (through TRL, `lora_sft.train_sft`, steps 0..W-1) and MetaTuner's joint phase (steps W..W+J-1), so a
+    MetaTuner run of W warm-up and J joint steps trains on exactly the examples of W + J SFT steps."""
+    out, perms = [], {}
+    for j in range(step * global_batch, (step + 1) * global_batch):
+        epoch, pos = divmod(j, n)
+        if epoch not in perms:
+            perms[epoch] = list(range(n))
+            random.Random(seed * 1000 + epoch).shuffle(perms[epoch])
+        out.append(perms[epoch][pos])
+    return out
+
+
 def completion_text(tokenizer, messages: list[dict], completion: str) -> tuple[str, str]:
     """(prefix, completion) strings such that prefix + completion is the full chat with the answer
     and the completion ends with the template's end-of-turn (so the model learns to stop)."""

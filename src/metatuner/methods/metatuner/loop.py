@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shutil
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from metatuner.checkpoints import save_checkpoint_config
 from metatuner.config import Config
 from metatuner.errors import MetatunerError
-from metatuner.training import TrainLog, check_finite, list_checkpoints, make_scheduler
+from metatuner.training import TrainLog, check_finite, list_checkpoints, make_scheduler, step_indices
 
 from .gumbel import gumbel_task_loss
 from .rollouts import d2_rollout
@@ -107,17 +106,12 @@ class JointLoop:
     def done(self) -> bool:
         return self.state["step"] >= self.joint_steps
 
-    # -- data order: a seeded permutation per epoch over the global batch; process r takes slice r
+    # -- data order: the stream SFT and the warm-up take (training.step_indices), from where the warm-up
+    # stopped; process r takes slice r of each global batch
 
     def global_indices(self, step: int) -> list[int]:
-        n, gbs = len(self.task.train), self.cfg.train.batch_size * self.acc.num_processes
-        out = []
-        for j in range(step * gbs, (step + 1) * gbs):
-            epoch, pos = divmod(j, n)
-            perm = list(range(n))
-            random.Random(self.cfg.seed * 1000 + epoch).shuffle(perm)
-            out.append(perm[pos])
-        return out
+        gbs = self.cfg.train.batch_size * self.acc.num_processes
+        return step_indices(len(self.task.train), self.cfg.seed, max(0, self.cfg.warmup.max_steps) + step, gbs)
 
     def my_indices(self, step: int) -> list[int]:
         bs, r = self.cfg.train.batch_size, self.acc.process_index

@@ -46,7 +46,7 @@ def warmup_key(cfg: Config, task: Task, world: int) -> str:
         "lora": vars(cfg.lora), "steps": cfg.warmup.max_steps, "lr": cfg.warmup.lr,
         "train": [t.batch_size, t.grad_accum, t.max_length, use_bf16(t, resolve_device(cfg.model.device)), t.gradient_checkpointing, t.weight_decay,
                   t.max_grad_norm, t.scheduler, t.lr_warmup_ratio],
-        "world": world, "versions": [torch.__version__, transformers.__version__, peft.__version__, trl.__version__],
+        "world": world, "data_order": "training.step_indices", "versions": [torch.__version__, transformers.__version__, peft.__version__, trl.__version__],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
