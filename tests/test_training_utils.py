@@ -155,3 +155,22 @@ def test_make_scheduler(kind, expected):
     assert lrs == pytest.approx(expected)
     with pytest.raises(MetatunerError, match="train.scheduler"):
         make_scheduler(opt, "bogus", 4, 0.0).step()
+
+
+def test_step_indices_walk_one_permutation_per_epoch():
+    from metatuner.training import step_indices
+
+    stream = [i for s in range(5) for i in step_indices(10, 3, s, 4)]  # 20 = two epochs of 10
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+    assert stream[:10] != stream[10:], "each epoch has its own permutation"
+    assert step_indices(10, 3, 2, 4) == stream[8:12], "a step across the epoch boundary"
+    assert step_indices(10, 4, 0, 4) != stream[:4], "the seed sets the order"
+
+
+def test_sft_without_examples_says_so(tiny_model_path, tmp_path):
+    from metatuner.config import load_config
+    from metatuner.lora_sft import step_ordered
+
+    cfg = load_config(None, [f"model.name={tiny_model_path}"])
+    with pytest.raises(MetatunerError, match="no training examples"):
+        step_ordered(cfg, [], "p", 0, 3)

@@ -164,8 +164,11 @@ def add_callbacks(trainer, cfg: Config, log: TrainLog, phase: str):
 def step_ordered(cfg: Config, examples: list[Example], prompts: list[str] | str, first_step: int, steps: int):
     """(examples, prompts) in the order optimizer steps first_step .. first_step+steps-1 consume them
     (training.step_indices: the stream MetaTuner's joint phase continues), for a sequential sampler."""
+    from metatuner.errors import MetatunerError
     from metatuner.training import step_indices
 
+    if not examples:
+        raise MetatunerError("LoRA SFT: no training examples (the train split or the traces to train on are empty)")
     per_step = examples_per_step(cfg)
     idx = [i for s in range(first_step, first_step + steps) for i in step_indices(len(examples), cfg.seed, s, per_step)]
     return [examples[i] for i in idx], (prompts if isinstance(prompts, str) else [prompts[i] for i in idx])
