@@ -757,3 +757,32 @@ def test_sft_run_records_the_precision_it_trained_in(tiny_model_path, tmp_path, 
     metrics = sft.run(cfg)
     assert metrics["train_bf16"] is False
     assert json.loads((tmp_path / "metrics.json").read_text())["train_bf16"] is False
+
+
+def test_sft_says_when_trl_drops_rows_from_the_data_stream(tiny_model_path, tmp_path):
+    """An example whose prompt alone fills train.max_length has no completion token left; TRL drops it, which
+    shifts the shared data stream (training.step_indices). train_sft warns, naming the key to raise, and
+    records the count; examples that fit give no warning and drop nothing."""
+    import dataclasses
+    import warnings
+
+    from metatuner.errors import MetatunerWarning
+    from metatuner.lora_sft import train_sft
+    from metatuner.models import load_model
+    from metatuner.tasks import load_task
+
+    cfg = load_config(None, ["method=sft", f"model.name={tiny_model_path}", f"output_dir={tmp_path}", *SMALL,
+                             "train.bf16=false", "train.max_length=1024"])
+    task = load_task(cfg.task, seed=0)
+    examples = list(task.train[:4])
+    model, tok = load_model(str(tiny_model_path), dtype="float32", device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MetatunerWarning)
+        fine = train_sft(cfg, model, tok, task, examples, task.prompt, tmp_path / "fits", 1, 0.05)
+    assert fine.train_metrics["train_rows_dropped"] == 0
+
+    examples[1] = dataclasses.replace(examples[1], query=examples[1].query + " 1 +" * 1200)
+    model, tok = load_model(str(tiny_model_path), dtype="float32", device="cpu")
+    with pytest.warns(MetatunerWarning, match=r"LoRA SFT \(sft\): 1 of 4 training rows .*raise train\.max_length"):
+        long = train_sft(cfg, model, tok, task, examples, task.prompt, tmp_path / "long", 2, 0.05)  # one epoch
+    assert long.train_metrics["train_rows_dropped"] == 1

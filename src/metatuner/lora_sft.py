@@ -193,7 +193,7 @@ def train_sft(cfg: Config, model, tokenizer, task: Task, examples: list[Example]
             tokenizer.save_pretrained(Path(output_dir) / "adapter")
         peft_model.eval()
         peft_model.train_metrics = {"train_loss": None, "train_steps": 0, "train_examples": 0,
-                                    "train_tokens": 0, "train_seconds": 0.0}
+                                    "train_tokens": 0, "train_seconds": 0.0, "train_rows_dropped": 0}
         return peft_model
     args = SFTConfig(**trl_common_args(cfg, output_dir, max_steps, lr, model.device),
                      max_length=cfg.train.max_length, completion_only_loss=True, packing=False,
@@ -202,6 +202,16 @@ def train_sft(cfg: Config, model, tokenizer, task: Task, examples: list[Example]
     ordered, ordered_prompts = step_ordered(cfg, examples, prompts, first_step, max_steps)
     trainer = SFTTrainer(model=model, args=args, train_dataset=sft_dataset(task, ordered, ordered_prompts),
                          processing_class=tokenizer, peft_config=peft_lora_config(model, cfg.lora, cfg.model.name))
+    dropped = len(ordered) - len(trainer.train_dataset)
+    if dropped:  # TRL drops examples whose completion train.max_length truncated away: the stream shifts
+        import warnings
+
+        from metatuner.errors import MetatunerWarning
+
+        warnings.warn(f"LoRA SFT ({phase}): {dropped} of {len(ordered)} training rows have no completion token left "
+                      f"within train.max_length={cfg.train.max_length} and were dropped, so the run no longer trains "
+                      f"on the examples of the shared data stream step by step; raise train.max_length",
+                      MetatunerWarning, stacklevel=2)
     add_callbacks(trainer, cfg, log if log is not None else open_train_log(output_dir, append=resume_from is not None),
                   phase)
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -213,7 +223,8 @@ def train_sft(cfg: Config, model, tokenizer, task: Task, examples: list[Example]
     peft_model.train_metrics = {"train_loss": float(result.training_loss), "train_steps": int(result.global_step),
                                 "train_examples": int(result.global_step) * examples_per_step(cfg),
                                 "train_tokens": int(trainer.state.num_input_tokens_seen or 0),
-                                "train_seconds": float(result.metrics.get("train_runtime", 0.0))}
+                                "train_seconds": float(result.metrics.get("train_runtime", 0.0)),
+                                "train_rows_dropped": dropped}
     return peft_model
 
 
