@@ -227,7 +227,7 @@ def test_prompt_choices_per_method(tmp_path):
         (d / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     res = summarize(spec_of(tmp_path, ["zero_shot", "metatuner_j"], seeds=(0, 1)), {})
     mt = next(r for r in res["methods"] if r["name"] == "metatuner_j")
-    assert mt["prompt_differs_from_p_tilde"] == pytest.approx(3 / 4)  # first seed's predictions
+    assert mt["prompt_differs_from_p_tilde"] == pytest.approx(7 / 8)  # pooled over seeds
     shares = {c["prompt"]: (c["share"], c["pool_index"]) for c in mt["prompt_choices"]}
     assert shares == {"Be careful.": (6 / 8, 1), "P~": (1 / 8, 0), "Answer only.": (1 / 8, 2)}
     assert all(e["prompt"] != "P~" for e in mt["prompt_examples"])
@@ -280,3 +280,28 @@ def test_compare_predictions_leaves_out_the_queries_of_another_split(tmp_path, c
     main(c, c, [str(run)])
     out = capsys.readouterr().out
     assert "6 queries in both" in out and "leaving out the 5 queries" in out and "1 compared" in out and "A 100.0%" in out
+
+
+def test_prompt_choices_count_a_pool_member_whose_text_differs_by_seed_as_one(tmp_path):
+    """Each seed has its own pool (OPRO's member is run per seed): a prompt counts as its index in the pool of
+    its own seed, also for methods that do not save the pool (zero_shot takes its seed's pool from the
+    runs that did), never as 'new' because another seed's pool came first."""
+    for seed in (0, 1):
+        pool = ["P~", "Be careful.", f"opro instruction of seed {seed}"]
+        fake_run(tmp_path, "zero_shot", seed, [1, 0, 0, 1], p_tilde="P~")
+        fake_run(tmp_path, "metatuner_j", seed, [1, 1, 0, 1], p_tilde="P~", pool=pool)
+        for name, chosen in (("zero_shot", [pool[2]] * 4), ("metatuner_j", [pool[2]] * 3 + ["Be careful."])):
+            d = tmp_path / name / f"seed_{seed}"
+            rows = [json.loads(x) for x in (d / "predictions.jsonl").read_text().splitlines()]
+            for r, p in zip(rows, chosen):
+                r["prompt"] = p
+            (d / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = summarize(spec_of(tmp_path, ["zero_shot", "metatuner_j"], seeds=(0, 1)), {})
+    rows = {r["name"]: r for r in res["methods"]}
+    mt, zs = rows["metatuner_j"], rows["zero_shot"]
+    assert [(c["pool_index"], c["share"], c["texts"]) for c in mt["prompt_choices"]] == [(2, 6 / 8, 2), (1, 2 / 8, 1)]
+    assert mt["distinct_prompts"] == 2 and mt["prompt_differs_from_p_tilde"] == 1.0
+    assert [(c["pool_index"], c["share"], c["texts"]) for c in zs["prompt_choices"]] == [(2, 1.0, 2)]
+    section = markdown(res).split("## Prompts the test queries got")[1].split("##")[0]
+    line = next(ln for ln in section.splitlines() if ln.startswith("| zero_shot"))
+    assert "pool #2 'opro instruction of seed 0' (its text differs by seed) 100%" in line and "new" not in line

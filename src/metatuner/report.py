@@ -174,7 +174,8 @@ def prompt_lines(results: dict) -> list[str]:
     lines = ["| method | differ from p~ | distinct prompts | most frequent prompts (share) |", "|---|---|---|---|"]
     for r in rows:
         tops = "; ".join(f"{'p~' if c['is_p_tilde'] else ('pool #' + str(c['pool_index']) if c['pool_index'] is not None else 'new')} "
-                         f"{cell(repr(_short(c['prompt'], 50)))} {100 * c['share']:.0f}%" for c in r["prompt_choices"][:3])
+                         f"{cell(repr(_short(c['prompt'], 50)))}{' (its text differs by seed)' if c.get('texts', 1) > 1 else ''} "
+                         f"{100 * c['share']:.0f}%" for c in r["prompt_choices"][:3])
         pool = f" of a pool of {r['pool_size']}" if r.get("pool_size") else ""
         lines.append(f"| {r['name']} | {100 * r['prompt_differs_from_p_tilde']:.0f}% | {r['distinct_prompts']}{pool} | {tops} |")
     lines.append("")
@@ -205,8 +206,9 @@ def markdown(results: dict) -> str:
     prompts = prompt_lines(results)
     if prompts:
         out += ["## Prompts the test queries got", "", "Pooled over seeds. p~: the task's prompt; pool #i: the "
-                "i-th candidate of the run's prompt pool (0 is p~); new: a prompt outside the pool (written by "
-                "a generator or an optimizer).", ""] + prompts + [""]
+                "i-th candidate of the run's prompt pool (0 is p~; each seed's runs share one pool, which can differ "
+                "by seed, e.g. OPRO's member); new: a prompt outside the pool (written by a generator or an "
+                "optimizer).", ""] + prompts + [""]
     diag = diagnostics_table(results)
     if diag:
         out += ["## Floor and answer collapse", ""] + diag + [""]

@@ -63,8 +63,9 @@ def _mean(runs: list[dict], key: str):
 
 
 def method_row(m: dict, runs: dict, failed: list[tuple[int, dict]], multi_seed: bool, p_tilde: str,
-               pool: list[str] | None = None) -> dict:
-    """One method's entry of results.json from its finished runs {seed: run} and failures [(seed, status)]."""
+               pools: dict[int, list[str]] | None = None) -> dict:
+    """One method's entry of results.json from its finished runs {seed: run} and failures [(seed, status)];
+    `pools`: the comparison's prompt pool per seed (a pool can differ by seed: OPRO's member is run per seed)."""
     row = {"name": m["name"], "method": m["method"], "seeds_complete": sorted(runs)}
     if failed:
         s, st = failed[0]
@@ -75,7 +76,8 @@ def method_row(m: dict, runs: dict, failed: list[tuple[int, dict]], multi_seed: 
         row["status"] = "complete"
     if not runs:
         return row
-    rs = [runs[s] for s in sorted(runs)]
+    seeds = sorted(runs)
+    rs = [runs[s] for s in seeds]
     accs = [r["metrics"]["accuracy"] for r in rs]
     k = sum(sum(r["outcomes"].values()) for r in rs)
     n = sum(len(r["outcomes"]) for r in rs)
@@ -104,25 +106,33 @@ def method_row(m: dict, runs: dict, failed: list[tuple[int, dict]], multi_seed: 
     p0 = first.get("p_tilde", p_tilde)
     preds = rs[0]["predictions"]
     row["prompts"] = [{"query": p["query"], "prompt": p["prompt"]} for p in preds[:3]]
-    row["prompt_differs_from_p_tilde"] = sum(p["prompt"] != p0 for p in preds) / max(1, len(preds))
+    every = [p for r in rs for p in r["predictions"]]
+    row["prompt_differs_from_p_tilde"] = sum(p["prompt"] != p0 for p in every) / max(1, len(every))
     own = rs[0]["metrics"].get("pool") or []
-    row.update(prompt_choices(rs, p0, own or pool or []), pool_size=len(own))
+    run_pools = [r["metrics"].get("pool") or (pools or {}).get(s) or [] for s, r in zip(seeds, rs)]
+    row.update(prompt_choices(rs, p0, run_pools), pool_size=len(own))
     row["notes"] = notes(first)
     return row
 
 
-def prompt_choices(rs: list[dict], p_tilde: str, pool: list[str], top: int = 5, examples: int = 2) -> dict:
-    """Which prompts the test queries got, pooled over seeds: the share that differ from p~, the `top` most
-    frequent prompts with their shares (marked with their index in `pool`: the run's own pool from its metrics,
-    else the comparison's: methods such as SAPO use the pool without saving it), and a few (query, prompt) examples, preferring queries whose prompt differs from p~."""
-    preds = [p for r in rs for p in r["predictions"]]
-    n = max(1, len(preds))
-    counts: dict[str, int] = {}
-    for p in preds:
-        counts[p["prompt"]] = counts.get(p["prompt"], 0) + 1
+def prompt_choices(rs: list[dict], p_tilde: str, pools: list[list[str]], top: int = 5, examples: int = 2) -> dict:
+    """Which prompts the test queries got, pooled over seeds: the `top` most frequent choices with their
+    shares, and a few (query, prompt) examples, preferring queries whose prompt differs from p~. A prompt of
+    run i's pool, `pools[i]` (the run's own pool from its metrics, else the comparison's pool of its seed:
+    methods such as SAPO use the pool without saving it), counts as that pool index, so a candidate whose
+    text differs by seed (OPRO's member) is one choice; `texts` says how many texts it had."""
+    counts: dict[tuple, int] = {}
+    texts: dict[tuple, list[str]] = {}
+    for r, pool in zip(rs, pools):
+        for p in r["predictions"]:
+            key = ("pool", pool.index(p["prompt"])) if p["prompt"] in pool else ("text", p["prompt"])
+            counts[key] = counts.get(key, 0) + 1
+            if p["prompt"] not in texts.setdefault(key, []):
+                texts[key].append(p["prompt"])
+    n = max(1, sum(counts.values()))
     ranked = sorted(counts.items(), key=lambda kv: -kv[1])
-    chosen = [{"prompt": q, "share": c / n, "pool_index": pool.index(q) if q in pool else None,
-               "is_p_tilde": q == p_tilde} for q, c in ranked[:top]]
+    chosen = [{"prompt": texts[k][0], "share": c / n, "pool_index": k[1] if k[0] == "pool" else None,
+               "is_p_tilde": texts[k] == [p_tilde], "texts": len(texts[k])} for k, c in ranked[:top]]
     differ = [p for p in rs[0]["predictions"] if p["prompt"] != p_tilde]
     ex = (differ or rs[0]["predictions"])[:examples]
     return {"prompt_choices": chosen, "distinct_prompts": len(counts),
@@ -248,12 +258,13 @@ def summarize(spec: dict, statuses: dict) -> dict:
     if p_tilde is None:
         p_tilde = next((r["predictions"][0]["prompt"] for meth, r in all_runs
                         if r["predictions"] and meth == "zero_shot"), "")
-    pool = next((r["metrics"]["pool"] for _, r in all_runs if r["metrics"].get("pool")), [])
+    pools = {seed: next((runs[seed]["metrics"]["pool"] for runs in loaded.values()
+                         if seed in runs and runs[seed]["metrics"].get("pool")), []) for seed in spec["seeds"]}
     rows = []
     for m in spec["methods"]:
         failed = [(s, statuses[(m["name"], s)]) for s in spec["seeds"]
                   if statuses.get((m["name"], s), {}).get("status") == "failed"]
-        rows.append(method_row(m, loaded.get(m["name"], {}), failed, len(spec["seeds"]) > 1, p_tilde, pool))
+        rows.append(method_row(m, loaded.get(m["name"], {}), failed, len(spec["seeds"]) > 1, p_tilde, pools))
     outcomes = {name: {s: r["outcomes"] for s, r in runs.items()} for name, runs in loaded.items()}
     # only fully complete methods enter comparisons (a failed seed would make the pairing uneven)
     base = best(rows, lambda r: not is_cooptimization(r["method"]))
