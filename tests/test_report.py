@@ -302,6 +302,12 @@ def test_prompt_choices_count_a_pool_member_whose_text_differs_by_seed_as_one(tm
     assert [(c["pool_index"], c["share"], c["texts"]) for c in mt["prompt_choices"]] == [(2, 6 / 8, 2), (1, 2 / 8, 1)]
     assert mt["distinct_prompts"] == 2 and mt["prompt_differs_from_p_tilde"] == 1.0
     assert [(c["pool_index"], c["share"], c["texts"]) for c in zs["prompt_choices"]] == [(2, 1.0, 2)]
+    # a seed where no run saved a pool names its prompts by another seed's pool (its shared members)
+    d = fake_run(tmp_path, "zero_shot", 2, [1, 0, 0, 1], p_tilde="P~")
+    rows3 = [json.loads(x) for x in (d / "predictions.jsonl").read_text().splitlines()]
+    (d / "predictions.jsonl").write_text("".join(json.dumps({**r, "prompt": "Be careful."}) + "\n" for r in rows3))
+    zs3 = summarize(spec_of(tmp_path, ["zero_shot", "metatuner_j"], seeds=(0, 1, 2)), {})["methods"][0]
+    assert [(c["pool_index"], c["share"]) for c in zs3["prompt_choices"]] == [(2, 8 / 12), (1, 4 / 12)]
     section = markdown(res).split("## Prompts the test queries got")[1].split("##")[0]
     line = next(ln for ln in section.splitlines() if ln.startswith("| zero_shot"))
     assert "pool #2 'opro instruction of seed 0' (its text differs by seed) 100%" in line and "new" not in line

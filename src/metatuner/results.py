@@ -258,8 +258,10 @@ def summarize(spec: dict, statuses: dict) -> dict:
     if p_tilde is None:
         p_tilde = next((r["predictions"][0]["prompt"] for meth, r in all_runs
                         if r["predictions"] and meth == "zero_shot"), "")
-    pools = {seed: next((runs[seed]["metrics"]["pool"] for runs in loaded.values()
-                         if seed in runs and runs[seed]["metrics"].get("pool")), []) for seed in spec["seeds"]}
+    any_pool = next((r["metrics"]["pool"] for _, r in all_runs if r["metrics"].get("pool")), [])
+    pools = {seed: next((runs[seed]["metrics"]["pool"] for runs in loaded.values()  # a seed with no saved pool:
+                         if seed in runs and runs[seed]["metrics"].get("pool")), any_pool)  # another seed's
+             for seed in spec["seeds"]}
     rows = []
     for m in spec["methods"]:
         failed = [(s, statuses[(m["name"], s)]) for s in spec["seeds"]
